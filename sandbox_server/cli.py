@@ -1,0 +1,99 @@
+"""`codeact-sandbox` / `python -m sandbox_server`: parse options into a Config, run until a signal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+
+from .app import Server
+from .config import TOKEN_ENV, Config, from_environment
+
+# One line of help per Config field; the parser is built from the dataclass so the two never drift.
+HELP = {
+    "host": "address to bind; anything but loopback requires a token",
+    "port": "port to bind (0 picks a free one)",
+    "token": f"bearer token required on every route but /health (or set {TOKEN_ENV})",
+    "pool_size": "warm kernels kept started, so a new session never waits for a boot",
+    "max_sessions": "open sessions allowed; past it, session creation answers 429 with Retry-After",
+    "idle_timeout": "seconds a session may stay unused before it is closed",
+    "max_lifetime": "seconds a session may live at most (default: no limit)",
+    "kernel_start_timeout": "seconds a kernel has to start and answer",
+    "execute_timeout": "default seconds per execute; on timeout the kernel is interrupted",
+    "interrupt_grace": "seconds an interrupted kernel has to go idle before it is killed and replaced",
+    "setup_timeout": "seconds a session's setup code may run",
+    "max_output": "characters of stdout+stderr kept per execute (head and tail; the middle is dropped)",
+    "max_results": "bytes of results and displays (images) kept per execute",
+    "max_message": "largest kernel message accepted, in bytes; larger ones are dropped",
+    "max_body": "largest JSON request body, in bytes",
+    "max_file": "largest uploaded file, in bytes",
+    "compat_timeout": "seconds per execute on the original /execute route",
+    "root_dir": "directory for session directories (default: a private temporary directory)",
+    "memory_limit": "bytes of address space (and cgroup memory) per kernel",
+    "file_size_limit": "largest file a kernel may write, in bytes",
+    "process_limit": "processes and threads per kernel (cgroup pids; rlimit when the kernel is not root)",
+    "isolate": "confine kernels (namespaces, own uid, cgroups) where the OS allows",
+    "kernel_uid_base": "first uid given to kernels when the server runs as root",
+}
+
+
+def value_type(annotation: str) -> type:
+    """The type a Config field's annotation (a string, under postponed evaluation) parses to."""
+    for name, kind in (("bool", bool), ("float", float), ("int", int)):
+        if annotation.startswith(name):
+            return kind
+    return str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="codeact-sandbox",
+        description="The CodeAct sandbox server: a pool of confined Jupyter kernels behind an HTTP and "
+                    "websocket API, compatible with the original CodeAct /execute route.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for item in dataclasses.fields(Config):
+        flag = "--" + item.name.replace("_", "-")
+        kind = value_type(str(item.type))
+        if kind is bool:
+            parser.add_argument(flag, default=item.default, action=argparse.BooleanOptionalAction,
+                                help=HELP[item.name])
+        else:
+            parser.add_argument(flag, type=kind, default=item.default, help=HELP[item.name])
+    parser.add_argument("--log-level", default="INFO", help="logging level")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    values = {item.name: getattr(args, item.name) for item in dataclasses.fields(Config)}
+    return from_environment(Config(**values))
+
+
+async def serve(config: Config) -> None:
+    server = Server(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for number in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(number, stop.set)
+    await stop.wait()
+    logging.getLogger("sandbox_server").info("stopping: closing sessions and kernels")
+    await asyncio.wait_for(server.stop(), 4.5)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+        config.check()
+    except ValueError as error:
+        sys.exit(f"codeact-sandbox: {error}")
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The sandbox server's configuration: one frozen value built once and passed down."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+# Environment variable for the bearer token (the only setting read from the environment besides
+# those listed in ENVIRONMENT below); kept apart so the kernel environment scrubber can name it.
+TOKEN_ENV = "CODEACT_SANDBOX_TOKEN"
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every knob of the sandbox server, with its default. Seconds are floats, sizes are bytes."""
+
+    host: str = "127.0.0.1"
+    port: int = 8081
+    token: str | None = None
+
+    # Kernels and sessions.
+    pool_size: int = 4  # warm kernels kept ready; creating a session never waits for a boot
+    max_sessions: int = 200  # past this, creating a session answers 429 with Retry-After
+    idle_timeout: float = 600.0  # sessions idle this long are reaped (the original's 10 minutes)
+    max_lifetime: float | None = None  # optional cap on a session's age
+    kernel_start_timeout: float = 30.0
+    execute_timeout: float = 60.0  # per execute, as the original
+    interrupt_grace: float = 1.0  # after a timeout's interrupt, how long the kernel has to go idle
+    setup_timeout: float = 30.0  # for a session's setup code (tool definitions)
+
+    # Output: capped while it streams, head and tail kept.
+    max_output: int = 4 * 1024 * 1024  # characters of stdout+stderr text per execute
+    max_results: int = 32 * 1024 * 1024  # bytes of MIME bundles (images) per execute
+    max_message: int = 64 * 1024 * 1024  # hard bound on one kernel message; larger ones are dropped
+
+    # Requests and files.
+    max_body: int = 1024 * 1024  # JSON request bodies
+    max_file: int = 100 * 1024 * 1024  # one uploaded file
+    compat_timeout: float = 60.0  # the original /execute route's fixed timeout
+
+    # Isolation (applied where the OS allows; see isolation.py).
+    root_dir: str | None = None  # where session directories live; a private temp dir by default
+    memory_limit: int = 2 * 1024 * 1024 * 1024  # address space per kernel (rlimit) and cgroup memory
+    file_size_limit: int = 1024 * 1024 * 1024  # largest file a kernel may write
+    process_limit: int = 128  # processes and threads per kernel (cgroup pids; rlimit when not root)
+    isolate: bool = True  # namespaces, uid drop, cgroups; False runs kernels as plain subprocesses
+    kernel_uid_base: int = 200000  # each kernel gets its own uid from here when the server is root
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")
+
+    def check(self) -> None:
+        """Refuse settings that cannot work, with the option to change."""
+        if not self.token and not self.is_loopback:
+            raise ValueError(
+                f"refusing to serve {self.host} without a token: pass --token or set {TOKEN_ENV}, "
+                "or bind 127.0.0.1"
+            )
+        if self.pool_size < 0:
+            raise ValueError("--pool-size must be 0 or more")
+        if self.max_sessions < 1:
+            raise ValueError("--max-sessions must be 1 or more")
+        for name in ("execute_timeout", "idle_timeout", "kernel_start_timeout", "interrupt_grace"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+
+
+def from_environment(base: Config | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Fill the token from the environment when it was not given explicitly."""
+    base = base or Config()
+    environ = os.environ if environ is None else environ
+    if base.token is None and environ.get(TOKEN_ENV):
+        return replace(base, token=environ[TOKEN_ENV])
+    return base

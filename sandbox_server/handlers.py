@@ -1,0 +1,339 @@
+"""HTTP and websocket handlers: thin translations between requests and the session manager.
+
+Dependencies arrive through `initialize`; every error leaves through `write_error` as JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from typing import Any
+
+from tornado import web, websocket
+
+from . import files
+from .config import Config
+from .errors import BadRequest, Conflict, NotFound, SandboxError, TooLarge, Unauthorized
+from .execution import done_event, render_original
+from .metrics import Metrics
+from .sessions import SessionManager
+
+log = logging.getLogger("sandbox_server.handlers")
+
+
+def token_matches(expected: str | None, authorization: str | None, query_token: str | None = None) -> bool:
+    if not expected:
+        return True
+    offered = query_token or ""
+    if authorization and authorization.startswith("Bearer "):
+        offered = authorization[len("Bearer ") :]
+    return hmac.compare_digest(offered.encode(), expected.encode())
+
+
+def field(body: dict, name: str, kinds: type | tuple, required: bool = False, default: Any = None) -> Any:
+    """One field of a JSON body, type-checked, with an error that names it."""
+    if name not in body or body[name] is None:
+        if required:
+            raise BadRequest(f"missing field {name!r}")
+        return default
+    value = body[name]
+    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        raise BadRequest(f"field {name!r} has the wrong type")
+    if not isinstance(value, kinds):
+        raise BadRequest(f"field {name!r} has the wrong type: got {type(value).__name__}")
+    return value
+
+
+def positive_timeout(body: dict) -> float | None:
+    timeout = field(body, "timeout", (int, float))
+    if timeout is not None and not 0 < timeout <= 24 * 3600:
+        raise BadRequest("field 'timeout' must be a number of seconds between 0 and 86400")
+    return float(timeout) if timeout is not None else None
+
+
+@web.stream_request_body
+class BaseHandler(web.RequestHandler):
+    """Auth, bounded JSON bodies and JSON errors for every route."""
+
+    public = False  # /health opts out of auth
+    body_limit_name = "max_body"
+
+    def initialize(self, manager: SessionManager, config: Config, metrics: Metrics) -> None:
+        self.manager = manager
+        self.config = config
+        self.metrics = metrics
+        self.chunks: list[bytes] = []
+        self.received = 0
+        self.overflow = False
+
+    @property
+    def body_limit(self) -> int:
+        return getattr(self.config, self.body_limit_name)
+
+    def prepare(self) -> None:
+        if not self.public and not token_matches(self.config.token, self.request.headers.get("Authorization")):
+            raise Unauthorized("missing or wrong token: send 'Authorization: Bearer <token>' with the "
+                               "server's --token / CODEACT_SANDBOX_TOKEN")
+        length = self.request.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) > self.body_limit:
+            raise TooLarge(f"request body of {length} bytes exceeds the {self.body_limit}-byte limit "
+                           f"(--{self.body_limit_name.replace('_', '-')})")
+
+    def data_received(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        if self.received > self.body_limit:
+            self.overflow = True
+            self.chunks = []
+        elif not self.overflow:
+            self.chunks.append(chunk)
+
+    @property
+    def body(self) -> bytes:
+        if self.overflow:
+            raise TooLarge(f"request body exceeds the {self.body_limit}-byte limit")
+        return b"".join(self.chunks)
+
+    def json_body(self) -> dict:
+        """The body as a JSON object, whatever the Content-Type (the original clients send none)."""
+        raw = self.body
+        if not raw.strip():
+            return {}
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise BadRequest(f"body is not valid JSON: {error}")
+        if not isinstance(body, dict):
+            raise BadRequest("body must be a JSON object")
+        return body
+
+    def send(self, payload: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(payload))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info", (None, None))[1]
+        if isinstance(error, SandboxError):
+            code, message = error.code, error.message
+            if error.retry_after is not None:
+                self.set_header("Retry-After", str(int(error.retry_after)))
+        elif isinstance(error, web.HTTPError):
+            code, message = "http_error", error.log_message or self._reason
+        else:
+            code, message = "internal", "internal server error; the server log has the details"
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": code, "message": message}))
+
+    def _handle_request_exception(self, error: BaseException) -> None:
+        if isinstance(error, SandboxError):
+            if self._finished:
+                return
+            self.send_error(error.status, exc_info=(type(error), error, None))
+            return
+        super()._handle_request_exception(error)
+
+
+class HealthHandler(BaseHandler):
+    public = True
+
+    def get(self) -> None:
+        self.send({"status": "ok", **self.manager.counts()})
+
+
+class MetricsHandler(BaseHandler):
+    def get(self) -> None:
+        manager = self.manager
+        gauges = {
+            "codeact_sessions": ("Open sessions.", lambda: len(manager.sessions)),
+            "codeact_pool_ready": ("Warm kernels ready to hand out.", lambda: len(manager.pool.ready)),
+            "codeact_pool_starting": ("Warm kernels starting.", lambda: manager.pool.starting),
+            "codeact_pool_start_failures": ("Warm kernel starts that failed.", lambda: manager.pool.failures),
+        }
+        self.set_header("Content-Type", "text/plain; version=0.0.4")
+        self.finish(self.metrics.render(gauges))
+
+
+class SessionsHandler(BaseHandler):
+    async def post(self) -> None:
+        body = self.json_body()
+        env = field(body, "env", dict, default={})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise BadRequest("field 'env' must map strings to strings")
+        session = await self.manager.create(
+            setup=field(body, "setup", str, default=""),
+            env=env,
+            timeout=positive_timeout(body),
+            network=field(body, "network", bool, default=False),
+        )
+        self.send(session.describe(), 201)
+
+    def get(self) -> None:
+        self.send({"sessions": [s.describe() for s in self.manager.sessions.values()]})
+
+
+class SessionHandler(BaseHandler):
+    def get(self, session_id: str) -> None:
+        self.send(self.manager.get(session_id).describe())
+
+    async def delete(self, session_id: str) -> None:
+        await self.manager.close(session_id)
+        self.set_status(204)
+        self.finish()
+
+
+class ExecuteHandler(BaseHandler):
+    async def post(self, session_id: str) -> None:
+        session = self.manager.get(session_id)
+        body = self.json_body()
+        code = field(body, "code", str, required=True)
+        execution = await self.manager.execute(session, code, positive_timeout(body))
+        self.send(execution.to_json())
+
+
+class InterruptHandler(BaseHandler):
+    async def post(self, session_id: str) -> None:
+        await self.manager.interrupt(self.manager.get(session_id))
+        self.send({"interrupted": True})
+
+
+class RestartHandler(BaseHandler):
+    async def post(self, session_id: str) -> None:
+        session = self.manager.get(session_id)
+        await self.manager.restart(session)
+        self.send(session.describe())
+
+
+class FilesHandler(BaseHandler):
+    def get(self, session_id: str) -> None:
+        session = self.manager.get(session_id)
+        self.send({"files": files.listing(session.home.workdir)})
+
+
+class FileHandler(BaseHandler):
+    body_limit_name = "max_file"
+
+    def put(self, session_id: str, path: str) -> None:
+        session = self.manager.get(session_id)
+        size = files.write(session.home.workdir, path, self.body, session.home.uid, self.config.max_file)
+        self.send({"path": path, "size": size}, 201)
+
+    async def get(self, session_id: str, path: str) -> None:
+        session = self.manager.get(session_id)
+        handle, size = files.open_for_reading(session.home.workdir, path)
+        self.set_header("Content-Type", "application/octet-stream")
+        self.set_header("Content-Length", str(size))
+        with handle:
+            while chunk := handle.read(256 * 1024):
+                self.write(chunk)
+                await self.flush()
+        self.finish()
+
+    def delete(self, session_id: str, path: str) -> None:
+        files.delete(self.manager.get(session_id).home.workdir, path)
+        self.set_status(204)
+        self.finish()
+
+
+class CompatExecuteHandler(BaseHandler):
+    """POST /execute {convid, code} -> {result, new_kernel_created}: the original CodeAct contract."""
+
+    async def post(self) -> None:
+        body = self.json_body()
+        convid = field(body, "convid", str, required=True)
+        code = field(body, "code", str, required=True)
+        session, created = await self.manager.conversation(convid)
+        events: list[dict] = []
+        execution = await self.manager.execute(session, code, self.config.compat_timeout, sink=events.append)
+        self.send({
+            "result": render_original(events, execution, self.config.compat_timeout),
+            "new_kernel_created": created or execution.new_kernel,
+        })
+
+
+class NotFoundHandler(BaseHandler):
+    def prepare(self) -> None:
+        raise NotFound(f"no route {self.request.method} {self.request.path}; see docs/sandbox-api.md")
+
+
+class StreamHandler(websocket.WebSocketHandler):
+    """WS /v1/sessions/{id}/ws: executes queue in order; events stream as the kernel produces them.
+
+    Client messages: {"type": "execute", "code", "timeout"?}, {"type": "input_reply", "value"},
+    {"type": "interrupt"}. Server messages: stdout, stderr, result, display, error, input_request,
+    then done; a malformed client message gets {"type": "protocol_error", ...} and the socket stays open.
+    """
+
+    def initialize(self, manager: SessionManager, config: Config, metrics: Metrics) -> None:
+        self.manager = manager
+        self.config = config
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.worker: asyncio.Task | None = None
+        self.session = None
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        token = self.get_query_argument("token", None)
+        if not token_matches(self.config.token, self.request.headers.get("Authorization"), token):
+            self.set_status(401)
+            self.set_header("Content-Type", "application/json")
+            self.finish(json.dumps({"error": "unauthorized", "message": "missing or wrong token"}))
+            return
+        session_id = args[0]
+        if session_id not in self.manager.sessions:
+            self.set_status(404)
+            self.set_header("Content-Type", "application/json")
+            self.finish(json.dumps({"error": "not_found", "message": f"no session {session_id!r}"}))
+            return
+        await super().get(*args, **kwargs)
+
+    def check_origin(self, origin: str) -> bool:
+        return True  # token auth, not cookies: a cross-origin page gains nothing
+
+    def open(self, session_id: str) -> None:
+        # Tornado leaves Nagle's algorithm on after the upgrade: 40+ ms per small message without this.
+        self.set_nodelay(True)
+        self.session = self.manager.sessions[session_id]
+        self.worker = asyncio.get_running_loop().create_task(self._run_queue())
+
+    def on_message(self, raw: str | bytes) -> None:
+        try:
+            message = json.loads(raw)
+            if not isinstance(message, dict):
+                raise ValueError("a message must be a JSON object")
+            kind = message.get("type")
+            if kind == "execute":
+                code = field(message, "code", str, required=True)
+                self.queue.put_nowait((code, positive_timeout(message)))
+            elif kind == "input_reply":
+                self.session.kernel.send_input(field(message, "value", str, required=True))
+            elif kind == "interrupt":
+                asyncio.get_running_loop().create_task(self.manager.interrupt(self.session))
+            else:
+                raise BadRequest(f"unknown message type {kind!r}: use execute, input_reply or interrupt")
+        except (ValueError, SandboxError) as error:
+            self.send_event({"type": "protocol_error", "error": "bad_request", "message": str(error)})
+
+    async def _run_queue(self) -> None:
+        while True:
+            code, timeout = await self.queue.get()
+            try:
+                # Shielded: a client that disconnects cancels the queue, never a half-run execute.
+                execution = await asyncio.shield(self.manager.execute(
+                    self.session, code, timeout, sink=self.send_event, allow_stdin=True))
+                self.send_event(done_event(execution))
+            except SandboxError as error:
+                self.send_event({"type": "protocol_error", "error": error.code, "message": error.message})
+                if isinstance(error, NotFound | Conflict):
+                    self.close()
+                    return
+
+    def send_event(self, event: dict) -> None:
+        try:
+            self.write_message(json.dumps(event))
+        except websocket.WebSocketClosedError:
+            pass  # the client left; the execute still finishes and the session keeps its state
+
+    def on_close(self) -> None:
+        if self.worker is not None:
+            self.worker.cancel()

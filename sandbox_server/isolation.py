@@ -1,0 +1,277 @@
+"""How kernels are confined: probe what this OS allows once, then build each kernel's launch.
+
+Each piece degrades on its own, and the start-up report says which ones apply:
+- namespaces (`unshare`, root on Linux): no network, own pid space (the server's pid does not exist
+  there, so a kernel cannot signal it), own /proc; the kernel talks over the IPC transport.
+- an unprivileged uid per kernel when the server is root, so sessions cannot read each other's files;
+  an interpreter under a 0700 directory (pyenv under /root) is made reachable inside the kernel's
+  mount namespace rather than by loosening the host's permissions.
+- rlimits: address space, file size, open files; process count when the kernel is not root.
+- cgroups (v1 or v2, where a hierarchy is writable): memory and pids limits.
+- a scrubbed environment: the server's secrets never reach a kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+log = logging.getLogger("sandbox_server.isolation")
+
+# Variables a kernel inherits from the server; everything else (tokens, keys) stays out.
+KEPT_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM", "PYTHONHASHSEED")
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What this machine lets the server apply, found once at start-up."""
+
+    namespaces: bool = False
+    drop_uid: bool = False
+    cgroup: str | None = None  # "v1", "v2" or None
+    rlimit_nproc: bool = False
+    notes: tuple[str, ...] = ()
+
+    def report(self) -> str:
+        applied = ["working directory", "scrubbed environment", "rlimits (address space, file size)"]
+        if self.namespaces:
+            applied.append("network+pid+mount namespaces")
+        if self.drop_uid:
+            applied.append("unprivileged uid per kernel")
+        if self.rlimit_nproc:
+            applied.append("process rlimit")
+        if self.cgroup:
+            applied.append(f"cgroup {self.cgroup} memory+pids")
+        text = "isolation: " + ", ".join(applied)
+        if self.notes:
+            text += "; not applied: " + "; ".join(self.notes)
+        return text
+
+
+def kernel_python_paths() -> list[str]:
+    """Directories the kernel's interpreter reads: its prefixes and every existing sys.path entry."""
+    paths = {sys.base_prefix, sys.prefix, os.path.dirname(os.path.realpath(sys.executable))}
+    paths.update(p for p in sys.path if p and os.path.isdir(p))
+    return sorted(os.path.realpath(p) for p in paths)
+
+
+def closed_ancestors(paths: list[str]) -> dict[str, list[str]]:
+    """For each directory that others cannot traverse on the way to `paths`, the children needed.
+
+    Inside the kernel's mount namespace each such directory is covered by an empty tmpfs and only the
+    needed children are put back (bound from the host, or covered again when closed too), so the kernel
+    reaches its interpreter and its home and nothing else of, say, /root.
+    """
+    closed: dict[str, list[str]] = {}
+    for path in paths:
+        parts = path.split(os.sep)
+        for depth in range(2, len(parts)):  # ancestors only: the path itself must just be readable
+            ancestor = os.sep.join(parts[:depth])
+            try:
+                mode = os.stat(ancestor).st_mode
+            except OSError:
+                break
+            if not mode & 0o001:
+                child = os.sep.join(parts[: depth + 1])
+                children = closed.setdefault(ancestor, [])
+                if child not in children:
+                    children.append(child)
+    return dict(sorted(closed.items(), key=lambda item: item[0].count(os.sep)))
+
+
+def scrubbed_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {name: os.environ[name] for name in KEPT_ENV if name in os.environ}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env.update({"PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg", "JPY_SESSION_NAME": "codeact"})
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class KernelLaunch:
+    """Everything needed to start one confined kernel; `argv` is what the server runs."""
+
+    argv: list[str]
+    workdir: str
+    uid: int | None
+    cgroups: list[str] = field(default_factory=list)
+
+
+class Isolation:
+    """Builds kernel launches for one server; owns the server's cgroup directories."""
+
+    def __init__(self, capabilities: Capabilities, memory_limit: int, file_size_limit: int,
+                 process_limit: int) -> None:
+        self.capabilities = capabilities
+        self.memory_limit = memory_limit
+        self.file_size_limit = file_size_limit
+        self.process_limit = process_limit
+        self.cgroup_parents: list[str] = []
+        self._closed: dict[str, dict[str, list[str]]] = {}
+        if capabilities.cgroup:
+            self.cgroup_parents = make_cgroup_parents(capabilities.cgroup, f"codeact-{os.getpid()}")
+
+    def launch(self, kernel_name: str, workdir: str, connection_file: str, uid: int | None,
+               network: bool, env: dict[str, str] | None = None) -> KernelLaunch:
+        caps = self.capabilities
+        uid = uid if caps.drop_uid else None
+        cgroups = self.make_kernel_cgroups(kernel_name)
+        spec = {
+            "workdir": workdir,
+            "uid": uid,
+            "rlimits": {
+                "RLIMIT_AS": self.memory_limit,
+                "RLIMIT_FSIZE": self.file_size_limit,
+                "RLIMIT_NOFILE": 1024,
+                **({"RLIMIT_NPROC": self.process_limit} if uid is not None else {}),
+            },
+            "cgroups": cgroups,
+            "closed": self.closed_directories(workdir) if caps.namespaces and uid is not None else {},
+            "env": scrubbed_environment(env),
+            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", connection_file],
+        }
+        confine = [sys.executable, "-m", "sandbox_server.confine", json.dumps(spec)]
+        if caps.namespaces:
+            flags = ["--pid", "--fork", "--kill-child", "--mount-proc"]
+            if not network:
+                flags.insert(0, "--net")
+            argv = ["unshare", *flags, "--", *confine]
+        else:
+            argv = confine
+        return KernelLaunch(argv=argv, workdir=workdir, uid=uid, cgroups=cgroups)
+
+    def closed_directories(self, workdir: str) -> dict[str, list[str]]:
+        """What to open in the kernel's mount namespace: its interpreter and the directory of homes."""
+        key = os.path.dirname(workdir)
+        if key not in self._closed:
+            self._closed[key] = closed_ancestors([*kernel_python_paths(), key])
+        return self._closed[key]
+
+    def make_kernel_cgroups(self, kernel_name: str) -> list[str]:
+        made = []
+        for parent in self.cgroup_parents:
+            path = os.path.join(parent, kernel_name)
+            try:
+                os.mkdir(path)
+                write_cgroup_limits(path, self.memory_limit, self.process_limit)
+                made.append(path)
+            except OSError as error:
+                log.warning("cgroup %s not created: %s", path, error)
+        return made
+
+    @staticmethod
+    def remove_cgroups(paths: list[str]) -> None:
+        for path in paths:
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass  # still has a dying process; the parent's removal at shutdown retries
+
+    def close(self) -> None:
+        for parent in self.cgroup_parents:
+            for name in os.listdir(parent) if os.path.isdir(parent) else []:
+                child = os.path.join(parent, name)
+                if os.path.isdir(child):
+                    self.remove_cgroups([child])
+            self.remove_cgroups([parent])
+
+
+def write_cgroup_limits(path: str, memory: int, processes: int) -> None:
+    for filename, value in (
+        ("memory.limit_in_bytes", memory),  # v1
+        ("memory.max", memory),  # v2
+        ("memory.swap.max", 0),  # v2: no swap escape
+        ("pids.max", processes),
+    ):
+        target = os.path.join(path, filename)
+        if os.path.exists(target):
+            with open(target, "w") as handle:
+                handle.write(str(value))
+
+
+def make_cgroup_parents(version: str, name: str) -> list[str]:
+    if version == "v1":
+        parents = [os.path.join(CGROUP_ROOT, "memory", name), os.path.join(CGROUP_ROOT, "pids", name)]
+    else:
+        parents = [os.path.join(CGROUP_ROOT, name)]
+    made = []
+    for parent in parents:
+        try:
+            os.makedirs(parent, exist_ok=True)
+            if version == "v2":
+                with open(os.path.join(parent, "cgroup.subtree_control"), "w") as handle:
+                    handle.write("+memory +pids")
+            made.append(parent)
+        except OSError as error:
+            log.warning("cgroup %s not usable: %s", parent, error)
+    return made
+
+
+def probe_cgroup() -> tuple[str | None, str | None]:
+    """Which cgroup hierarchy this process can create limited groups in, or why none."""
+    if not sys.platform.startswith("linux"):
+        return None, "cgroups (not Linux)"
+    v1 = [os.path.join(CGROUP_ROOT, c) for c in ("memory", "pids")]
+    if all(os.access(p, os.W_OK) and os.path.exists(os.path.join(p, "cgroup.procs")) for p in v1):
+        return "v1", None
+    controllers = os.path.join(CGROUP_ROOT, "cgroup.controllers")
+    if os.path.exists(controllers) and os.access(CGROUP_ROOT, os.W_OK):
+        with open(controllers) as handle:
+            available = handle.read().split()
+        if {"memory", "pids"} <= set(available):
+            return "v2", None
+    return None, "cgroups (no writable memory+pids hierarchy)"
+
+
+def probe(isolate: bool = True, uid_base: int = 200000, timeout: float = 20.0) -> Capabilities:
+    """Find what applies here by trying it: a real confined interpreter must import ipykernel."""
+    if not isolate:
+        return Capabilities(notes=("namespaces, uid drop, cgroups (--no-isolate)",))
+    notes = []
+    linux = sys.platform.startswith("linux")
+    root = linux and os.geteuid() == 0
+    namespaces = root and shutil.which("unshare") is not None
+    if not root:
+        notes.append("namespaces and uid drop (need root on Linux)")
+    elif not namespaces:
+        notes.append("namespaces (no `unshare` on PATH: install util-linux)")
+    cgroup, why = probe_cgroup() if root else (None, "cgroups (need root)")
+    if why:
+        notes.append(why)
+    candidate = Capabilities(namespaces=namespaces, drop_uid=root, cgroup=None, rlimit_nproc=root)
+    if namespaces and not try_launch(candidate, uid_base, timeout):
+        notes.append("namespaces (a confined test kernel did not start)")
+        candidate = Capabilities(namespaces=False, drop_uid=root, rlimit_nproc=root)
+    if candidate.drop_uid and not try_launch(candidate, uid_base, timeout):
+        notes.append(f"uid drop (uid {uid_base} cannot run {sys.executable}; kernels run as root)")
+        candidate = Capabilities(namespaces=candidate.namespaces, drop_uid=False)
+    return Capabilities(
+        namespaces=candidate.namespaces,
+        drop_uid=candidate.drop_uid,
+        cgroup=cgroup,
+        rlimit_nproc=candidate.drop_uid,
+        notes=tuple(notes),
+    )
+
+
+def try_launch(capabilities: Capabilities, uid: int, timeout: float) -> bool:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="codeact-probe-") as workdir:
+        if capabilities.drop_uid:
+            os.chown(workdir, uid, uid)
+        isolation = Isolation(capabilities, 2**31, 2**20, 64)
+        launch = isolation.launch("probe", workdir, "unused", uid, network=False)
+        spec = json.loads(launch.argv[-1])
+        spec["argv"] = [sys.executable, "-c", "import ipykernel"]
+        argv = [*launch.argv[:-1], json.dumps(spec)]
+        try:
+            return subprocess.run(argv, timeout=timeout, capture_output=True).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False

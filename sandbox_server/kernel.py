@@ -1,0 +1,300 @@
+"""One local ipykernel: its confined process (lifecycle) and its ZMQ channels (messaging).
+
+We launch the process ourselves rather than through jupyter_client's KernelManager: the launch goes
+through namespaces and a privilege drop, a kill must be immediate (KernelManager waits
+shutdown_wait_time/2 before SIGTERM), and a dead process must be noticed within a poll interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import inspect
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import zmq
+import zmq.asyncio
+from jupyter_client.asynchronous import AsyncKernelClient
+
+from . import kernel_hooks
+from .execution import DIED, ERROR, OK, TIMEOUT, EventSink, Execution, OutputCollector
+from .isolation import Isolation, KernelLaunch
+from .protocol import ExecuteState
+
+log = logging.getLogger("sandbox_server.kernel")
+
+# Statuses only the kernel layer uses; the session turns them into `restarted`.
+UNRESPONSIVE = "unresponsive"
+
+POLL_INTERVAL = 0.25  # how often a waiting execute checks that the process is alive
+IDLE_AFTER_REPLY = 2.0  # after the reply, how long to wait for the idle status (lost if a message was dropped)
+PR_SET_PDEATHSIG = 1
+
+
+class KernelStartError(RuntimeError):
+    """The kernel process exited or did not answer before its start deadline."""
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def connection_info(runtime_dir: str) -> dict:
+    """IPC transport: unix sockets cross network namespaces, where a kernel has no usable TCP."""
+    return {
+        "transport": "ipc",
+        "ip": os.path.join(runtime_dir, "kernel"),
+        "shell_port": 1,
+        "iopub_port": 2,
+        "stdin_port": 3,
+        "control_port": 4,
+        "hb_port": 5,
+        "key": secrets.token_hex(16),
+        "signature_scheme": "hmac-sha256",
+        "kernel_name": "python3",
+    }
+
+
+class LocalKernel:
+    """A confined ipykernel process reached over IPC sockets."""
+
+    def __init__(self, name: str, launch: KernelLaunch, runtime_dir: str, connection: dict,
+                 context: zmq.asyncio.Context, max_output: int, max_results: int) -> None:
+        self.name = name
+        self.launch = launch
+        self.runtime_dir = runtime_dir
+        self.connection = connection
+        self.context = context
+        self.max_output = max_output
+        self.max_results = max_results
+        self.process: subprocess.Popen | None = None
+        self.client: AsyncKernelClient | None = None
+        self._kernel_pid: int | None = None
+        self.started_at = time.monotonic()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        log_file = open(os.path.join(self.runtime_dir, "kernel.log"), "ab")  # noqa: SIM115
+        try:
+            self.process = subprocess.Popen(
+                self.launch.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+        finally:
+            log_file.close()
+        client = AsyncKernelClient(context=self.context)
+        client.load_connection_info(self.connection)
+        client.start_channels()
+        self.client = client
+        # Ready means a kernel_info reply on shell and a status on iopub: a SUB socket that joined late
+        # misses what was published before, and an execute would then wait for an idle that never comes.
+        shell_ready = iopub_ready = False
+        while not (shell_ready and iopub_ready):
+            if not self.alive:
+                raise KernelStartError(f"kernel {self.name} exited during start-up: {self.log_tail()}")
+            if time.monotonic() >= deadline:
+                raise KernelStartError(f"kernel {self.name} did not answer within {timeout:g} s "
+                                       "(--kernel-start-timeout)")
+            client.kernel_info()
+            shell_ready = shell_ready or await self._receive(client.shell_channel, "kernel_info_reply", 0.2)
+            iopub_ready = iopub_ready or await self._receive(client.iopub_channel, "status", 0.05)
+        await self.drain()
+        hook = f"{_hook_source()}\ninstall_output_cap({self.max_output // 2})\ndel install_output_cap"
+        execution = await self.execute(hook, max(deadline - time.monotonic(), 1.0), silent=True)
+        if execution.status != OK:
+            raise KernelStartError(f"kernel {self.name} setup failed: {execution.text[-500:]}")
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def kernel_pid(self) -> int | None:
+        """The interpreter's pid as the server sees it (under `unshare`, the child of the process we ran)."""
+        if self._kernel_pid is None and self.alive:
+            if self.launch.argv[0] != "unshare":
+                self._kernel_pid = self.process.pid
+            else:
+                try:
+                    path = f"/proc/{self.process.pid}/task/{self.process.pid}/children"
+                    with open(path) as handle:
+                        children = handle.read().split()
+                    self._kernel_pid = int(children[0]) if children else None
+                except (OSError, ValueError):
+                    return None
+        return self._kernel_pid
+
+    def exit_description(self) -> str:
+        code = self.process.poll() if self.process else None
+        if code is None:
+            return "still running"
+        # `unshare` reports a child killed by signal N as exit status 128+N.
+        if code < 0 or code > 128:
+            number = -code if code < 0 else code - 128
+            name = signal.Signals(number).name if number in signal.Signals._value2member_map_ else str(number)
+            hint = " (likely out of memory)" if number == signal.SIGKILL else ""
+            return f"killed by {name}{hint}"
+        return f"exited with code {code}"
+
+    def log_tail(self, size: int = 2000) -> str:
+        try:
+            with open(os.path.join(self.runtime_dir, "kernel.log"), "rb") as handle:
+                handle.seek(0, os.SEEK_END)
+                handle.seek(max(handle.tell() - size, 0))
+                return handle.read().decode(errors="replace").strip() or "(no output)"
+        except OSError:
+            return "(no log)"
+
+    async def interrupt(self) -> None:
+        pid = self.kernel_pid
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGINT)
+
+    async def kill(self) -> None:
+        """Kill at once: the kernel, everything it started, and the launcher; then free its resources."""
+        if self.client is not None:
+            self.client.stop_channels()
+            self.client = None
+        if self.process is not None:
+            pids = [self.kernel_pid, self.process.pid] if self.alive else []
+            for path in self.launch.cgroups:
+                with contextlib.suppress(OSError, ValueError), open(os.path.join(path, "cgroup.procs")) as handle:
+                    pids.extend(int(line) for line in handle.read().split())
+            for pid in filter(None, pids):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            if self.launch.argv[0] != "unshare":
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5.0
+            while self.process.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        # The pid namespace's processes die with its init; the cgroup empties a moment later.
+        for _ in range(50):
+            Isolation.remove_cgroups(self.launch.cgroups)
+            if not any(os.path.isdir(path) for path in self.launch.cgroups):
+                break
+            await asyncio.sleep(0.02)
+        _remove_tree(self.runtime_dir)
+
+    # -- messaging ---------------------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Drop messages left from start-up, so an execute reads only its own."""
+        for channel in (self.client.iopub_channel, self.client.shell_channel):
+            while await channel.msg_ready():
+                await channel.get_msg(timeout=0)
+
+    @staticmethod
+    async def _receive(channel, msg_type: str, timeout: float) -> bool:
+        """Whether a message of `msg_type` arrives on `channel` within `timeout` (others are dropped)."""
+        end = time.monotonic() + timeout
+        while (remaining := end - time.monotonic()) > 0:
+            if not await channel.msg_ready() and not await channel.socket.poll(remaining * 1000):
+                return False
+            if (await channel.get_msg(timeout=0))["header"]["msg_type"] == msg_type:
+                return True
+        return False
+
+    def send_input(self, text: str) -> None:
+        if self.client is not None:
+            self.client.input(text)
+
+    async def execute(self, code: str, timeout: float, sink: EventSink | None = None,
+                      allow_stdin: bool = False, silent: bool = False, grace: float = 1.0) -> Execution:
+        """Run code; on timeout interrupt, and if the kernel is still busy after `grace`, say so.
+
+        Returns an Execution whose status is ok, error, timeout, died, or UNRESPONSIVE (the caller
+        replaces the kernel). Outputs gathered before a timeout or a death are kept.
+        """
+        started = time.monotonic()
+        collector = OutputCollector(self.max_output, self.max_results, sink)
+        if not self.alive or self.client is None:
+            return collector.finish(DIED, None, 0.0)
+        client = self.client
+        msg_id = client.execute(code, silent=silent, store_history=not silent, allow_stdin=allow_stdin,
+                                stop_on_error=False)
+        state = ExecuteState(msg_id, collector)
+        channels = {"iopub": client.iopub_channel, "shell": client.shell_channel,
+                    "stdin": client.stdin_channel}
+        poller = zmq.asyncio.Poller()
+        sockets = {}
+        for name, channel in channels.items():
+            poller.register(channel.socket, zmq.POLLIN)
+            sockets[channel.socket] = name
+        deadline = started + timeout
+        interrupted = False
+        replied_at = None
+        status = None
+        while status is None:
+            now = time.monotonic()
+            if state.complete:
+                status = ERROR if state.failed else OK
+                break
+            if replied_at is None and state.reply is not None:
+                replied_at = now
+            if replied_at is not None and now - replied_at > IDLE_AFTER_REPLY:
+                collector.execution.truncated = True  # the idle status was lost with a dropped message
+                status = ERROR if state.failed else OK
+                break
+            if now >= deadline:
+                if interrupted:
+                    status = UNRESPONSIVE
+                    break
+                await self.interrupt()
+                interrupted = True
+                deadline = now + grace
+            wait = min(max(deadline - now, 0.0), POLL_INTERVAL)
+            ready = dict(await poller.poll(timeout=wait * 1000))
+            if not ready:
+                if not self.alive:
+                    status = DIED
+                continue
+            for socket in ready:
+                name = sockets[socket]
+                channel = channels[name]
+                while await channel.msg_ready():
+                    message = await channel.get_msg(timeout=0)
+                    request = state.on_message(name, message)
+                    if request is not None and sink is not None:
+                        sink({"type": "input_request", "prompt": request.get("prompt", ""),
+                              "password": bool(request.get("password"))})
+            if not ready and not self.alive:
+                status = DIED
+        if interrupted and status in (OK, ERROR):
+            status = TIMEOUT
+        return collector.finish(status, state.execution_count, (time.monotonic() - started) * 1000)
+
+
+def _hook_source() -> str:
+    return inspect.getsource(kernel_hooks)
+
+
+def _remove_tree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def write_connection_file(runtime_dir: str, connection: dict, uid: int | None) -> str:
+    path = os.path.join(runtime_dir, "connection.json")
+    with open(path, "w") as handle:
+        json.dump(connection, handle)
+    os.chmod(path, 0o600)
+    if uid is not None:
+        os.chown(path, uid, uid)
+    return path

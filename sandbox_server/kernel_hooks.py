@@ -1,0 +1,99 @@
+"""Code that runs inside each kernel, shipped as source when the kernel starts.
+
+ipykernel sends what a cell prints in messages as large as the print: `print("x" * 200_000_000)` arrives
+as one 200 MB message. This hook caps each stream per execution inside the kernel, keeping the head and
+a bounded tail, so the server never receives the flood. The server still caps on its side (user code can
+undo this hook in its own kernel) and bounds the size of any one message.
+
+Self-contained on purpose: the gateway backend ships this file's source to kernels that cannot import
+this package.
+"""
+
+
+def install_output_cap(limit):
+    """Cap what each of stdout and stderr carries per execution to about `limit` characters."""
+    import collections
+    import sys
+
+    marker = "\n[... output truncated: {count} characters omitted ...]\n"
+    head_limit = limit // 2
+    tail_limit = limit - head_limit
+
+    class CappedWriter:
+        def __init__(self, name):
+            self.name = name
+            self.original_write = None
+            self.reset()
+
+        def attach(self):
+            # IPython swaps each stream's write for a history-recording wrapper around every cell and
+            # restores it after, which would drop a wrapper installed once; so attach per execution.
+            stream = getattr(sys, self.name)
+            self.original_write = stream.write
+            stream.write = self.write
+            self.reset()
+
+        def reset(self):
+            self.written = 0
+            self.tail = collections.deque()
+            self.tail_size = 0
+            self.dropped = 0
+
+        def write(self, text):
+            if not isinstance(text, str):
+                return self.original_write(text)
+            room = head_limit - self.written
+            if room > 0:
+                kept = text[:room]
+                self.written += len(kept)
+                self.original_write(kept)
+                text = text[len(kept) :]
+            if text:
+                self.tail.append(text)
+                self.tail_size += len(text)
+                while self.tail_size > tail_limit:
+                    first = self.tail.popleft()
+                    excess = self.tail_size - tail_limit
+                    if len(first) > excess:
+                        self.tail.appendleft(first[excess:])
+                        self.tail_size -= excess
+                        self.dropped += excess
+                    else:
+                        self.tail_size -= len(first)
+                        self.dropped += len(first)
+            return len(text)
+
+        def flush_tail(self):
+            if self.original_write is None:
+                return
+            if self.dropped:
+                self.original_write(marker.format(count=self.dropped))
+            if self.tail:
+                self.original_write("".join(self.tail))
+            self.reset()
+
+    writers = [CappedWriter("stdout"), CappedWriter("stderr")]
+
+    # ipykernel copies what is written to file descriptors 1 and 2 (os.write, subprocesses) to the
+    # kernel process's own stdout/stderr, a log file whose growth the file-size limit stops, and then
+    # its copying thread dies and the writer blocks. From here on those copies go nowhere.
+    import os
+
+    for name in ("stdout", "stderr"):
+        copy = getattr(getattr(sys, name), "_original_stdstream_copy", None)
+        if isinstance(copy, int):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, copy)
+            os.close(null)
+
+    def before_execute(*args):
+        for writer in writers:
+            writer.attach()
+
+    def after_execute(*args):
+        for writer in writers:
+            writer.flush_tail()
+
+    shell = get_ipython()  # noqa: F821 - defined in every IPython kernel
+    shell.events.register("pre_execute", before_execute)
+    shell.events.register("post_execute", after_execute)

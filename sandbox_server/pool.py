@@ -1,0 +1,89 @@
+"""A warm pool of kernels, refilled in the background, so creating a session never waits for a boot."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from .backend import LocalBackend
+
+log = logging.getLogger("sandbox_server.pool")
+
+RETRY_DELAY = 2.0  # after a failed start, before trying again (a broken setup must not spin)
+
+
+class KernelPool:
+    """Keeps `size` kernels started, each in a home of its own, ready to hand out."""
+
+    def __init__(self, backend: LocalBackend, size: int) -> None:
+        self.backend = backend
+        self.size = size
+        self.ready: list = []
+        self.starting = 0
+        self.failures = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._refill_forever())
+        self._wake.set()
+
+    def take(self):
+        """A started kernel and its home, or None when the pool is empty (the caller starts one)."""
+        while self.ready:
+            kernel, home = self.ready.pop(0)
+            self._wake.set()
+            if kernel.alive:
+                return kernel, home
+            asyncio.get_running_loop().create_task(self._discard(kernel, home))
+        self._wake.set()
+        return None
+
+    async def _discard(self, kernel, home) -> None:
+        await kernel.kill()
+        self.backend.remove_home(home)
+
+    async def _refill_forever(self) -> None:
+        while not self._closed:
+            await self._wake.wait()
+            self._wake.clear()
+            # One start at a time: on a small machine parallel boots only slow each other down.
+            while not self._closed and len(self.ready) + self.starting < self.size:
+                self.starting += 1
+                home = self.backend.new_home()
+                try:
+                    kernel = await self.backend.start_kernel(home)
+                except Exception as error:  # a start failure is logged and retried, never fatal
+                    self.failures += 1
+                    self.backend.remove_home(home)
+                    log.warning("warm kernel failed to start: %s", error)
+                    await asyncio.sleep(RETRY_DELAY)
+                    continue
+                finally:
+                    self.starting -= 1
+                if self._closed:
+                    await self._discard(kernel, home)
+                    return
+                self.ready.append((kernel, home))
+
+    async def wait_ready(self, count: int, timeout: float) -> bool:
+        """Wait until `count` kernels are ready (used at start-up and by tests)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(self.ready) < min(count, self.size):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        ready, self.ready = self.ready, []
+        await asyncio.gather(*(self._discard(kernel, home) for kernel, home in ready))

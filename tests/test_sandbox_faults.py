@@ -1,0 +1,184 @@
+"""Hostile code: every fault leaves the server up and the other sessions untouched."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+
+@pytest.fixture(scope="module")
+def bystander(sandbox):
+    """A session that holds state through every fault test and must keep it."""
+    session = sandbox.create()
+    sandbox.execute(session, "witness = 'intact'")
+    return session
+
+
+@pytest.fixture(autouse=True)
+def server_and_bystander_survive(sandbox, bystander):
+    yield
+    assert sandbox.process.poll() is None, "the server died"
+    assert requests.get(sandbox.url + "/health", timeout=10).status_code == 200
+    assert sandbox.execute(bystander, "print(witness)")["stdout"] == "intact\n"
+
+
+def server_rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:"))
+
+
+def test_infinite_loop_times_out_interrupts_and_keeps_state(sandbox):
+    session = sandbox.create()
+    sandbox.execute(session, "kept = 5")
+    result = sandbox.execute(session, "while True:\n    pass", timeout=1)
+    assert result["status"] == "timeout"
+    assert "interrupted" in result["message"]
+    assert result["new_kernel"] is False
+    assert sandbox.execute(session, "print(kept)")["stdout"] == "5\n"
+    sandbox.close(session)
+
+
+def test_loop_swallowing_interrupts_is_killed_and_replaced_fast(sandbox):
+    session = sandbox.create()
+    sandbox.execute(session, "lost = 1\nopen('note.txt', 'w').write('files survive')")
+    code = "import time\nwhile True:\n    try:\n        time.sleep(0.01)\n    except KeyboardInterrupt:\n        pass"
+    started = time.monotonic()
+    result = sandbox.execute(session, code, timeout=1)
+    elapsed = time.monotonic() - started
+    assert result["status"] == "restarted"
+    assert "variables" in result["message"] and result["new_kernel"] is True
+    assert elapsed < 1 + 0.5 + 2.0, f"replacement took {elapsed:.2f} s"
+    after = sandbox.execute(session, "print(open('note.txt').read())\nlost")
+    assert after["stdout"] == "files survive\n" and after["error"]["name"] == "NameError"
+    sandbox.close(session)
+
+
+@pytest.mark.parametrize("code", ["import os\nos._exit(3)", "import ctypes\nctypes.string_at(0)"],
+                         ids=["os._exit", "segfault"])
+def test_kernel_death_is_detected_reported_and_replaced(sandbox, code):
+    session = sandbox.create()
+    sandbox.execute(session, "print('before')")
+    started = time.monotonic()
+    result = sandbox.execute(session, code, timeout=30)
+    assert time.monotonic() - started < 3, "death must be noticed within about a second"
+    assert result["status"] == "died"
+    assert result["new_kernel"] is True and "died" in result["message"]
+    assert sandbox.execute(session, "print('after')")["stdout"] == "after\n"
+    sandbox.close(session)
+
+
+def test_memory_hog_past_the_limit_fails_inside_the_kernel(sandbox):
+    session = sandbox.create()
+    result = sandbox.execute(session, "hog = bytearray(3 * 1024**3)", timeout=30)
+    assert result["status"] == "error" and result["error"]["name"] == "MemoryError"
+    grow = "chunks = []\nwhile True:\n    chunks.append(bytearray(50 * 1024**2))"
+    result = sandbox.execute(session, grow, timeout=30)
+    assert result["status"] in ("error", "died")
+    assert sandbox.execute(session, "del chunks\nprint('alive')" if result["status"] == "error"
+                           else "print('alive')")["stdout"] == "alive\n"
+    sandbox.close(session)
+
+
+def test_fork_bomb_is_stopped_by_the_process_limit(sandbox):
+    session = sandbox.create()
+    code = (
+        "import os, time\n"
+        "children = 0\n"
+        "try:\n"
+        "    for _ in range(2000):\n"
+        "        if os.fork() == 0:\n"
+        "            time.sleep(60)\n"
+        "            os._exit(0)\n"
+        "        children += 1\n"
+        "except OSError as error:\n"
+        "    print('stopped at', children, type(error).__name__)\n"
+    )
+    result = sandbox.execute(session, code, timeout=30)
+    assert result["stdout"].startswith("stopped at"), result
+    assert int(result["stdout"].split()[2]) < 200
+    # A true bomb: every child forks forever. The limit holds it; a restart clears it.
+    bomb = sandbox.execute(session, "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n"
+                                    "        pass", timeout=2)
+    # Past the limit even the kernel cannot start a thread: an error, a timeout or a restart, all contained.
+    assert bomb["status"] in ("error", "timeout", "restarted")
+    assert sandbox.request("POST", f"/v1/sessions/{session}/restart").status_code == 200
+    assert sandbox.execute(session, "print('calm')")["stdout"] == "calm\n"
+    sandbox.close(session)
+
+
+def test_output_flood_is_capped_while_streaming_and_server_memory_stays_bounded(sandbox):
+    session = sandbox.create()
+    before = server_rss_kb(sandbox.process.pid)
+    result = sandbox.execute(session, "print('x' * 200_000_000)", timeout=60)
+    assert result["status"] == "ok" and result["truncated"] is True
+    assert len(result["stdout"]) < 250_000  # the test server's --max-output is 200,000
+    assert "output truncated" in result["stdout"]
+    many = sandbox.execute(session, "for i in range(300_000):\n    print(i)", timeout=60)
+    assert many["truncated"] is True and many["stdout"].rstrip().endswith("299999")
+    raw = sandbox.execute(session, "import os\nos.write(1, b'y' * 100_000_000)", timeout=60)
+    assert raw["status"] in ("ok", "error")
+    growth_mb = (server_rss_kb(sandbox.process.pid) - before) / 1024
+    assert growth_mb < 150, f"server grew {growth_mb:.0f} MB"
+    sandbox.close(session)
+
+
+def test_huge_file_write_is_refused_by_the_file_size_limit(sandbox):
+    session = sandbox.create()
+    result = sandbox.execute(session, "f = open('big.bin', 'wb')\nf.write(b'z' * 64 * 1024**2)\nf.close()")
+    assert result["status"] == "error" and "File too large" in result["error"]["value"]
+    sandbox.close(session)
+
+
+def test_network_is_unreachable_unless_the_session_asks(sandbox, capabilities):
+    if not capabilities.namespaces:
+        pytest.skip("network namespaces unavailable here: " + capabilities.report())
+    session = sandbox.create()
+    port = int(sandbox.url.rsplit(":", 1)[1])
+    code = (f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+            "    print('connected')\nexcept OSError as error:\n    print('blocked', error.errno)")
+    assert sandbox.execute(session, code)["stdout"].startswith("blocked")
+    sandbox.close(session)
+    open_session = sandbox.create(network=True)
+    assert sandbox.execute(open_session, code)["stdout"] == "connected\n"
+    sandbox.close(open_session)
+
+
+def test_a_session_cannot_read_another_sessions_files(sandbox, capabilities):
+    if not capabilities.drop_uid:
+        pytest.skip("kernels share a uid here: " + capabilities.report())
+    owner = sandbox.create()
+    sandbox.execute(owner, "open('secret.txt', 'w').write('mine')")
+    workdir = sandbox.request("GET", f"/v1/sessions/{owner}").json()["workdir"]
+    thief = sandbox.create()
+    result = sandbox.execute(thief, f"open({workdir + '/secret.txt'!r}).read()")
+    assert result["status"] == "error" and result["error"]["name"] in ("PermissionError", "FileNotFoundError")
+    sandbox.close(owner)
+    sandbox.close(thief)
+
+
+def test_a_kernel_cannot_signal_the_server(sandbox, capabilities):
+    if not (capabilities.namespaces or capabilities.drop_uid):
+        pytest.skip("kernels run as the server's user here: " + capabilities.report())
+    session = sandbox.create()
+    code = f"import os, signal\nos.kill({sandbox.process.pid}, signal.SIGKILL)"
+    result = sandbox.execute(session, code)
+    assert result["status"] == "error"
+    assert result["error"]["name"] in ("ProcessLookupError", "PermissionError")
+    sandbox.close(session)
+
+
+def test_fifty_concurrent_sessions(sandbox):
+    def one(number: int) -> str:
+        session = sandbox.create()
+        try:
+            sandbox.execute(session, f"n = {number}")
+            return sandbox.execute(session, "print(n * 2)")["stdout"]
+        finally:
+            sandbox.close(session)
+
+    with ThreadPoolExecutor(max_workers=50) as executor:
+        outputs = list(executor.map(one, range(50)))
+    assert outputs == [f"{n * 2}\n" for n in range(50)]

@@ -133,8 +133,12 @@ class Isolation:
             },
             "cgroups": cgroups,
             "closed": self.closed_directories(workdir) if caps.namespaces and uid is not None else {},
-            "env": scrubbed_environment(env),
-            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", connection_file],
+            # IPython's profile and history live with the kernel's runtime files, not in the session's
+            # directory, which holds only what the user's code makes.
+            "env": scrubbed_environment({"IPYTHONDIR": os.path.join(os.path.dirname(connection_file), "ipython"),
+                                         **(env or {})}),
+            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", connection_file,
+                     "--HistoryManager.hist_file=:memory:"],
         }
         confine = [sys.executable, "-m", "sandbox_server.confine", json.dumps(spec)]
         if caps.namespaces:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 
 from tornado import netutil, web
 from tornado.httpserver import HTTPServer
@@ -80,6 +81,11 @@ class Server:
         sockets = netutil.bind_sockets(self.config.port, self.config.host)
         self.http.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
+        if self.config.port_file:
+            # Written whole, then renamed, so a reader never sees a partial number.
+            with open(self.config.port_file + ".tmp", "w") as handle:
+                handle.write(str(self.port))
+            os.replace(self.config.port_file + ".tmp", self.config.port_file)
         log.info("sandbox server on http://%s:%d (pool %d, max sessions %d)", self.config.host, self.port,
                  self.config.pool_size, self.config.max_sessions)
 

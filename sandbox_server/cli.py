@@ -16,6 +16,7 @@ from .config import TOKEN_ENV, Config, from_environment
 HELP = {
     "host": "address to bind; anything but loopback requires a token",
     "port": "port to bind (0 picks a free one)",
+    "port_file": "write the bound port to this file once listening (useful with --port 0)",
     "token": f"bearer token required on every route but /health (or set {TOKEN_ENV})",
     "pool_size": "warm kernels kept started, so a new session never waits for a boot",
     "max_sessions": "open sessions allowed; past it, session creation answers 429 with Retry-After",

@@ -19,6 +19,7 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8081
     token: str | None = None
+    port_file: str | None = None  # written with the bound port once listening (for --port 0)
 
     # Kernels and sessions.
     pool_size: int = 4  # warm kernels kept ready; creating a session never waits for a boot

@@ -3,29 +3,37 @@
 from __future__ import annotations
 
 import os
-import re
-import signal
 import subprocess
-import sys
-import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 import requests
 
-PORT_LINE = re.compile(r"sandbox server on http://([\d.]+):(\d+)")
+from codeact_sdk.local_sandbox import LocalSandbox
 
 
 @dataclass
 class SandboxProcess:
-    """A sandbox server running as a child process; `log` collects its output."""
+    """A sandbox server running as a child process, with request helpers for tests."""
 
-    process: subprocess.Popen
-    url: str
+    server: LocalSandbox
     root_dir: str
-    token: str | None
-    log: list[str] = field(default_factory=list)
+
+    @property
+    def process(self) -> subprocess.Popen:
+        return self.server.process
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def token(self) -> str:
+        return self.server.token
+
+    @property
+    def log(self) -> list[str]:
+        return self.server.log_tail(1_000_000).splitlines()
 
     @property
     def headers(self) -> dict[str, str]:
@@ -53,17 +61,10 @@ class SandboxProcess:
         return processes_mentioning(self.root_dir)
 
     def stop(self, timeout: float = 10.0) -> float:
-        """SIGTERM, and the seconds it took to exit."""
-        started = time.monotonic()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-                raise AssertionError(f"server did not exit within {timeout} s of SIGTERM")
-        return time.monotonic() - started
+        """SIGTERM, and the seconds it took to exit; fails past `timeout`."""
+        took = self.server.stop(timeout)
+        assert took < timeout, f"server did not exit within {timeout} s of SIGTERM"
+        return took
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -81,44 +82,17 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
-def start_sandbox(root_dir: str, *args: str, token: str | None = None, timeout: float = 60.0) -> SandboxProcess:
-    command = [sys.executable, "-m", "sandbox_server", "--port", "0", "--root-dir", root_dir, *args]
-    if token:
-        command += ["--token", token]
-    env = {k: v for k, v in os.environ.items() if k != "CODEACT_SANDBOX_TOKEN"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: list[str] = []
-    found = threading.Event()
-    address: list[str] = []
-
-    def read_output() -> None:
-        for line in process.stdout:
-            lines.append(line)
-            match = PORT_LINE.search(line)
-            if match and not found.is_set():
-                address.append(f"http://{match.group(1)}:{match.group(2)}")
-                found.set()
-
-    threading.Thread(target=read_output, daemon=True).start()
-    if not found.wait(timeout):
-        process.kill()
-        raise RuntimeError("sandbox server did not start:\n" + "".join(lines))
-    server = SandboxProcess(process, address[0], root_dir, token, lines)
-    # Wait for the warm pool, so the first test does not measure boots.
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        health = requests.get(server.url + "/health", timeout=5).json()
-        if health["pool_ready"] >= 1:
-            break
-        time.sleep(0.05)
-    return server
+def start_sandbox(root_dir: str, *args: str, token: str = "", pool_size: int | None = None) -> SandboxProcess:
+    """A server on a free port; open (no token) unless one is given; warm before it is returned."""
+    server = LocalSandbox(*args, pool_size=pool_size or 1, token=token, root_dir=root_dir).start()
+    server.wait_for_pool(1)
+    return SandboxProcess(server, root_dir)
 
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
-    server = start_sandbox(str(tmp_path_factory.mktemp("sandbox")), "--pool-size", "3",
-                           "--interrupt-grace", "0.5",
-                           "--max-output", "200000", "--file-size-limit", str(32 * 1024**2))
+    server = start_sandbox(str(tmp_path_factory.mktemp("sandbox")), "--interrupt-grace", "0.5",
+                           "--max-output", "200000", "--file-size-limit", str(32 * 1024**2), pool_size=3)
     yield server
     server.stop()
     assert server.kernel_pids() == [], "kernels outlived the server"

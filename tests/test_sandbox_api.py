@@ -44,7 +44,7 @@ def test_compat_text_conventions(sandbox):
 
 
 def test_compat_timeout_text(tmp_path):
-    server = start_sandbox(str(tmp_path), "--pool-size", "1", "--compat-timeout", "1")
+    server = start_sandbox(str(tmp_path), "--compat-timeout", "1", pool_size=1)
     try:
         result = compat(server, "slow", "import time\ntime.sleep(5)")
         assert result["result"] == "[Execution timed out (1 seconds).]"
@@ -102,7 +102,7 @@ def test_oversized_body_is_413_and_server_stays_up(sandbox):
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
-    server = start_sandbox(str(tmp_path_factory.mktemp("guarded")), "--pool-size", "1", token="s3cret-token")
+    server = start_sandbox(str(tmp_path_factory.mktemp("guarded")), pool_size=1, token="s3cret-token")
     yield server
     server.stop()
 
@@ -188,7 +188,7 @@ def test_symlinks_planted_by_the_kernel_cannot_escape(sandbox):
 
 
 def test_file_size_cap(tmp_path):
-    server = start_sandbox(str(tmp_path), "--pool-size", "1", "--max-file", "1000")
+    server = start_sandbox(str(tmp_path), "--max-file", "1000", pool_size=1)
     try:
         session = server.create()
         response = server.request("PUT", f"/v1/sessions/{session}/files/big.bin", data=b"x" * 5000)
@@ -212,7 +212,7 @@ def test_metrics_in_prometheus_text_format(sandbox):
 
 
 def test_session_cap_answers_429_with_retry_after_and_idle_sessions_are_reaped(tmp_path):
-    server = start_sandbox(str(tmp_path), "--pool-size", "1", "--max-sessions", "2", "--idle-timeout", "2")
+    server = start_sandbox(str(tmp_path), "--max-sessions", "2", "--idle-timeout", "2", pool_size=1)
     try:
         first, second = server.create(), server.create()
         response = server.request("POST", "/v1/sessions", json={})
@@ -230,7 +230,7 @@ def test_session_cap_answers_429_with_retry_after_and_idle_sessions_are_reaped(t
 
 
 def test_sigterm_stops_within_five_seconds_without_orphans(tmp_path):
-    server = start_sandbox(str(tmp_path), "--pool-size", "2")
+    server = start_sandbox(str(tmp_path), pool_size=2)
     sessions = [server.create() for _ in range(3)]
     server.execute(sessions[0], "import subprocess\nchild = subprocess.Popen(['sleep', '300'])")
     assert len(server.kernel_pids()) >= 5

@@ -101,6 +101,8 @@ class KernelLaunch:
     workdir: str
     uid: int | None
     cgroups: list[str] = field(default_factory=list)
+    namespaced: bool = False  # the process run is `unshare`, and the kernel is its child
+    dies_with_server: bool = False  # the launch itself arranges to die with the server
 
 
 class Isolation:
@@ -114,6 +116,7 @@ class Isolation:
         self.process_limit = process_limit
         self.cgroup_parents: list[str] = []
         self._closed: dict[str, dict[str, list[str]]] = {}
+        self.setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
         if capabilities.cgroup:
             self.cgroup_parents = make_cgroup_parents(capabilities.cgroup, f"codeact-{os.getpid()}")
 
@@ -148,7 +151,12 @@ class Isolation:
             argv = ["unshare", *flags, "--", *confine]
         else:
             argv = confine
-        return KernelLaunch(argv=argv, workdir=workdir, uid=uid, cgroups=cgroups)
+        if self.setpriv:
+            # The launcher dies with the server (and `--kill-child` takes the kernel with it): no orphans
+            # even when the server is killed outright.
+            argv = [self.setpriv, "--pdeathsig", "KILL", "--", *argv]
+        return KernelLaunch(argv=argv, workdir=workdir, uid=uid, cgroups=cgroups, namespaced=caps.namespaces,
+                            dies_with_server=self.setpriv is not None)
 
     def closed_directories(self, workdir: str) -> dict[str, list[str]]:
         """What to open in the kernel's mount namespace: its interpreter and the directory of homes."""

@@ -38,13 +38,16 @@ UNRESPONSIVE = "unresponsive"
 POLL_INTERVAL = 0.25  # how often a waiting execute checks that the process is alive
 IDLE_AFTER_REPLY = 2.0  # after the reply, how long to wait for the idle status (lost if a message was dropped)
 PR_SET_PDEATHSIG = 1
+LINUX = sys.platform.startswith("linux")
 
 
 class KernelStartError(RuntimeError):
     """The kernel process exited or did not answer before its start deadline."""
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec; only where `setpriv` is missing, since a preexec
+    function rules out the vfork fast path and costs milliseconds per start on a large server."""
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
@@ -93,7 +96,7 @@ class LocalKernel:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                preexec_fn=None if self.launch.dies_with_server or not LINUX else _die_with_parent,
             )
         finally:
             log_file.close()
@@ -127,7 +130,7 @@ class LocalKernel:
     def kernel_pid(self) -> int | None:
         """The interpreter's pid as the server sees it (under `unshare`, the child of the process we ran)."""
         if self._kernel_pid is None and self.alive:
-            if self.launch.argv[0] != "unshare":
+            if not self.launch.namespaced:
                 self._kernel_pid = self.process.pid
             else:
                 try:
@@ -179,7 +182,7 @@ class LocalKernel:
             for pid in filter(None, pids):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
-            if self.launch.argv[0] != "unshare":
+            if not self.launch.namespaced:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(self.process.pid, signal.SIGKILL)
             deadline = time.monotonic() + 5.0

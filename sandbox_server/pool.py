@@ -11,6 +11,9 @@ from .backend import LocalBackend
 log = logging.getLogger("sandbox_server.pool")
 
 RETRY_DELAY = 2.0  # after a failed start, before trying again (a broken setup must not spin)
+# A kernel boot costs a core for half a second. Starting the refill a moment after a session is handed
+# out keeps that boot off the critical path of the session's first executes (create, then run at once).
+REFILL_DELAY = 0.3
 
 
 class KernelPool:
@@ -49,6 +52,8 @@ class KernelPool:
         while not self._closed:
             await self._wake.wait()
             self._wake.clear()
+            if self.ready or self.starting:
+                await asyncio.sleep(REFILL_DELAY)
             # One start at a time: on a small machine parallel boots only slow each other down.
             while not self._closed and len(self.ready) + self.starting < self.size:
                 self.starting += 1

@@ -239,3 +239,15 @@ def test_sigterm_stops_within_five_seconds_without_orphans(tmp_path):
     assert processes_mentioning(str(tmp_path)) == []
     assert not any(os.path.exists(os.path.join(str(tmp_path), name)) for name in os.listdir(tmp_path)
                    if name.startswith("kernel-"))
+
+
+def test_kernels_die_with_a_killed_server(tmp_path):
+    server = start_sandbox(str(tmp_path), pool_size=2)
+    server.create()
+    assert server.kernel_pids()
+    server.process.kill()
+    server.process.wait(10)
+    deadline = time.monotonic() + 5
+    while processes_mentioning(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_mentioning(str(tmp_path)) == [], "kernels outlived a SIGKILLed server"

@@ -1,0 +1,51 @@
+"""Timing helpers shared by the benchmarks: samples in seconds, reported as milliseconds."""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import time
+from collections.abc import Callable
+
+
+def sample(action: Callable[[], object], count: int, warmup: int = 5) -> list[float]:
+    for _ in range(warmup):
+        action()
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        action()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    return {
+        "n": len(samples),
+        "median_ms": round(statistics.median(samples) * 1000, 3),
+        "p99_ms": round(percentile(samples, 0.99) * 1000, 3),
+    }
+
+
+def table(title: str, rows: list[tuple[str, dict[str, float], str]]) -> str:
+    """A Markdown table of rows (name, summary, note)."""
+    lines = [f"### {title}", "", "| what | n | median ms | p99 ms | note |", "|---|---:|---:|---:|---|"]
+    for name, stats, note in rows:
+        lines.append(f"| {name} | {stats['n']} | {stats['median_ms']:.2f} | {stats['p99_ms']:.2f} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith(field + ":"))

@@ -1,0 +1,241 @@
+"""Sandbox server benchmark: our execute path against its floor and against stock Kernel Gateway.
+
+1. execute `1+1` on a warm session over HTTP and websocket, beside raw jupyter_client on a kernel started
+   here (the floor) and stock `jupyter kernelgateway` over its websocket (the original engine);
+2. create session + first execute, with the warm pool refilled between samples;
+3. 100 concurrent sessions x 20 executes: errors, throughput, p99;
+4. memory: RSS per idle session, server peak RSS growth during a 200 MB print.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+import websocket
+
+from codeact_sdk.local_sandbox import LocalSandbox
+
+from .measure import free_port, rss_kb, sample, summary, table
+
+EXECUTES = 300
+
+
+def floor_jupyter_client() -> list[float]:
+    from jupyter_client.manager import start_new_kernel
+
+    manager, client = start_new_kernel()
+    try:
+        return sample(lambda: client.execute_interactive("1+1", timeout=10, output_hook=lambda m: None), EXECUTES)
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+
+
+def jupyter_message(code: str) -> dict:
+    msg_id = uuid.uuid4().hex
+    return {
+        "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "", "session": "bench",
+                   "version": "5.3", "date": ""},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+        "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+                    "allow_stdin": False, "stop_on_error": True},
+    }
+
+
+def execute_over_gateway_socket(socket: websocket.WebSocket, code: str) -> None:
+    message = jupyter_message(code)
+    msg_id = message["header"]["msg_id"]
+    socket.send(json.dumps(message))
+    idle = replied = False
+    while not (idle and replied):
+        reply = json.loads(socket.recv())
+        if reply.get("parent_header", {}).get("msg_id") != msg_id:
+            continue
+        kind = reply["msg_type"] if "msg_type" in reply else reply["header"]["msg_type"]
+        replied = replied or kind == "execute_reply"
+        idle = idle or (kind == "status" and reply["content"]["execution_state"] == "idle")
+
+
+def stock_kernel_gateway() -> tuple[list[float], list[float]]:
+    """Execute latency and kernel create time on stock Kernel Gateway, as the original CodeAct used it."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "kernel_gateway", "--KernelGatewayApp.ip=127.0.0.1",
+                                f"--KernelGatewayApp.port={port}"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                requests.get(base + "/api", timeout=2)
+                break
+            except requests.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        creates = []
+        for _ in range(3):
+            started = time.perf_counter()
+            kernel = requests.post(base + "/api/kernels", json={"name": "python3"}, timeout=60).json()
+            socket = websocket.create_connection(f"ws://127.0.0.1:{port}/api/kernels/{kernel['id']}/channels",
+                                                 timeout=30)
+            execute_over_gateway_socket(socket, "1+1")
+            creates.append(time.perf_counter() - started)
+        executes = sample(lambda: execute_over_gateway_socket(socket, "1+1"), 60)
+        socket.close()
+        return executes, creates
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def ours(sandbox: LocalSandbox) -> dict[str, list[float]]:
+    http = requests.Session()
+    http.headers["Authorization"] = f"Bearer {sandbox.token}"
+    session_id = http.post(sandbox.url + "/v1/sessions", json={}, timeout=60).json()["id"]
+    execute_url = f"{sandbox.url}/v1/sessions/{session_id}/execute"
+    results = {"http": sample(lambda: http.post(execute_url, json={"code": "1+1"}, timeout=30).json(), EXECUTES)}
+    socket = websocket.create_connection(sandbox.url.replace("http", "ws") + f"/v1/sessions/{session_id}/ws",
+                                         header=[f"Authorization: Bearer {sandbox.token}"], timeout=30)
+
+    def over_socket() -> None:
+        socket.send('{"type": "execute", "code": "1+1"}')
+        while json.loads(socket.recv())["type"] != "done":
+            pass
+
+    results["websocket"] = sample(over_socket, EXECUTES)
+    socket.close()
+    http.delete(f"{sandbox.url}/v1/sessions/{session_id}", timeout=30)
+
+    creates = []
+    for _ in range(20):
+        sandbox.wait_for_pool(1)
+        started = time.perf_counter()
+        created = http.post(sandbox.url + "/v1/sessions", json={}, timeout=60).json()["id"]
+        http.post(f"{sandbox.url}/v1/sessions/{created}/execute", json={"code": "1+1"}, timeout=30)
+        creates.append(time.perf_counter() - started)
+        http.delete(f"{sandbox.url}/v1/sessions/{created}", timeout=30)
+    results["create"] = creates
+    return results
+
+
+def concurrency(sandbox: LocalSandbox, sessions: int = 100, executes: int = 20) -> dict:
+    headers = {"Authorization": f"Bearer {sandbox.token}"}
+
+    def create(_: int) -> str:
+        response = requests.post(sandbox.url + "/v1/sessions", json={}, headers=headers, timeout=300)
+        response.raise_for_status()
+        return response.json()["id"]
+
+    with ThreadPoolExecutor(8) as executor:
+        ids = list(executor.map(create, range(sessions)))
+    kernels = [pid for pid in kernel_processes(sandbox.root_dir)]
+    kernel_rss_mb = sum(rss_kb(pid) for pid in kernels) / 1024
+
+    def run(session_id: str) -> tuple[list[float], int]:
+        http = requests.Session()
+        http.headers.update(headers)
+        latencies, errors = [], 0
+        for number in range(executes):
+            started = time.perf_counter()
+            reply = http.post(f"{sandbox.url}/v1/sessions/{session_id}/execute",
+                              json={"code": f"{number}+1"}, timeout=120)
+            latencies.append(time.perf_counter() - started)
+            if reply.status_code != 200 or reply.json()["results"][0]["data"]["text/plain"] != str(number + 1):
+                errors += 1
+        return latencies, errors
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(sessions) as executor:
+        outcomes = list(executor.map(run, ids))
+    elapsed = time.perf_counter() - started
+    latencies = [value for outcome in outcomes for value in outcome[0]]
+    with ThreadPoolExecutor(8) as executor:
+        list(executor.map(lambda s: requests.delete(f"{sandbox.url}/v1/sessions/{s}", headers=headers,
+                                                    timeout=60), ids))
+    return {
+        "latency": latencies,
+        "errors": sum(outcome[1] for outcome in outcomes),
+        "throughput": len(latencies) / elapsed,
+        "rss_per_idle_session_mb": kernel_rss_mb / max(len(kernels), 1),
+        "kernels": len(kernels),
+    }
+
+
+def kernel_processes(root_dir: str) -> list[int]:
+    """The ipykernel interpreters of a server (their command lines name their connection files)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                argv = handle.read().split(b"\0")
+        except OSError:
+            continue
+        if b"ipykernel_launcher" in argv and any(root_dir.encode() in part for part in argv):
+            found.append(int(entry))
+    return found
+
+
+def flood_memory(sandbox: LocalSandbox) -> float:
+    headers = {"Authorization": f"Bearer {sandbox.token}"}
+    session_id = requests.post(sandbox.url + "/v1/sessions", json={}, headers=headers, timeout=60).json()["id"]
+    before = rss_kb(sandbox.process.pid, "VmHWM")
+    requests.post(f"{sandbox.url}/v1/sessions/{session_id}/execute", json={"code": "print('x' * 200_000_000)"},
+                  headers=headers, timeout=120)
+    requests.post(f"{sandbox.url}/v1/sessions/{session_id}/execute",
+                  json={"code": "import os\nos.write(1, b'y' * 200_000_000)"}, headers=headers, timeout=120)
+    growth = (rss_kb(sandbox.process.pid, "VmHWM") - before) / 1024
+    requests.delete(f"{sandbox.url}/v1/sessions/{session_id}", headers=headers, timeout=30)
+    return growth
+
+
+def main() -> str:
+    import tempfile
+
+    floor = floor_jupyter_client()
+    gateway_executes, gateway_creates = stock_kernel_gateway()
+    root = tempfile.mkdtemp(prefix="codeact-bench-")
+    with LocalSandbox("--max-sessions", "150", pool_size=4, root_dir=root) as sandbox:
+        sandbox.wait_for_pool(4)
+        measured = ours(sandbox)
+        loaded = concurrency(sandbox)
+        growth = flood_memory(sandbox)
+    floor_median = summary(floor)["median_ms"]
+
+    def ratio(samples: list[float]) -> str:
+        return f"{summary(samples)['median_ms'] / floor_median:.2f}x floor"
+
+    gateway_median = summary(gateway_executes)["median_ms"]
+    report = table("Execute `1+1` on a warm session", [
+        ("raw jupyter_client (floor)", summary(floor), "1.00x floor"),
+        ("sandbox server, websocket", summary(measured["websocket"]),
+         f"{ratio(measured['websocket'])}; {gateway_median / summary(measured['websocket'])['median_ms']:.1f}x "
+         "faster than stock Kernel Gateway"),
+        ("sandbox server, HTTP", summary(measured["http"]),
+         f"{ratio(measured['http'])}; {gateway_median / summary(measured['http'])['median_ms']:.1f}x faster "
+         "than stock Kernel Gateway"),
+        ("stock Kernel Gateway, websocket", summary(gateway_executes), ratio(gateway_executes)),
+    ])
+    report += "\n" + table("Session create + first execute", [
+        ("sandbox server (warm pool)", summary(measured["create"]), "pool refilled between samples"),
+        ("stock Kernel Gateway (kernel create)", summary(gateway_creates), "a cold kernel per conversation"),
+    ])
+    report += "\n" + table("100 concurrent sessions x 20 executes (HTTP)", [
+        ("per-execute latency", summary(loaded["latency"]),
+         f"errors {loaded['errors']}; throughput {loaded['throughput']:.0f} executes/s"),
+    ])
+    report += (f"\n### Memory\n\n- RSS per idle session (kernel process): {loaded['rss_per_idle_session_mb']:.1f} MB "
+               f"over {loaded['kernels']} kernels\n"
+               f"- server peak RSS growth during a 200 MB print and a 200 MB os.write: {growth:.1f} MB\n")
+    return report
+
+
+if __name__ == "__main__":
+    print(main())

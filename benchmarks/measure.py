@@ -21,7 +21,7 @@ def sample(action: Callable[[], object], count: int, warmup: int = 5) -> list[fl
 
 def percentile(samples: list[float], fraction: float) -> float:
     ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def summary(samples: list[float]) -> dict[str, float]:

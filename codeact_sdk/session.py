@@ -1,0 +1,261 @@
+"""The CodeAct Session: ask the model, run the code it writes in the sandbox, feed the output back,
+until it answers.
+
+Usage:
+    with Session(model="qwen", llm_url="http://127.0.0.1:8080/v1", sandbox_url="http://127.0.0.1:8081") as s:
+        reply = s.chat("What is the 20th Fibonacci number?")
+        print(reply.text, reply.solution)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from . import events, protocol, transcript
+from .local_sandbox import LocalSandbox
+from .model import Completion, ModelClient
+from .sandbox import Execution, SandboxClient
+from .settings import Settings, resolve
+from .tools import Tool, as_tool, describe, setup_code
+
+ANSWERED = "answer"  # the model replied without code
+EXECUTION_LIMIT = "execution_limit"  # the model wanted to run code past max_executions
+
+
+@dataclass
+class Turn:
+    """One step: what the model said, the code it ran (if any) and what came of it."""
+
+    model_output: str
+    code: str | None = None
+    execution: Execution | None = None
+    model_seconds: float = 0.0
+    first_token_seconds: float | None = None
+    execution_seconds: float = 0.0
+    usage: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Reply:
+    """The outcome of one user message."""
+
+    text: str
+    solution: str | None
+    turns: list[Turn]
+    stop_reason: str
+
+    @property
+    def usage(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for turn in self.turns:
+            for key, value in turn.usage.items():
+                if isinstance(value, int):
+                    total[key] = total.get(key, 0) + value
+        return total
+
+    @property
+    def executions(self) -> list[Execution]:
+        return [turn.execution for turn in self.turns if turn.execution is not None]
+
+
+class Session:
+    """A CodeAct conversation with its own sandbox session. Settings: explicit argument, then the
+    environment (CODEACT_LLM_URL, CODEACT_MODEL, CODEACT_API_KEY, CODEACT_SANDBOX_URL,
+    CODEACT_SANDBOX_TOKEN), then defaults (see Settings)."""
+
+    def __init__(self, model: str | None = None, llm_url: str | None = None, sandbox_url: str | None = None, *,
+                 api_key: str | None = None, sandbox_token: str | None = None, tools: Iterable[Callable] = (),
+                 system_prompt: str | None = None, transcript_path: str | None = None,
+                 timeout: float | None = None, request_timeout: float | None = None,
+                 max_executions: int | None = None, settings: Settings | None = None,
+                 on_input: Callable[[str], str] | None = None) -> None:
+        self.settings = settings or resolve(
+            model=model, llm_url=llm_url, sandbox_url=sandbox_url, api_key=api_key, sandbox_token=sandbox_token,
+            timeout=timeout, request_timeout=request_timeout, max_executions=max_executions)
+        self.tools: list[Tool] = [as_tool(function) for function in tools]
+        self.setup = setup_code(self.tools)  # refuses an unshippable tool now, not mid-conversation
+        self.system_prompt = protocol.system_prompt([describe(t) for t in self.tools],
+                                                    system_prompt or protocol.SYSTEM_PROMPT)
+        self.messages: list[dict[str, str]] = []
+        self.model = ModelClient(self.settings.llm_url, self.settings.model, self.settings.api_key,
+                                 self.settings.request_timeout, self.settings.max_retries)
+        self.on_input = on_input
+        self.transcript_path = transcript_path
+        self._transcript: transcript.TranscriptWriter | None = None
+        self._local: LocalSandbox | None = None
+        self._sandbox: SandboxClient | None = None
+        self._sandbox_session: str | None = None
+        self._kernel_note_pending = False
+        self._append("system", self.system_prompt)
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    def open(self) -> Session:
+        """Connect to the sandbox (starting a private one when no URL is set) and create the kernel session."""
+        if self._sandbox_session is not None:
+            return self
+        url, token = self.settings.sandbox_url, self.settings.sandbox_token
+        if url is None:
+            self._local = LocalSandbox(pool_size=1).start()
+            url, token = self._local.url, self._local.token
+        self._sandbox = SandboxClient(url, token, self.settings.request_timeout)
+        self._sandbox_session = self._sandbox.create_session(setup=self.setup, timeout=self.settings.timeout)
+        return self
+
+    def close(self) -> None:
+        if self._sandbox is not None:
+            if self._sandbox_session is not None:
+                try:
+                    self._sandbox.close_session(self._sandbox_session)
+                except Exception:  # closing must not mask the error that brought us here
+                    pass
+            self._sandbox.close()
+        self._sandbox = self._sandbox_session = None
+        if self._local is not None:
+            self._local.stop()
+            self._local = None
+        if self._transcript is not None:
+            self._transcript.close()
+        self.model.close()
+
+    def __enter__(self) -> Session:
+        return self.open()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def reset(self) -> None:
+        """Forget the conversation and start a fresh kernel; the transcript file keeps the old messages."""
+        if self._sandbox is not None and self._sandbox_session is not None:
+            self._sandbox.close_session(self._sandbox_session)
+            self._sandbox_session = self._sandbox.create_session(setup=self.setup, timeout=self.settings.timeout)
+        self.messages = []
+        self._kernel_note_pending = False
+        self._append("system", self.system_prompt)
+
+    @classmethod
+    def resume(cls, path: str, **kwargs) -> Session:
+        """Continue the conversation in a transcript: the model sees the history, the kernel is fresh and the
+        model is told so, and new messages are appended to the same file."""
+        meta, messages = transcript.read(path)
+        kwargs.setdefault("model", meta.get("model"))
+        session = cls(transcript_path=None, **kwargs)
+        session.messages = messages or session.messages
+        session.transcript_path = path
+        session._kernel_note_pending = any(m["role"] == "assistant" for m in messages)
+        return session
+
+    # -- the turn loop -----------------------------------------------------------------------------------
+
+    def chat(self, message: str, on_event: Callable[[events.Event], None] | None = None) -> Reply:
+        """Run the loop for one user message; `on_event` sees every event as it happens."""
+        for event in self.stream(message):
+            if on_event is not None:
+                on_event(event)
+            if isinstance(event, events.ReplyFinished):
+                return event.reply
+        raise AssertionError("stream ended without a reply")
+
+    def stream(self, message: str) -> Iterator[events.Event]:
+        """Run the loop for one user message, yielding typed events as they happen; the last is ReplyFinished."""
+        self.open()
+        if self._kernel_note_pending:
+            message = f"{protocol.KERNEL_REPLACED_NOTE}\n\n{message}"
+            self._kernel_note_pending = False
+        self._append("user", message)
+        turns: list[Turn] = []
+        executions = 0
+        while True:
+            completion = yield from self._ask_model()
+            code, kept = protocol.parse_action(completion.text)
+            turn = Turn(model_output=completion.text, code=code, model_seconds=completion.seconds,
+                        first_token_seconds=completion.first_token_seconds, usage=completion.usage)
+            turns.append(turn)
+            self._append("assistant", kept)
+            yield events.ModelReply(completion.text, completion.usage)
+            if code is None or executions >= self.settings.max_executions:
+                reason = ANSWERED if code is None else EXECUTION_LIMIT
+                reply = Reply(text=completion.text, solution=protocol.parse_solution(completion.text), turns=turns,
+                              stop_reason=reason)
+                self._record({"type": "turns", "stop_reason": reason, "turns": [turn_record(t) for t in turns]})
+                yield events.ReplyFinished(reply)
+                return
+            executions += 1
+            yield events.CodeStarted(code)
+            started = time.monotonic()
+            turn.execution = yield from self._execute(code)
+            turn.execution_seconds = time.monotonic() - started
+            yield events.ExecutionFinished(turn.execution)
+            self._append("user", protocol.observation(turn.execution.text, turn.execution.new_kernel,
+                                                      self.settings.observation_head, self.settings.observation_tail))
+
+    def _ask_model(self) -> Generator[events.Event, None, Completion]:
+        pieces = self.model.stream(self.messages, stop=protocol.STOP_SEQUENCES,
+                                   temperature=self.settings.temperature, max_tokens=self.settings.max_tokens)
+        while True:
+            try:
+                piece = next(pieces)
+            except StopIteration as finished:
+                return finished.value
+            yield events.ModelDelta(piece)
+
+    def _execute(self, code: str) -> Generator[events.Event, None, Execution]:
+        raw = self._sandbox.execute_events(self._sandbox_session, code, self.settings.timeout, self.on_input)
+        while True:
+            try:
+                event = next(raw)
+            except StopIteration as finished:
+                return finished.value
+            if event["type"] in ("stdout", "stderr"):
+                yield events.Output(event["type"], event.get("text", ""))
+            elif event["type"] in ("result", "display"):
+                yield events.Result(event["type"], event.get("data", {}))
+
+    # -- files and transcripts -------------------------------------------------------------------------
+
+    def upload(self, path: str, data: bytes) -> None:
+        self.open()
+        self._sandbox.upload(self._sandbox_session, path, data)
+
+    def download(self, path: str) -> bytes:
+        self.open()
+        return self._sandbox.download(self._sandbox_session, path)
+
+    def export(self, destination: str | None = None) -> dict:
+        """The conversation in the ShareGPT `conversations` format of CodeActInstruct."""
+        data = transcript.to_sharegpt(self.messages)
+        if destination:
+            with open(destination, "w", encoding="utf-8") as handle:
+                json.dump(data, handle, ensure_ascii=False, indent=1)
+        return data
+
+    def _append(self, role: str, content: str) -> None:
+        self.messages.append({"role": role, "content": content})
+        writer = self._writer()
+        if writer is not None:
+            writer.message(role, content)
+
+    def _record(self, record: dict) -> None:
+        writer = self._writer()
+        if writer is not None:
+            writer.append(record)
+
+    def _writer(self) -> transcript.TranscriptWriter | None:
+        if self.transcript_path and self._transcript is None:
+            self._transcript = transcript.TranscriptWriter(self.transcript_path, {"model": self.settings.model})
+        return self._transcript
+
+
+def turn_record(turn: Turn) -> dict:
+    execution = turn.execution
+    return {
+        "code": turn.code,
+        "status": execution.status if execution else None,
+        "model_seconds": round(turn.model_seconds, 4),
+        "first_token_seconds": turn.first_token_seconds,
+        "execution_seconds": round(turn.execution_seconds, 4),
+        "usage": turn.usage,
+    }

@@ -1,0 +1,71 @@
+"""Transcripts: every message appended to a JSONL file as it happens, flushed and fsynced, so a killed
+process loses nothing; read back for `Session.resume`; exported to the ShareGPT-style `conversations`
+format of the CodeActInstruct data set.
+
+Line format: {"type": "meta", ...} first, then one {"type": "message", "role", "content", "time"} per
+message, and {"type": "turn", ...} records with each step's code, execution status and timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+class TranscriptWriter:
+    def __init__(self, path: str, meta: dict[str, Any] | None = None) -> None:
+        self.path = path
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fresh = not os.path.exists(path) or os.path.getsize(path) == 0
+        self.handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the session's life
+        if fresh:
+            self.append({"type": "meta", "version": 1, "created": time.time(), **(meta or {})})
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+
+    def message(self, role: str, content: str) -> None:
+        self.append({"type": "message", "role": role, "content": content, "time": time.time()})
+
+    def close(self) -> None:
+        if not self.handle.closed:
+            self.handle.close()
+
+
+def read(path: str) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """The meta record and the messages of a transcript; a torn last line (a kill mid-write) is ignored."""
+    meta: dict[str, Any] = {}
+    messages: list[dict[str, str]] = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("type") == "meta":
+                meta = record
+            elif record.get("type") == "message":
+                messages.append({"role": record["role"], "content": record["content"]})
+    return meta, messages
+
+
+def to_sharegpt(messages: list[dict[str, str]]) -> dict[str, Any]:
+    """The CodeActInstruct shape: {"conversations": [{"from": "system"|"human"|"gpt", "value": ...}]}."""
+    return {"conversations": [{"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]} for m in messages]}
+
+
+def export(path: str, destination: str | None = None) -> dict[str, Any]:
+    """Export a transcript to ShareGPT format; written as JSON to `destination` when given."""
+    _, messages = read(path)
+    data = to_sharegpt(messages)
+    if destination:
+        with open(destination, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, ensure_ascii=False, indent=1)
+    return data

@@ -96,6 +96,9 @@ class ModelClient:
                     yield piece
                 if choice.get("finish_reason"):
                     completion.finish_reason = choice["finish_reason"]
+        if completion.finish_reason is None and not self._saw_done:
+            raise ModelConnectionError(f"the stream from {self.url}/chat/completions ended before it finished "
+                                       "(no finish reason, no [DONE]): the server was cut off")
         completion.text = "".join(parts)
         completion.seconds = time.monotonic() - started
         return completion
@@ -108,12 +111,14 @@ class ModelClient:
 
     def _events(self, response: requests.Response) -> Iterator[dict]:
         """Server-sent events: `data: {json}` lines until `data: [DONE]` or the end of the stream."""
+        self._saw_done = False
         try:
             for line in response.iter_lines(decode_unicode=False):
                 if not line or not line.startswith(b"data:"):
                     continue  # blank separators, comments, `event:` lines
                 payload = line[len(b"data:") :].strip()
                 if payload == b"[DONE]":
+                    self._saw_done = True
                     return
                 try:
                     chunk = json.loads(payload)

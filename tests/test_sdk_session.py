@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -36,7 +37,8 @@ def session(model, sandbox, **options) -> Session:
 
 
 def test_loop_runs_code_feeds_output_back_and_ends_at_a_solution(model, sandbox):
-    model.enqueue("Let me compute.\n<execute>\na, b = 0, 1\nfor _ in range(20):\n    a, b = b, a + b\nprint(a)\n</execute>",
+    fibonacci = "a, b = 0, 1\nfor _ in range(20):\n    a, b = b, a + b\nprint(a)"
+    model.enqueue(f"Let me compute.\n<execute>\n{fibonacci}\n</execute>",
                   "The 20th Fibonacci number is <solution>6765</solution>.")
     with session(model, sandbox) as s:
         reply = s.chat("What is the 20th Fibonacci number?")
@@ -74,7 +76,7 @@ def test_execution_cap_is_a_stop_reason_not_an_exception(model, sandbox):
         model.enqueue("ok, stopping")
         assert s.chat("stop").stop_reason == "answer"
         roles = [m["role"] for m in s.messages]
-    assert all(a != b for a, b in zip(roles, roles[1:], strict=False)), roles
+    assert all(a != b for a, b in itertools.pairwise(roles)), roles
 
 
 def test_kernel_death_is_told_to_the_model_and_the_conversation_goes_on(model, sandbox):
@@ -136,7 +138,7 @@ def test_transcript_resume_and_export(model, sandbox, tmp_path):
     model.enqueue("<execute>secret = 7</execute>", "stored")
     with session(model, sandbox, transcript_path=path) as s:
         s.chat("remember 7")
-    meta, messages = read(path)
+    _, messages = read(path)
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
     model.enqueue("<execute>print(secret)</execute>", "it was lost")
     with Session.resume(path, llm_url=model.url, sandbox_url=sandbox.url, sandbox_token=sandbox.token) as s:
@@ -149,7 +151,8 @@ def test_transcript_resume_and_export(model, sandbox, tmp_path):
     assert len(after) == 9
     shared = export(path, str(tmp_path / "export.json"))
     assert [turn["from"] for turn in shared["conversations"]][:3] == ["system", "human", "gpt"]
-    assert json.load(open(tmp_path / "export.json"))["conversations"][2]["value"] == "<execute>secret = 7\n</execute>"
+    written = json.loads((tmp_path / "export.json").read_text())
+    assert written["conversations"][2]["value"] == "<execute>secret = 7\n</execute>"
 
 
 def test_transcript_survives_sigkill_mid_turn(model, sandbox, tmp_path):
@@ -164,7 +167,8 @@ def test_transcript_survives_sigkill_mid_turn(model, sandbox, tmp_path):
     process = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        if os.path.exists(path) and sum(1 for _ in open(path)) >= 5:  # meta, system, user, assistant, observation
+        # meta, system, user, assistant, observation: the second model call is under way
+        if os.path.exists(path) and len(read(path)[1]) >= 4:
             break
         time.sleep(0.05)
     time.sleep(0.5)  # the second model reply is streaming now

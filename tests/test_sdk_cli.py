@@ -1,0 +1,129 @@
+"""The `codeact` command line: the chat REPL driven through a pseudo-terminal, and one-shot runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+
+from codeact_sdk.local_sandbox import LocalSandbox
+from codeact_sdk.testing import ScriptedModelServer
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+    with LocalSandbox(pool_size=2, root_dir=str(tmp_path_factory.mktemp("cli-sandbox"))) as server:
+        server.wait_for_pool(1)
+        yield server
+
+
+@pytest.fixture
+def model():
+    with ScriptedModelServer() as server:
+        yield server
+
+
+def connection(model, sandbox) -> list[str]:
+    return ["--llm-url", model.url, "--sandbox-url", sandbox.url, "--sandbox-token", sandbox.token]
+
+
+class Terminal:
+    """A program on a pseudo-terminal: type lines, wait for text, with a deadline on every wait."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.primary, secondary = pty.openpty()
+        env = {**os.environ, "TERM": "xterm"}
+        env.pop("NO_COLOR", None)
+        self.process = subprocess.Popen(argv, stdin=secondary, stdout=secondary, stderr=secondary, env=env)
+        os.close(secondary)
+        self.screen = ""
+
+    @property
+    def plain(self) -> str:
+        return re.sub(r"\x1b\[[0-9;]*m", "", self.screen)
+
+    def expect(self, text: str, timeout: float = 30.0) -> str:
+        """Wait until `text` is on the screen (colours aside); return the screen as written."""
+        deadline = time.monotonic() + timeout
+        while text not in self.plain:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"did not see {text!r} in:\n{self.screen}")
+            ready, _, _ = select.select([self.primary], [], [], remaining)
+            if ready:
+                try:
+                    self.screen += os.read(self.primary, 65536).decode(errors="replace")
+                except OSError:
+                    break
+        return self.screen
+
+    def type(self, line: str) -> None:
+        os.write(self.primary, (line + "\n").encode())
+
+    def close(self) -> int:
+        code = self.process.wait(30)
+        os.close(self.primary)
+        return code
+
+
+def test_chat_repl_streams_in_colour_and_handles_save_reset_exit(model, sandbox, tmp_path):
+    transcript = str(tmp_path / "chat.jsonl")
+    saved = str(tmp_path / "saved.json")
+    model.enqueue("Computing.\n<execute>print(6 * 7)</execute>", "It is <solution>42</solution>.", "Fresh start.")
+    terminal = Terminal([sys.executable, "-m", "codeact_sdk", "chat", *connection(model, sandbox),
+                         "--transcript", transcript])
+    terminal.expect("You> ")
+    terminal.type("what is 6 times 7?")
+    screen = terminal.expect("<solution>42</solution>")
+    assert "\x1b[36m" in screen, "assistant text is coloured on a terminal"
+    assert "--- running ---\r\n42\r\n--- ok in" in terminal.plain
+    terminal.expect("</solution>.\r\nYou> ")
+
+    terminal.type(f"/save {saved}")
+    terminal.expect("saved 5 messages")
+    terminal.type("/reset")
+    terminal.expect("reset]")
+    terminal.type("hello again")
+    terminal.expect("Fresh start.")
+    terminal.type("exit")
+    assert terminal.close() == 0
+    assert json.loads(open(saved).read())["conversations"][2]["from"] == "gpt"
+    assert model.requests[-1]["messages"][1]["content"] == "hello again"
+
+
+def test_run_prints_the_answer_and_json_prints_the_whole_reply(model, sandbox):
+    model.enqueue("<execute>print(2 ** 10)</execute>", "<solution>1024</solution>")
+    plain = subprocess.run([sys.executable, "-m", "codeact_sdk", "run", "2**10?", *connection(model, sandbox)],
+                           capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 0 and plain.stdout.strip() == "1024"
+    model.enqueue("<execute>print(3)</execute>", "<solution>3</solution>")
+    full = subprocess.run([sys.executable, "-m", "codeact_sdk", "run", "three", "--json",
+                           *connection(model, sandbox)], capture_output=True, text=True, timeout=60)
+    data = json.loads(full.stdout)
+    assert data["solution"] == "3" and data["turns"][0]["execution"]["stdout"] == "3\n"
+    assert data["stop_reason"] == "answer" and data["usage"]["completion_tokens"] > 0
+
+
+def test_run_exits_non_zero_on_failure(model, sandbox):
+    model.enqueue(*["<execute>print('more')</execute>"] * 3)
+    limited = subprocess.run([sys.executable, "-m", "codeact_sdk", "run", "loop", "--max-executions", "2",
+                              *connection(model, sandbox)], capture_output=True, text=True, timeout=60)
+    assert limited.returncode == 1
+    down = subprocess.run([sys.executable, "-m", "codeact_sdk", "run", "x", "--llm-url", "http://127.0.0.1:9/v1",
+                           "--model", "m", "--sandbox-url", sandbox.url, "--sandbox-token", sandbox.token],
+                          capture_output=True, text=True, timeout=60)
+    assert down.returncode == 2 and "CODEACT_LLM_URL" in down.stderr
+
+
+def test_every_command_explains_its_options():
+    for command in ([], ["chat"], ["run"], ["export"]):
+        result = subprocess.run([sys.executable, "-m", "codeact_sdk", *command, "--help"], capture_output=True,
+                                text=True, timeout=30)
+        assert result.returncode == 0 and "usage: codeact" in result.stdout

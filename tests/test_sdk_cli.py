@@ -94,7 +94,7 @@ def test_chat_repl_streams_in_colour_and_handles_save_reset_exit(model, sandbox,
     terminal.expect("Fresh start.")
     terminal.type("exit")
     assert terminal.close() == 0
-    assert json.loads(open(saved).read())["conversations"][2]["from"] == "gpt"
+    assert json.loads((tmp_path / "saved.json").read_text())["conversations"][2]["from"] == "gpt"
     assert model.requests[-1]["messages"][1]["content"] == "hello again"
 
 

@@ -1,0 +1,143 @@
+"""`codeact-model` / `python -m model_server`: an OpenAI-compatible model server that stays up.
+
+With GPUs (found by `nvidia-smi`), vLLM pinned to them; without (or `--device cpu`), llama.cpp's server with
+an embedded coder model. Everything after `--` goes to vLLM (or llama.cpp) untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import threading
+
+from . import embedded, gpus
+from .launch import Launch, LlamaOptions, VllmOptions, llama_launch, vllm_launches
+from .supervisor import StartError, Supervisor
+
+DEFAULT_GPU_MODEL = "xingyaoww/CodeActAgent-Mistral-7b-v0.1"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="codeact-model", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Start and supervise an OpenAI-compatible model server: vLLM on CUDA GPUs, or llama.cpp with "
+                    "an embedded model on the CPU. Arguments after `--` are passed to the server untouched.")
+    parser.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
+                        help="gpu: vLLM; cpu: llama.cpp; auto: gpu when nvidia-smi lists a GPU")
+    parser.add_argument("--model", help=f"gpu: a hub name or local directory (default {DEFAULT_GPU_MODEL}); cpu: "
+                                         f"{' or '.join(embedded.MODELS)} (default {embedded.DEFAULT_MODEL}) or "
+                                         "a .gguf path")
+    parser.add_argument("--served-model-name", help="the name clients use (default: the model's name)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind")
+    parser.add_argument("--port", type=int, default=8080, help="port (replicas take the following ports)")
+    gpu = parser.add_argument_group("GPU (vLLM)")
+    gpu.add_argument("--gpus", help="comma-separated GPU indices, e.g. 0,1 (default: all), pinned with "
+                                    "CUDA_VISIBLE_DEVICES")
+    gpu.add_argument("--parallel", choices=("tensor", "data", "replicas"), default="tensor",
+                     help="tensor: one server split over the GPUs; data: vLLM data parallel; replicas: "
+                          "independent servers on consecutive ports")
+    gpu.add_argument("--replicas", type=int, default=1, help="with --parallel replicas: how many servers")
+    gpu.add_argument("--max-model-len", type=int, help="context length (vLLM --max-model-len)")
+    gpu.add_argument("--gpu-memory-utilization", type=float, help="fraction of GPU memory vLLM may use")
+    gpu.add_argument("--no-prefix-caching", action="store_true",
+                     help="turn off prefix caching (on by default: every CodeAct turn resends the conversation)")
+    gpu.add_argument("--allow-busy", action="store_true", help="use GPUs that already have memory in use")
+    gpu.add_argument("--busy-threshold", type=float, default=0.05,
+                     help="fraction of a GPU's memory in use above which it counts as busy")
+    gpu.add_argument("--vllm", default="vllm", help="the vLLM executable")
+    cpu = parser.add_argument_group("CPU (llama.cpp)")
+    cpu.add_argument("--threads", type=int, help="CPU threads (default: all cores but one on small machines)")
+    cpu.add_argument("--context", type=int, default=8192, help="context length in tokens")
+    cpu.add_argument("--no-prompt-cache", action="store_true", help="turn off llama.cpp's prompt cache")
+    supervision = parser.add_argument_group("supervision")
+    supervision.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for readiness")
+    supervision.add_argument("--max-restarts", type=int, default=5, help="restarts of a crashed server")
+    supervision.add_argument("--log-dir", help="where server logs go (default: a temporary directory)")
+    parser.add_argument("--dry-run", action="store_true", help="print the exact commands and environment, start "
+                                                              "nothing")
+    return parser
+
+
+def split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        at = argv.index("--")
+        return argv[:at], argv[at + 1:]
+    return argv, []
+
+
+def plan(args: argparse.Namespace, extra: list[str]) -> list[Launch]:
+    """The launches for these options: validates GPUs and, for the CPU path, prepares the model file."""
+    device = args.device
+    found: list[gpus.Gpu] = []
+    if device in ("auto", "gpu"):
+        found = gpus.discover()
+        if device == "auto":
+            device = "gpu" if found else "cpu"
+        elif not found:
+            raise gpus.GpuError("--device gpu, but nvidia-smi lists no GPU; use --device cpu")
+    if device == "gpu":
+        wanted = [int(part) for part in args.gpus.split(",")] if args.gpus else None
+        chosen = gpus.select(found, wanted, args.busy_threshold, args.allow_busy)
+        return vllm_launches(VllmOptions(
+            model=args.model or DEFAULT_GPU_MODEL, gpus=[gpu.index for gpu in chosen], host=args.host,
+            port=args.port, served_model_name=args.served_model_name, parallel=args.parallel,
+            replicas=args.replicas, max_model_len=args.max_model_len,
+            gpu_memory_utilization=args.gpu_memory_utilization, prefix_caching=not args.no_prefix_caching,
+            extra=extra, executable=args.vllm))
+    model = args.model or embedded.DEFAULT_MODEL
+    if model.endswith(".gguf"):
+        if not os.path.exists(model):
+            raise embedded.ModelFileError(f"no model file at {model}")
+        path, alias = model, os.path.basename(model)[: -len(".gguf")]
+    elif args.dry_run:
+        path, alias = os.path.join(embedded.cache_dir(), embedded.MODELS[model].filename), model
+    else:
+        path, alias = embedded.ensure(model), model
+    return [llama_launch(LlamaOptions(model_path=path, alias=args.served_model_name or alias, host=args.host,
+                                      port=args.port, context=args.context, threads=args.threads,
+                                      prompt_cache=not args.no_prompt_cache, extra=extra))]
+
+
+def main(argv: list[str] | None = None) -> None:
+    own, extra = split_extra(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(own)
+    try:
+        launches = plan(args, extra)
+    except (gpus.GpuError, embedded.ModelFileError, ValueError) as error:
+        sys.exit(f"codeact-model: {error}")
+    if args.dry_run:
+        for launch in launches:
+            print(launch.describe())
+        return
+    supervisor = Supervisor(launches, args.log_dir or tempfile.mkdtemp(prefix="codeact-model-"),
+                            args.ready_timeout, args.max_restarts)
+    stop = threading.Event()
+
+    def on_signal(number: int, frame: object) -> None:
+        if not stop.is_set() and started.is_set():
+            stop.set()
+        else:
+            raise KeyboardInterrupt  # during start-up: unwind, which stops what was started
+
+    started = threading.Event()
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        supervisor.start()
+        started.set()
+        for launch in launches:
+            print(f"[model_server] serving {launch.url} (OpenAI-compatible); Ctrl-C stops it", flush=True)
+        supervisor.watch(stop)
+    except StartError as error:
+        sys.exit(f"codeact-model: {error}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        supervisor.stop()
+
+
+if __name__ == "__main__":
+    main()

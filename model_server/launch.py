@@ -1,0 +1,113 @@
+"""Launch commands as pure functions: what to run, with which environment, on which port.
+
+vLLM: tensor parallel over the given GPUs by default; data parallel, or independent replicas (one per
+GPU group, on consecutive ports) when asked; prefix caching on, since every CodeAct turn resends the whole
+conversation; pinned with CUDA_VISIBLE_DEVICES. llama.cpp: `python -m llama_cpp.server` on a GGUF file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One server process to start and supervise."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # added to the inherited environment
+    port: int = 8080
+    host: str = "127.0.0.1"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def describe(self) -> str:
+        """The exact command line, with its environment, as a shell would take it."""
+        import shlex
+
+        env = " ".join(f"{key}={shlex.quote(value)}" for key, value in sorted(self.env.items()))
+        return (env + " " if env else "") + " ".join(shlex.quote(part) for part in self.argv)
+
+
+@dataclass(frozen=True)
+class VllmOptions:
+    model: str
+    gpus: list[int]
+    host: str = "127.0.0.1"
+    port: int = 8080
+    served_model_name: str | None = None
+    parallel: str = "tensor"  # "tensor", "data" or "replicas"
+    replicas: int = 1  # with parallel == "replicas": how many servers (GPUs split evenly between them)
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    prefix_caching: bool = True
+    extra: list[str] = field(default_factory=list)  # after `--`, passed through untouched
+    executable: str = "vllm"
+
+
+def vllm_launches(options: VllmOptions) -> list[Launch]:
+    if not options.gpus:
+        raise ValueError("vLLM needs at least one GPU; use --device cpu for the embedded model")
+    if options.parallel == "replicas":
+        if options.replicas < 1 or len(options.gpus) % options.replicas:
+            raise ValueError(f"--replicas {options.replicas} does not divide the {len(options.gpus)} GPUs evenly")
+        size = len(options.gpus) // options.replicas
+        groups = [options.gpus[start:start + size] for start in range(0, len(options.gpus), size)]
+    else:
+        groups = [options.gpus]
+    launches = []
+    for number, group in enumerate(groups):
+        port = options.port + number
+        argv = [options.executable, "serve", options.model, "--host", options.host, "--port", str(port)]
+        if options.served_model_name:
+            argv += ["--served-model-name", options.served_model_name]
+        if options.parallel == "data":
+            argv += ["--data-parallel-size", str(len(group))]
+        elif len(group) > 1:
+            argv += ["--tensor-parallel-size", str(len(group))]
+        argv.append("--enable-prefix-caching" if options.prefix_caching else "--no-enable-prefix-caching")
+        if options.max_model_len:
+            argv += ["--max-model-len", str(options.max_model_len)]
+        if options.gpu_memory_utilization:
+            argv += ["--gpu-memory-utilization", str(options.gpu_memory_utilization)]
+        argv += options.extra
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(str(index) for index in group)}
+        launches.append(Launch(f"vllm-{number}" if len(groups) > 1 else "vllm", argv, env, port, options.host))
+    return launches
+
+
+@dataclass(frozen=True)
+class LlamaOptions:
+    model_path: str
+    alias: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    context: int = 8192
+    threads: int | None = None  # generation threads; default: leave a core for the sandbox
+    prompt_cache: bool = True
+    extra: list[str] = field(default_factory=list)
+
+
+def default_threads(cores: int | None = None) -> tuple[int, int]:
+    """Generation and prompt-processing threads. Generation leaves a core for the sandbox's kernels (two on
+    larger machines); prompt processing runs right after an execution, when the kernels are idle, so it
+    takes every core."""
+    cores = cores or os.cpu_count() or 1
+    generation = max(1, cores - 1) if cores <= 8 else cores - 2
+    return generation, cores
+
+
+def llama_launch(options: LlamaOptions) -> Launch:
+    threads, batch_threads = default_threads()
+    threads = options.threads or threads
+    argv = [sys.executable, "-m", "llama_cpp.server", "--model", options.model_path,
+            "--model_alias", options.alias, "--host", options.host, "--port", str(options.port),
+            "--n_ctx", str(options.context), "--n_threads", str(threads),
+            "--n_threads_batch", str(max(threads, batch_threads)),
+            "--cache", "true" if options.prompt_cache else "false", *options.extra]
+    return Launch("llama.cpp", argv, {}, options.port, options.host)

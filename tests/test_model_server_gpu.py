@@ -1,0 +1,153 @@
+"""The GPU path's process management, against fake `nvidia-smi` and `vllm` executables put on PATH."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from model_server.launch import VllmOptions, vllm_launches
+from tests.conftest import processes_mentioning
+
+FAKES = os.path.join(os.path.dirname(__file__), "fakes")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def fake_env(tmp_path):
+    """PATH with the fakes first; two idle 80 GB GPUs unless a test says otherwise."""
+    return {**os.environ, "PATH": FAKES + os.pathsep + os.environ["PATH"], "FAKE_GPUS": "0:0:81920,1:10:81920",
+            "FAKE_VLLM_RECORD": str(tmp_path / "record.jsonl")}
+
+
+def model_server(env: dict, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "model_server", *args], env=env, capture_output=True, text=True,
+                          timeout=60, **kwargs)
+
+
+def test_tensor_parallel_over_the_given_gpus_pinned_with_cuda_visible_devices(fake_env):
+    result = model_server(fake_env, "--dry-run", "--model", "org/model", "--gpus", "0,1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ("CUDA_VISIBLE_DEVICES=0,1 vllm serve org/model --host 127.0.0.1 --port 8080 "
+                                     "--tensor-parallel-size 2 --enable-prefix-caching")
+
+
+def test_auto_device_uses_every_gpu_and_passes_extra_arguments_untouched(fake_env):
+    result = model_server(fake_env, "--dry-run", "--model", "m", "--served-model-name", "codeact", "--max-model-len",
+                          "8192", "--", "--enforce-eager", "--seed", "7")
+    assert result.stdout.strip() == ("CUDA_VISIBLE_DEVICES=0,1 vllm serve m --host 127.0.0.1 --port 8080 "
+                                     "--served-model-name codeact --tensor-parallel-size 2 --enable-prefix-caching "
+                                     "--max-model-len 8192 --enforce-eager --seed 7")
+
+
+def test_data_parallel_and_replicas():
+    data = vllm_launches(VllmOptions(model="m", gpus=[0, 1, 2, 3], parallel="data"))
+    assert len(data) == 1 and "--data-parallel-size" in data[0].argv and data[0].env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    replicas = vllm_launches(VllmOptions(model="m", gpus=[0, 1, 2, 3], parallel="replicas", replicas=2))
+    assert [(r.port, r.env["CUDA_VISIBLE_DEVICES"]) for r in replicas] == [(8080, "0,1"), (8081, "2,3")]
+    assert all("--tensor-parallel-size" in r.argv for r in replicas)
+    single = vllm_launches(VllmOptions(model="m", gpus=[3], prefix_caching=False))
+    assert "--tensor-parallel-size" not in single[0].argv and "--no-enable-prefix-caching" in single[0].argv
+    with pytest.raises(ValueError, match="evenly"):
+        vllm_launches(VllmOptions(model="m", gpus=[0, 1, 2], parallel="replicas", replicas=2))
+
+
+def test_a_gpu_that_does_not_exist_is_refused_by_name(fake_env):
+    result = model_server(fake_env, "--dry-run", "--gpus", "0,5")
+    assert result.returncode != 0
+    assert "GPU 5 does not exist (this machine has: 0, 1)" in result.stderr
+
+
+def test_a_busy_gpu_is_refused_unless_allowed(fake_env):
+    env = {**fake_env, "FAKE_GPUS": "0:0:81920,1:60000:81920"}
+    refused = model_server(env, "--dry-run", "--gpus", "1")
+    assert refused.returncode != 0 and "GPU 1 (NVIDIA H100 80GB HBM3) has 60000 of 81920 MiB in use" in refused.stderr
+    assert "--allow-busy" in refused.stderr
+    allowed = model_server(env, "--dry-run", "--gpus", "1", "--allow-busy")
+    assert allowed.returncode == 0 and "CUDA_VISIBLE_DEVICES=1 " in allowed.stdout
+
+
+def test_no_gpu_with_device_gpu_is_a_clear_error(fake_env):
+    result = model_server({**fake_env, "FAKE_GPUS": ""}, "--device", "gpu")
+    assert result.returncode != 0 and "use --device cpu" in result.stderr
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def answers(port: int) -> bool:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def test_supervisor_restarts_a_crashed_server_and_stops_everything_on_sigterm(fake_env, tmp_path):
+    port = free_port()
+    crashes = tmp_path / "crashes"
+    crashes.write_text("1")
+    env = {**fake_env, "FAKE_VLLM_CRASHES": str(crashes), "FAKE_VLLM_CRASH_AFTER": "1.5"}
+    launcher = subprocess.Popen([sys.executable, "-m", "model_server", "--model", "marker-model-xyz", "--gpus", "1",
+                                 "--port", str(port), "--log-dir", str(tmp_path / "logs")], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: answers(port), 30, "the first start")
+        wait_for(lambda: len((tmp_path / "record.jsonl").read_text().splitlines()) == 2, 30, "a restart")
+        wait_for(lambda: answers(port), 30, "the restarted server")
+        starts = [json.loads(line) for line in (tmp_path / "record.jsonl").read_text().splitlines()]
+        assert [start["cuda"] for start in starts] == ["1", "1"]
+        assert processes_mentioning("marker-model-xyz"), "the fake server runs"
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        output = launcher.communicate(timeout=30)[0]
+    assert launcher.returncode == 0, output
+    assert "restart 1/5" in output
+    time.sleep(0.3)
+    assert processes_mentioning("marker-model-xyz") == [], "a server outlived the launcher"
+    assert processes_mentioning(str(tmp_path / "record.jsonl")) == []
+
+
+def test_a_server_that_exits_during_start_up_fails_at_once_with_its_log(fake_env, tmp_path):
+    crashes = tmp_path / "crashes"
+    crashes.write_text("1")
+    started = time.monotonic()
+    result = model_server({**fake_env, "FAKE_VLLM_CRASHES": str(crashes)}, "--gpus", "0", "--port", str(free_port()))
+    assert time.monotonic() - started < 20
+    assert result.returncode != 0
+    assert "exited during start-up" in result.stderr and "crashing at start-up as asked" in result.stderr
+
+
+def test_crash_loop_gives_up_after_max_restarts(fake_env, tmp_path):
+    crashes = tmp_path / "crashes"
+    crashes.write_text("10")
+    env = {**fake_env, "FAKE_VLLM_CRASHES": str(crashes), "FAKE_VLLM_CRASH_AFTER": "0.3"}
+    result = model_server(env, "--gpus", "0", "--port", str(free_port()), "--max-restarts", "2")
+    assert result.returncode != 0 and "not restarting past --max-restarts 2" in result.stderr
+
+
+def test_generated_command_parses_with_vllms_own_parser():
+    parser_module = pytest.importorskip("vllm.entrypoints.openai.cli_args", reason="vLLM is not installed here")
+    from vllm.utils import FlexibleArgumentParser
+
+    launch = vllm_launches(VllmOptions(model="m", gpus=[0, 1], served_model_name="x", max_model_len=4096,
+                                       gpu_memory_utilization=0.8))[0]
+    parser = parser_module.make_arg_parser(FlexibleArgumentParser())
+    arguments = parser.parse_args(launch.argv[3:])
+    assert arguments.tensor_parallel_size == 2 and arguments.enable_prefix_caching

@@ -54,7 +54,8 @@ def test_auto_device_uses_every_gpu_and_passes_extra_arguments_untouched(fake_en
 
 def test_data_parallel_and_replicas():
     data = vllm_launches(VllmOptions(model="m", gpus=[0, 1, 2, 3], parallel="data"))
-    assert len(data) == 1 and "--data-parallel-size" in data[0].argv and data[0].env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    assert len(data) == 1 and "--data-parallel-size" in data[0].argv
+    assert data[0].env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
     replicas = vllm_launches(VllmOptions(model="m", gpus=[0, 1, 2, 3], parallel="replicas", replicas=2))
     assert [(r.port, r.env["CUDA_VISIBLE_DEVICES"]) for r in replicas] == [(8080, "0,1"), (8081, "2,3")]
     assert all("--tensor-parallel-size" in r.argv for r in replicas)

@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-server-dev
+STAMP := $(VENV)/.installed
+# llama-cpp-python compiles llama.cpp on first install (about 5 minutes on 2 cores); pip caches the wheel.
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: install test serve demo bench lint clean
 
@@ -11,19 +13,19 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[server,dev]'
+	@echo "Installing the SDK, the sandbox server, the CPU model server and test tools into $(VENV)"
+	@echo "(the first time, llama.cpp is compiled: about 5 minutes on 2 cores)"
+	$(BIN)/python -m pip install --quiet -e '.[server,cpu,dev]'
 	touch $(STAMP)
 
 test: install
 	$(BIN)/python -m pytest
 
 serve: install
-	$(BIN)/python -m sandbox_server
+	$(BIN)/python -m model_server.stack serve
 
 demo: install
-	@echo "make demo needs the model server (issue: model_server), which is not built yet." >&2
-	@echo "The sandbox server is ready: run 'make serve' and POST code to http://127.0.0.1:8081/execute." >&2
-	@exit 1
+	$(BIN)/python -m model_server.stack demo
 
 bench: install
 	$(BIN)/python -m benchmarks

@@ -26,6 +26,7 @@ class Completion:
     usage: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     first_token_seconds: float | None = None
+    usage_estimated: bool = False  # usage counted from stream chunks, the server reported none
 
 
 class ModelClient:
@@ -101,6 +102,10 @@ class ModelClient:
                                        "(no finish reason, no [DONE]): the server was cut off")
         completion.text = "".join(parts)
         completion.seconds = time.monotonic() - started
+        if not completion.usage and parts:
+            # Some servers (llama-cpp-python) send no usage when streaming; they send one token per chunk.
+            completion.usage = {"completion_tokens": len(parts)}
+            completion.usage_estimated = True
         return completion
 
     def _body(self, messages: list[dict], stop: list[str] | None, temperature: float, max_tokens: int) -> dict:

@@ -8,6 +8,7 @@ conversation; pinned with CUDA_VISIBLE_DEVICES. llama.cpp: `python -m llama_cpp.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field
 
@@ -21,15 +22,15 @@ class Launch:
     env: dict[str, str] = field(default_factory=dict)  # added to the inherited environment
     port: int = 8080
     host: str = "127.0.0.1"
+    ready_path: str = "/v1/models"  # answers 200 once the server can serve
+    api_path: str = "/v1"
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
+        return f"http://{self.host}:{self.port}{self.api_path}"
 
     def describe(self) -> str:
         """The exact command line, with its environment, as a shell would take it."""
-        import shlex
-
         env = " ".join(f"{key}={shlex.quote(value)}" for key, value in sorted(self.env.items()))
         return (env + " " if env else "") + " ".join(shlex.quote(part) for part in self.argv)
 

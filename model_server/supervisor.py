@@ -62,9 +62,9 @@ class Supervised:
         base = f"http://{self.launch.host}:{self.launch.port}"
         try:
             health = requests.get(base + "/health", timeout=2)
-            if health.status_code not in (200, 404):  # llama-cpp-python has no /health: /v1/models decides
+            if health.status_code not in (200, 404):  # llama-cpp-python has no /health: ready_path decides
                 return False
-            return requests.get(base + "/v1/models", timeout=2).status_code == 200
+            return requests.get(base + self.launch.ready_path, timeout=2).status_code == 200
         except requests.RequestException:
             return False
 

@@ -1,0 +1,122 @@
+"""The local stack: the model server and the sandbox server together (`make serve`), and a real CodeAct
+task run through the SDK on the embedded model (`make demo`).
+
+    python -m model_server.stack serve [--model NAME] [--model-port 8080] [--sandbox-port 8081]
+    python -m model_server.stack demo  [--model NAME] [--task TEXT]
+
+Each server is waited for; one Ctrl-C stops both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import tempfile
+import threading
+
+from .launch import Launch
+from .supervisor import StartError, Supervisor
+
+DEMO_TASK = ("What is the sum of the first 50 prime numbers? Compute it with Python, then give the number in "
+             "<solution></solution> tags.")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launches(model: str | None, model_port: int, sandbox_port: int, device: str) -> list[Launch]:
+    model_args = [sys.executable, "-m", "model_server", "--port", str(model_port), "--device", device]
+    if model:
+        model_args += ["--model", model]
+    sandbox_args = [sys.executable, "-m", "sandbox_server", "--port", str(sandbox_port), "--pool-size", "2"]
+    return [Launch("model", model_args, port=model_port),
+            Launch("sandbox", sandbox_args, port=sandbox_port, ready_path="/health", api_path="")]
+
+
+def start(args: argparse.Namespace, model_port: int, sandbox_port: int) -> Supervisor:
+    # The sandbox runs open on loopback: drop a token from the caller's environment so the SDK and the
+    # server agree.
+    os.environ.pop("CODEACT_SANDBOX_TOKEN", None)
+    supervisor = Supervisor(launches(args.model, model_port, sandbox_port, args.device),
+                            tempfile.mkdtemp(prefix="codeact-stack-"), ready_timeout=args.ready_timeout,
+                            max_restarts=3)
+    supervisor.start()
+    return supervisor
+
+
+def serve(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    supervisor = None
+    try:
+        supervisor = start(args, args.model_port, args.sandbox_port)
+        model_url = f"http://127.0.0.1:{args.model_port}/v1"
+        sandbox_url = f"http://127.0.0.1:{args.sandbox_port}"
+        print(f"\nmodel server:   {model_url}\nsandbox server: {sandbox_url}\n\n"
+              f"try:  curl -s -X POST {sandbox_url}/execute -d '{{\"convid\": \"demo\", \"code\": \"print(6 * 7)\"}}'\n"
+              f"or:   CODEACT_LLM_URL={model_url} CODEACT_SANDBOX_URL={sandbox_url} codeact chat\n\n"
+              "Ctrl-C stops both.", flush=True)
+        supervisor.watch(stop)
+    except StartError as error:
+        print(f"stack: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from codeact_sdk import CodeActError, Session
+    from codeact_sdk.cli import Painter, render
+
+    model_port, sandbox_port = free_port(), free_port()
+    supervisor = None
+    try:
+        supervisor = start(args, model_port, sandbox_port)
+        paint = Painter(sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+        with Session(llm_url=f"http://127.0.0.1:{model_port}/v1", sandbox_url=f"http://127.0.0.1:{sandbox_port}",
+                     timeout=60) as session:
+            print(paint("note", f"\n--- CodeAct demo on {session.model.model} ---"))
+            print(paint("user", "User> ") + args.task)
+            print(paint("assistant", "Assistant> "), end="")
+            reply = session.chat(args.task, on_event=lambda event: render(event, paint, sys.stdout))
+        print(paint("note", f"\n--- {len(reply.executions)} code execution(s), stop reason: {reply.stop_reason}, "
+                            f"{reply.usage.get('completion_tokens', 0)} tokens generated ---"))
+        print(f"Answer: {reply.solution if reply.solution is not None else reply.text.strip()}")
+        return 0 if reply.stop_reason == "answer" else 1
+    except (StartError, CodeActError) as error:
+        print(f"demo: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m model_server.stack", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("command", choices=("serve", "demo"))
+    parser.add_argument("--model", help="model for the model server (default: its own default)")
+    parser.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto", help="where the model runs")
+    parser.add_argument("--model-port", type=int, default=8080, help="serve: model server port")
+    parser.add_argument("--sandbox-port", type=int, default=8081, help="serve: sandbox server port")
+    parser.add_argument("--ready-timeout", type=float, default=900.0,
+                        help="seconds each server may take to become ready (the first run joins the model)")
+    parser.add_argument("--task", default=DEMO_TASK, help="demo: the task to run")
+    args = parser.parse_args(argv)
+    sys.exit(serve(args) if args.command == "serve" else demo(args))
+
+
+if __name__ == "__main__":
+    main()

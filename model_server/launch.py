@@ -110,5 +110,8 @@ def llama_launch(options: LlamaOptions) -> Launch:
             "--model_alias", options.alias, "--host", options.host, "--port", str(options.port),
             "--n_ctx", str(options.context), "--n_threads", str(threads),
             "--n_threads_batch", str(max(threads, batch_threads)),
-            "--cache", "true" if options.prompt_cache else "false", *options.extra]
+            "--cache", "true" if options.prompt_cache else "false",
+            # By default a new request (even a readiness probe of /v1/models) cuts off the completion being
+            # streamed; requests must queue instead.
+            "--interrupt_requests", "false", *options.extra]
     return Launch("llama.cpp", argv, {}, options.port, options.host)

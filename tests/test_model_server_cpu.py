@@ -95,3 +95,20 @@ def test_sigterm_stops_the_llama_server_without_orphans(tmp_path):
     process.wait(30)
     time.sleep(0.5)
     assert processes_mentioning(f"--port\0{port}\0--n_ctx") == []
+
+
+def test_a_concurrent_request_does_not_cut_off_a_streaming_completion(model_server):
+    url, _ = model_server
+    import threading
+
+    body = {"model": MODEL, "temperature": 0, "max_tokens": 40, "stream": True,
+            "messages": [{"role": "user", "content": "Count from 1 to 30, separated by spaces."}]}
+    response = requests.post(url + "/chat/completions", json=body, stream=True, timeout=300)
+    lines = response.iter_lines()
+    first = [next(lines) for _ in range(3)]  # the stream is under way
+    poller = threading.Thread(target=lambda: requests.get(url + "/models", timeout=300))
+    poller.start()
+    rest = [line for line in lines if line]
+    poller.join(60)
+    chunks = [line for line in first + rest if line.startswith(b"data: {")]
+    assert len(chunks) > 20, "the stream was cut off by a concurrent request"

@@ -13,6 +13,7 @@ from tornado.httpserver import HTTPServer
 from . import handlers, isolation
 from .backend import LocalBackend
 from .config import Config
+from .gateway import GatewayBackend
 from .metrics import Metrics
 from .pool import KernelPool
 from .sessions import SessionManager
@@ -63,14 +64,21 @@ class Server:
         self.port: int | None = None
 
     async def start(self) -> None:
-        if self.capabilities is None:
-            self.capabilities = isolation.probe(self.config.isolate, self.config.kernel_uid_base)
-        log.info("%s", self.capabilities.report())
+        if self.config.backend == "gateway":
+            backend = GatewayBackend(self.config)
+            await backend.check()
+            log.info("kernels on the gateway at %s (kernelspec %s)", self.config.gateway_url,
+                     self.config.gateway_kernel)
+        else:
+            if self.capabilities is None:
+                self.capabilities = isolation.probe(self.config.isolate, self.config.kernel_uid_base)
+            log.info("%s", self.capabilities.report())
+            backend = LocalBackend(self.config, self.capabilities)
         if not self.config.token:
             log.warning("no token set (--token / CODEACT_SANDBOX_TOKEN): serving %s without auth",
                         self.config.host)
         self.metrics = Metrics()
-        self.backend = LocalBackend(self.config, self.capabilities)
+        self.backend = backend
         self.pool = KernelPool(self.backend, self.config.pool_size)
         self.manager = SessionManager(self.config, self.backend, self.pool, self.metrics)
         self.pool.start()

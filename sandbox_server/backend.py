@@ -1,5 +1,5 @@
-"""Kernel backends: where kernels run. Everything above this seam sees only `Home`, `start_kernel`
-and the kernel's own methods (execute, send_input, interrupt, kill, alive).
+"""Kernel backends: where kernels run. Everything above this seam sees only the `Backend` and `Kernel`
+protocols below and `Home`.
 
 The local backend runs confined ipykernel processes on this machine.
 """
@@ -11,13 +11,61 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import Protocol
 
 import zmq
 import zmq.asyncio
 
+from . import files
 from .config import Config
+from .execution import EventSink, Execution
 from .isolation import Capabilities, Isolation
 from .kernel import LocalKernel, connection_info, write_connection_file
+
+
+class Kernel(Protocol):
+    """What the session layer needs of a kernel, wherever it runs."""
+
+    name: str
+
+    @property
+    def alive(self) -> bool: ...
+
+    async def ready(self) -> bool:
+        """Alive and reachable right now (a remote kernel reconnects here); False means replace it."""
+
+    async def execute(self, code: str, timeout: float, sink: EventSink | None = None, allow_stdin: bool = False,
+                      silent: bool = False, grace: float = 1.0) -> Execution: ...
+
+    def send_input(self, text: str) -> None: ...
+
+    async def interrupt(self) -> None: ...
+
+    async def kill(self) -> None: ...
+
+    def exit_description(self) -> str: ...
+
+
+class Backend(Protocol):
+    """Where kernels run: the local backend here, the gateway backend in gateway.py."""
+
+    files_through_kernel: bool
+
+    def new_home(self) -> Home: ...
+
+    async def start_kernel(self, home: Home, network: bool = False) -> Kernel: ...
+
+    def remove_home(self, home: Home) -> None: ...
+
+    async def write_file(self, home: Home, kernel: Kernel, path: str, data: bytes) -> int: ...
+
+    async def read_file(self, home: Home, kernel: Kernel, path: str) -> bytes: ...
+
+    async def list_files(self, home: Home, kernel: Kernel) -> list[dict]: ...
+
+    async def delete_file(self, home: Home, kernel: Kernel, path: str) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -31,6 +79,8 @@ class Home:
 
 class LocalBackend:
     """Kernels as confined local processes; session directories under one private root."""
+
+    files_through_kernel = False  # the server reads and writes session directories itself
 
     def __init__(self, config: Config, capabilities: Capabilities) -> None:
         self.config = config
@@ -73,6 +123,18 @@ class LocalBackend:
 
     def remove_home(self, home: Home) -> None:
         shutil.rmtree(home.workdir, ignore_errors=True)
+
+    async def write_file(self, home: Home, kernel: object, path: str, data: bytes) -> int:
+        return files.write(home.workdir, path, data, home.uid, self.config.max_file)
+
+    async def read_file(self, home: Home, kernel: object, path: str) -> bytes:
+        return files.read(home.workdir, path, self.config.max_file)
+
+    async def list_files(self, home: Home, kernel: object) -> list[dict]:
+        return files.listing(home.workdir)
+
+    async def delete_file(self, home: Home, kernel: object, path: str) -> None:
+        files.delete(home.workdir, path)
 
     def close(self) -> None:
         self.isolation.close()

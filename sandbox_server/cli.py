@@ -11,6 +11,7 @@ import sys
 
 from .app import Server
 from .config import TOKEN_ENV, Config, from_environment
+from .gateway import GatewayUnavailable
 
 # One line of help per Config field; the parser is built from the dataclass so the two never drift.
 HELP = {
@@ -18,6 +19,10 @@ HELP = {
     "port": "port to bind (0 picks a free one)",
     "port_file": "write the bound port to this file once listening (useful with --port 0)",
     "token": f"bearer token required on every route but /health (or set {TOKEN_ENV})",
+    "backend": "where kernels run: local (confined processes here) or gateway (a Kernel/Enterprise Gateway)",
+    "gateway_url": "with --backend gateway: the gateway's base URL, e.g. http://gateway:8888",
+    "gateway_token": "with --backend gateway: its auth token (sent as 'Authorization: token ...')",
+    "gateway_kernel": "with --backend gateway: the kernelspec name to start",
     "pool_size": "warm kernels kept started, so a new session never waits for a boot",
     "max_sessions": "open sessions allowed; past it, session creation answers 429 with Retry-After",
     "idle_timeout": "seconds a session may stay unused before it is closed",
@@ -93,7 +98,10 @@ def main(argv: list[str] | None = None) -> None:
         config.check()
     except ValueError as error:
         sys.exit(f"codeact-sandbox: {error}")
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except GatewayUnavailable as error:
+        sys.exit(f"codeact-sandbox: {error}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,12 @@ class Config:
     token: str | None = None
     port_file: str | None = None  # written with the bound port once listening (for --port 0)
 
+    # Where kernels run: "local" (confined processes here) or "gateway" (Kernel / Enterprise Gateway).
+    backend: str = "local"
+    gateway_url: str | None = None
+    gateway_token: str | None = None
+    gateway_kernel: str = "python3"
+
     # Kernels and sessions.
     pool_size: int = 4  # warm kernels kept ready; creating a session never waits for a boot
     max_sessions: int = 200  # past this, creating a session answers 429 with Retry-After
@@ -60,6 +66,10 @@ class Config:
                 f"refusing to serve {self.host} without a token: pass --token or set {TOKEN_ENV}, "
                 "or bind 127.0.0.1"
             )
+        if self.backend not in ("local", "gateway"):
+            raise ValueError("--backend must be local or gateway")
+        if self.backend == "gateway" and not self.gateway_url:
+            raise ValueError("--backend gateway needs --gateway-url")
         if self.pool_size < 0:
             raise ValueError("--pool-size must be 0 or more")
         if self.max_sessions < 1:

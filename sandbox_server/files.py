@@ -80,6 +80,14 @@ def open_for_reading(workdir: str, relative: str):
     return os.fdopen(descriptor, "rb"), info.st_size
 
 
+def read(workdir: str, relative: str, max_size: int) -> bytes:
+    handle, size = open_for_reading(workdir, relative)
+    with handle:
+        if size > max_size:
+            raise TooLarge(f"{relative!r} is {size} bytes, over the {max_size}-byte limit (--max-file)")
+        return handle.read()
+
+
 def delete(workdir: str, relative: str) -> None:
     path = resolve(workdir, relative)
     try:

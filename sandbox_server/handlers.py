@@ -13,7 +13,6 @@ from typing import Any
 
 from tornado import web, websocket
 
-from . import files
 from .config import Config
 from .errors import BadRequest, Conflict, NotFound, SandboxError, TooLarge, Unauthorized
 from .execution import done_event, render_original
@@ -206,32 +205,24 @@ class RestartHandler(BaseHandler):
 
 
 class FilesHandler(BaseHandler):
-    def get(self, session_id: str) -> None:
-        session = self.manager.get(session_id)
-        self.send({"files": files.listing(session.home.workdir)})
+    async def get(self, session_id: str) -> None:
+        self.send({"files": await self.manager.list_files(self.manager.get(session_id))})
 
 
 class FileHandler(BaseHandler):
     body_limit_name = "max_file"
 
-    def put(self, session_id: str, path: str) -> None:
-        session = self.manager.get(session_id)
-        size = files.write(session.home.workdir, path, self.body, session.home.uid, self.config.max_file)
+    async def put(self, session_id: str, path: str) -> None:
+        size = await self.manager.write_file(self.manager.get(session_id), path, self.body)
         self.send({"path": path, "size": size}, 201)
 
     async def get(self, session_id: str, path: str) -> None:
-        session = self.manager.get(session_id)
-        handle, size = files.open_for_reading(session.home.workdir, path)
+        data = await self.manager.read_file(self.manager.get(session_id), path)
         self.set_header("Content-Type", "application/octet-stream")
-        self.set_header("Content-Length", str(size))
-        with handle:
-            while chunk := handle.read(256 * 1024):
-                self.write(chunk)
-                await self.flush()
-        self.finish()
+        self.finish(data)
 
-    def delete(self, session_id: str, path: str) -> None:
-        files.delete(self.manager.get(session_id).home.workdir, path)
+    async def delete(self, session_id: str, path: str) -> None:
+        await self.manager.delete_file(self.manager.get(session_id), path)
         self.set_status(204)
         self.finish()
 

@@ -32,8 +32,10 @@ from .protocol import ExecuteState
 
 log = logging.getLogger("sandbox_server.kernel")
 
-# Statuses only the kernel layer uses; the session turns them into `restarted`.
+# Statuses only the kernel layer uses: the session turns UNRESPONSIVE into `restarted`, and answers NOT_RUN
+# (the kernel was found gone before it received the code) by running the code on a fresh kernel.
 UNRESPONSIVE = "unresponsive"
+NOT_RUN = "not_run"
 
 POLL_INTERVAL = 0.25  # how often a waiting execute checks that the process is alive
 IDLE_AFTER_REPLY = 2.0  # after the reply, how long to wait for the idle status (lost if a message was dropped)
@@ -117,14 +119,17 @@ class LocalKernel:
             shell_ready = shell_ready or await self._receive(client.shell_channel, "kernel_info_reply", 0.2)
             iopub_ready = iopub_ready or await self._receive(client.iopub_channel, "status", 0.05)
         await self.drain()
-        hook = f"{_hook_source()}\ninstall_output_cap({self.max_output // 2})\ndel install_output_cap"
-        execution = await self.execute(hook, max(deadline - time.monotonic(), 1.0), silent=True)
+        execution = await self.execute(kernel_setup_code(self.max_output), max(deadline - time.monotonic(), 1.0),
+                                       silent=True)
         if execution.status != OK:
             raise KernelStartError(f"kernel {self.name} setup failed: {execution.text[-500:]}")
 
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    async def ready(self) -> bool:
+        return self.alive
 
     @property
     def kernel_pid(self) -> int | None:
@@ -285,8 +290,9 @@ class LocalKernel:
         return collector.finish(status, state.execution_count, (time.monotonic() - started) * 1000)
 
 
-def _hook_source() -> str:
-    return inspect.getsource(kernel_hooks)
+def kernel_setup_code(max_output: int) -> str:
+    """What every kernel runs when it starts, local or remote: the hooks' source, then the output cap."""
+    return f"{inspect.getsource(kernel_hooks)}\ninstall_output_cap({max_output // 2})\ndel install_output_cap\n"
 
 
 def _remove_tree(path: str) -> None:

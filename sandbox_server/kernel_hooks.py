@@ -97,3 +97,48 @@ def install_output_cap(limit):
     shell = get_ipython()  # noqa: F821 - defined in every IPython kernel
     shell.events.register("pre_execute", before_execute)
     shell.events.register("post_execute", after_execute)
+
+
+def _codeact_file_operation(operation, path, *args):
+    """File access for backends whose kernels live on another machine (the gateway backend): confined to
+    the directory the kernel started in; refuses absolute paths, `..` and links that leave it."""
+    import base64
+    import json
+    import os
+
+    root = _codeact_file_operation.root
+    if path != "." and (not path or path.startswith("/") or ".." in path.split("/") or "" in path.split("/")):
+        raise ValueError(f"file path {path!r} must be relative, without '..' or empty components")
+    target = os.path.realpath(os.path.join(root, path))
+    if target != root and not target.startswith(root + os.sep):
+        raise ValueError(f"file path {path!r} leaves the session directory")
+    if operation == "write":
+        data, truncate = args
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb" if truncate else "ab") as handle:
+            handle.write(base64.b64decode(data))
+        return ""
+    if operation == "size":
+        return str(os.path.getsize(target))
+    if operation == "read":
+        offset, size = args
+        with open(target, "rb") as handle:
+            handle.seek(offset)
+            return base64.b64encode(handle.read(size)).decode()
+    if operation == "delete":
+        os.unlink(target)
+        return ""
+    if operation == "list":
+        found = []
+        for directory, _, names in os.walk(root):
+            for name in sorted(names):
+                full = os.path.join(directory, name)
+                if os.path.isfile(full) and not os.path.islink(full):
+                    info = os.stat(full)
+                    found.append({"path": os.path.relpath(full, root), "size": info.st_size,
+                                  "modified": info.st_mtime})
+        return json.dumps(found)
+    raise ValueError(f"unknown file operation {operation!r}")
+
+
+_codeact_file_operation.root = __import__("os").path.realpath(__import__("os").getcwd())

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 
-from .backend import LocalBackend
+from .backend import Backend
 
 log = logging.getLogger("sandbox_server.pool")
 
@@ -19,7 +19,7 @@ REFILL_DELAY = 0.3
 class KernelPool:
     """Keeps `size` kernels started, each in a home of its own, ready to hand out."""
 
-    def __init__(self, backend: LocalBackend, size: int) -> None:
+    def __init__(self, backend: Backend, size: int) -> None:
         self.backend = backend
         self.size = size
         self.ready: list = []

@@ -22,6 +22,7 @@ class ExecuteState:
     collector: OutputCollector
     reply: Message | None = None
     idle: bool = False
+    started: bool = False  # any message answering this request arrived: the kernel received the code
 
     @property
     def complete(self) -> bool:
@@ -31,6 +32,7 @@ class ExecuteState:
         """Record a message; return an input request for the caller to forward, else None."""
         if message.get("parent_header", {}).get("msg_id") != self.msg_id:
             return None  # left over from an earlier (interrupted) execute
+        self.started = True
         kind = message["header"]["msg_type"]
         content = message["content"]
         if channel == "shell" and kind == "execute_reply":

@@ -15,11 +15,11 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from .backend import Home, LocalBackend
+from .backend import Backend, Home
 from .config import Config
 from .errors import AtCapacity, BadRequest, NotFound, Unavailable
 from .execution import DIED, OK, RESTARTED, TIMEOUT, EventSink, Execution
-from .kernel import UNRESPONSIVE, KernelStartError
+from .kernel import NOT_RUN, UNRESPONSIVE, KernelStartError
 from .metrics import Metrics
 from .pool import KernelPool
 
@@ -61,7 +61,7 @@ class Session:
 
 
 class SessionManager:
-    def __init__(self, config: Config, backend: LocalBackend, pool: KernelPool, metrics: Metrics) -> None:
+    def __init__(self, config: Config, backend: Backend, pool: KernelPool, metrics: Metrics) -> None:
         self.config = config
         self.backend = backend
         self.pool = pool
@@ -180,11 +180,16 @@ class SessionManager:
                 raise NotFound(f"session {session.id} was closed")
             session.last_used = time.monotonic()
             replaced_before = False
-            if not session.kernel.alive:
+            if not await session.kernel.ready():
                 await self._replace_kernel(session)
                 replaced_before = True
             execution = await session.kernel.execute(code, timeout, sink, allow_stdin=allow_stdin,
                                                      grace=self.config.interrupt_grace)
+            if execution.status == NOT_RUN:
+                await self._replace_kernel(session)
+                replaced_before = True
+                execution = await session.kernel.execute(code, timeout, sink, allow_stdin=allow_stdin,
+                                                         grace=self.config.interrupt_grace)
             if execution.status == UNRESPONSIVE:
                 execution.status = RESTARTED
                 execution.message = (
@@ -227,6 +232,33 @@ class SessionManager:
             if session.generation == generation:
                 await self._replace_kernel(session)
             session.last_used = time.monotonic()
+
+    # -- files ---------------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _file_access(self, session: Session):
+        """Files on a remote kernel travel through it, so they wait for its executes; local ones do not."""
+        if self.backend.files_through_kernel:
+            async with session.lock:
+                yield
+        else:
+            yield
+
+    async def write_file(self, session: Session, path: str, data: bytes) -> int:
+        async with self._file_access(session):
+            return await self.backend.write_file(session.home, session.kernel, path, data)
+
+    async def read_file(self, session: Session, path: str) -> bytes:
+        async with self._file_access(session):
+            return await self.backend.read_file(session.home, session.kernel, path)
+
+    async def list_files(self, session: Session) -> list[dict]:
+        async with self._file_access(session):
+            return await self.backend.list_files(session.home, session.kernel)
+
+    async def delete_file(self, session: Session, path: str) -> None:
+        async with self._file_access(session):
+            await self.backend.delete_file(session.home, session.kernel, path)
 
     # -- the original CodeAct /execute contract ------------------------------------------------------
 

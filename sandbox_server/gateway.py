@@ -1,0 +1,334 @@
+"""The gateway backend: kernels on a remote Jupyter Kernel Gateway or Enterprise Gateway, reached over REST
+(`/api/kernels`) and the `/channels` websocket. Same interface as the local backend, so nothing above the
+seam knows which one runs.
+
+Stock Kernel Gateway leaves Nagle's algorithm on for its websockets, and with the client's delayed ACKs every
+execute then waits ~40 ms for an ACK. The gateway cannot be changed from here, so this client asks for an
+immediate ACK (TCP_QUICKACK, Linux) after every message it reads: the gateway's small writes then go out at
+once. docs/scale-out.md gives the deployment setting that removes the cause on the gateway side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import socket
+import time
+import uuid
+from typing import Any
+
+from tornado import httpclient, websocket
+from tornado.httputil import url_concat
+
+from .backend import Home
+from .config import Config
+from .errors import BadRequest, NotFound, TooLarge, Unavailable
+from .execution import DIED, ERROR, OK, TIMEOUT, EventSink, Execution, OutputCollector
+from .kernel import NOT_RUN, UNRESPONSIVE, KernelStartError, kernel_setup_code
+from .protocol import ExecuteState
+
+log = logging.getLogger("sandbox_server.gateway")
+
+POLL_INTERVAL = 0.25
+FILE_CHUNK = 512 * 1024  # at most, bytes per execute when files travel through the kernel
+TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+class GatewayUnavailable(RuntimeError):
+    """The gateway cannot be reached or refused a request."""
+
+
+class GatewayKernel:
+    """A kernel on the gateway: REST for lifecycle, one websocket for messages (reconnected if it drops)."""
+
+    def __init__(self, backend: GatewayBackend, kernel_id: str, name: str) -> None:
+        self.backend = backend
+        self.kernel_id = kernel_id
+        self.name = name
+        self.connection: websocket.WebSocketClientConnection | None = None
+        self.session_id = uuid.uuid4().hex
+        self.gone = False  # the gateway no longer has this kernel (it died, or the gateway restarted)
+        self.gone_reason = ""
+
+    @property
+    def alive(self) -> bool:
+        return not self.gone
+
+    def exit_description(self) -> str:
+        return self.gone_reason or "lost by the gateway"
+
+    async def ready(self) -> bool:
+        """Whether the kernel can take an execute now: a dropped websocket is reconnected first, and a kernel
+        the gateway no longer has (it died, or the gateway restarted) is found out before any code is sent."""
+        if not self.gone and (self.connection is None or self.connection.protocol is None
+                              or self.connection.protocol.is_closing()):
+            await self.recover()
+        return not self.gone
+
+    async def connect(self) -> None:
+        url = self.backend.ws_url + f"/api/kernels/{self.kernel_id}/channels"
+        request = httpclient.HTTPRequest(url_concat(url, {"session_id": self.session_id}),
+                                         headers=self.backend.headers, connect_timeout=10, request_timeout=30)
+        try:
+            self.connection = await websocket.websocket_connect(
+                request, max_message_size=self.backend.config.max_message)
+        except (OSError, httpclient.HTTPClientError, websocket.WebSocketError) as error:
+            raise GatewayUnavailable(f"cannot open the websocket of kernel {self.kernel_id}: {error}")
+        raw = self.connection.stream.socket
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    async def start(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        await self.connect()
+        shell_ready = iopub_ready = False
+        while not (shell_ready and iopub_ready):
+            if time.monotonic() > deadline:
+                raise KernelStartError(f"gateway kernel {self.kernel_id} did not answer within {timeout:g} s "
+                                       "(--kernel-start-timeout)")
+            msg_id = await self.send("kernel_info_request", {}, "shell")
+            end = time.monotonic() + 0.5
+            while time.monotonic() < end:
+                message = await self.receive(end - time.monotonic())
+                if message is None:
+                    continue
+                if message["parent_header"].get("msg_id") != msg_id:
+                    continue
+                kind = message["header"]["msg_type"]
+                shell_ready = shell_ready or kind == "kernel_info_reply"
+                iopub_ready = iopub_ready or (message.get("channel") == "iopub" and kind == "status")
+                if shell_ready and iopub_ready:
+                    break
+        execution = await self.execute(kernel_setup_code(self.backend.config.max_output),
+                                       max(deadline - time.monotonic(), 1.0), silent=True)
+        if execution.status != OK:
+            raise KernelStartError(f"gateway kernel {self.kernel_id} setup failed: {execution.text[-500:]}")
+
+    async def send(self, msg_type: str, content: dict, channel: str) -> str:
+        msg_id = uuid.uuid4().hex
+        message = {
+            "header": {"msg_id": msg_id, "msg_type": msg_type, "username": "codeact", "session": self.session_id,
+                       "date": "", "version": "5.3"},
+            "parent_header": {}, "metadata": {}, "content": content, "channel": channel, "buffers": [],
+        }
+        if self.connection is None:
+            await self.connect()
+        try:
+            await self.connection.write_message(json.dumps(message))
+        except websocket.WebSocketClosedError:
+            await self.connect()  # a dropped socket: the message was not sent; send it on a new one
+            await self.connection.write_message(json.dumps(message))
+        return msg_id
+
+    async def receive(self, timeout: float) -> dict | None:
+        """The next message, or None after `timeout`; raises ConnectionError when the socket closed."""
+        try:
+            raw = await asyncio.wait_for(self.connection.read_message(), max(timeout, 0.001))
+        except asyncio.TimeoutError:
+            return None
+        if raw is None:
+            raise ConnectionError("websocket closed")
+        if TCP_QUICKACK is not None and self.connection.stream is not None:
+            with contextlib.suppress(OSError):
+                self.connection.stream.socket.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
+        return json.loads(raw)
+
+    def send_input(self, text: str) -> None:
+        asyncio.get_running_loop().create_task(self.send("input_reply", {"value": text}, "stdin"))
+
+    async def interrupt(self) -> None:
+        with contextlib.suppress(GatewayUnavailable):
+            await self.backend.rest("POST", f"/api/kernels/{self.kernel_id}/interrupt", {})
+
+    async def kill(self) -> None:
+        """Close the socket and ask the gateway to delete the kernel, without waiting for it to comply:
+        a kernel that ignores the shutdown request costs the gateway its shutdown wait, not us."""
+        self.gone = True
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+        task = asyncio.get_running_loop().create_task(self.backend.delete_kernel(self.kernel_id))
+        self.backend.deletions.add(task)
+        task.add_done_callback(self.backend.deletions.discard)
+
+    async def execute(self, code: str, timeout: float, sink: EventSink | None = None, allow_stdin: bool = False,
+                      silent: bool = False, grace: float = 1.0) -> Execution:
+        started = time.monotonic()
+        collector = OutputCollector(self.backend.config.max_output, self.backend.config.max_results, sink)
+        if self.gone:
+            return collector.finish(DIED, None, 0.0)
+        content = {"code": code, "silent": silent, "store_history": not silent, "user_expressions": {},
+                   "allow_stdin": allow_stdin, "stop_on_error": False}
+        try:
+            msg_id = await self.send("execute_request", content, "shell")
+        except (GatewayUnavailable, OSError, websocket.WebSocketError) as error:
+            self.mark_gone(f"the gateway could not be reached ({error})")
+            return collector.finish(NOT_RUN, None, 0.0)
+        state = ExecuteState(msg_id, collector)
+        deadline = started + timeout
+        interrupted = False
+        status = None
+        while status is None:
+            if state.complete:
+                status = ERROR if state.failed else OK
+                break
+            now = time.monotonic()
+            if now >= deadline:
+                if interrupted:
+                    status = UNRESPONSIVE
+                    break
+                await self.interrupt()
+                interrupted = True
+                deadline = now + grace
+            try:
+                message = await self.receive(min(deadline - now, POLL_INTERVAL))
+            except ConnectionError:
+                status = await self.recover()
+                if status == DIED and not state.started:
+                    status = NOT_RUN  # the socket broke before the kernel saw the code
+                continue
+            if message is None:
+                continue
+            if (message.get("channel") == "iopub" and message["header"]["msg_type"] == "status"
+                    and message["content"].get("execution_state") in ("restarting", "dead")):
+                self.mark_gone("the kernel died and the gateway restarted it, state lost")
+                status = DIED
+                break
+            request = state.on_message(message.get("channel", ""), message)
+            if request is not None and sink is not None:
+                sink({"type": "input_request", "prompt": request.get("prompt", ""),
+                      "password": bool(request.get("password"))})
+        if interrupted and status in (OK, ERROR):
+            status = TIMEOUT
+        return collector.finish(status, state.execution_count, (time.monotonic() - started) * 1000)
+
+    async def recover(self) -> str | None:
+        """After the websocket dropped: reconnect if the kernel still exists, else report it dead."""
+        if not await self.backend.kernel_exists(self.kernel_id):
+            self.mark_gone("the gateway no longer has this kernel (it died or the gateway restarted)")
+            return DIED
+        try:
+            await self.connect()
+        except GatewayUnavailable as error:
+            self.mark_gone(str(error))
+            return DIED
+        return None
+
+    def mark_gone(self, reason: str) -> None:
+        self.gone = True
+        self.gone_reason = reason
+
+
+class GatewayBackend:
+    """Kernels on a Kernel Gateway / Enterprise Gateway; files travel through the kernel."""
+
+    files_through_kernel = True
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        base = (config.gateway_url or "").rstrip("/")
+        if not base.startswith(("http://", "https://")):
+            raise ValueError("--gateway-url must be an http:// or https:// URL")
+        self.url = base
+        self.ws_url = "ws" + base[len("http"):]
+        self.headers = {"Authorization": f"token {config.gateway_token}"} if config.gateway_token else {}
+        self.client = httpclient.AsyncHTTPClient()
+        self.counter = 0
+        self.deletions: set[asyncio.Task] = set()
+        # A chunk travels as base64 on stdout, which the output cap must not cut.
+        self.file_chunk = max(1024, min(FILE_CHUNK, config.max_output // 4 * 3 // 4))
+
+    async def check(self) -> None:
+        """Fail at start-up, clearly, when the gateway is not there or refuses our token."""
+        try:
+            await self.rest("GET", "/api/kernelspecs")
+        except GatewayUnavailable as error:
+            raise GatewayUnavailable(f"the gateway at {self.url} is not usable: {error}; check --gateway-url and "
+                                     "--gateway-token")
+
+    async def rest(self, method: str, path: str, body: dict | None = None) -> Any:
+        request = httpclient.HTTPRequest(self.url + path, method=method, headers={**self.headers,
+                                         "Content-Type": "application/json"},
+                                         body=json.dumps(body) if body is not None else None,
+                                         connect_timeout=10, request_timeout=self.config.kernel_start_timeout)
+        try:
+            response = await self.client.fetch(request)
+        except httpclient.HTTPClientError as error:
+            raise GatewayUnavailable(f"{method} {path} answered {error.code}: {error.message}")
+        except OSError as error:
+            raise GatewayUnavailable(f"{method} {path} failed: {error}")
+        return json.loads(response.body) if response.body else None
+
+    async def kernel_exists(self, kernel_id: str) -> bool:
+        try:
+            await self.rest("GET", f"/api/kernels/{kernel_id}")
+            return True
+        except GatewayUnavailable:
+            return False
+
+    async def delete_kernel(self, kernel_id: str) -> None:
+        with contextlib.suppress(GatewayUnavailable):
+            await self.rest("DELETE", f"/api/kernels/{kernel_id}")
+
+    def new_home(self) -> Home:
+        self.counter += 1
+        return Home(name=f"home-{self.counter}", workdir="", uid=None)
+
+    async def start_kernel(self, home: Home, network: bool = False) -> GatewayKernel:
+        body = {"name": self.config.gateway_kernel, "env": {"KERNEL_USERNAME": "codeact"}}
+        try:
+            created = await self.rest("POST", "/api/kernels", body)
+        except GatewayUnavailable as error:
+            raise KernelStartError(f"the gateway could not start a kernel: {error}")
+        self.counter += 1
+        kernel = GatewayKernel(self, created["id"], f"gateway-{created['id'][:8]}")
+        try:
+            await kernel.start(self.config.kernel_start_timeout)
+        except BaseException:
+            await kernel.kill()
+            raise
+        return kernel
+
+    def remove_home(self, home: Home) -> None:
+        pass  # a remote kernel's files go with the kernel
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- files, through the kernel --------------------------------------------------------------------
+
+    async def write_file(self, home: Home, kernel: GatewayKernel, path: str, data: bytes) -> int:
+        if len(data) > self.config.max_file:
+            raise TooLarge(f"file of {len(data)} bytes exceeds the {self.config.max_file}-byte limit (--max-file)")
+        for offset in range(0, max(len(data), 1), self.file_chunk):
+            chunk = base64.b64encode(data[offset:offset + self.file_chunk]).decode()
+            await self._file_call(kernel, "write", path, chunk, offset == 0)
+        return len(data)
+
+    async def read_file(self, home: Home, kernel: GatewayKernel, path: str) -> bytes:
+        size = int(await self._file_call(kernel, "size", path))
+        if size > self.config.max_file:
+            raise TooLarge(f"{path!r} is {size} bytes, over the {self.config.max_file}-byte limit (--max-file)")
+        parts = [base64.b64decode(await self._file_call(kernel, "read", path, offset, self.file_chunk))
+                 for offset in range(0, max(size, 1), self.file_chunk)]
+        return b"".join(parts)
+
+    async def list_files(self, home: Home, kernel: GatewayKernel) -> list[dict]:
+        return json.loads(await self._file_call(kernel, "list", "."))
+
+    async def delete_file(self, home: Home, kernel: GatewayKernel, path: str) -> None:
+        await self._file_call(kernel, "delete", path)
+
+    async def _file_call(self, kernel: GatewayKernel, operation: str, *args: Any) -> str:
+        call = f"_codeact_file_operation({operation!r}, *{list(args)!r})"
+        execution = await kernel.execute(f"print({call}, end='')", self.config.setup_timeout, silent=True)
+        if execution.status == OK and not execution.truncated:
+            return execution.stdout
+        error = execution.error or {"name": execution.status, "value": execution.message or "no answer"}
+        if error["name"] == "FileNotFoundError":
+            raise NotFound(f"no file {args[0] if args else ''!r} in the session directory")
+        if error["name"] in ("ValueError", "IsADirectoryError", "PermissionError", "NotADirectoryError"):
+            raise BadRequest(f"{error['name']}: {error['value']}")
+        raise Unavailable(f"the kernel could not {operation} the file: {error['name']}: {error['value']}")

@@ -1,0 +1,197 @@
+"""The gateway backend against a real `jupyter kernelgateway` started here: the behaviours the local backend
+has, through the gateway, plus the gateway being down or restarting."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+import websocket
+
+from codeact_sdk.errors import SandboxConnectionError
+from codeact_sdk.local_sandbox import LocalSandbox
+from tests.conftest import SandboxProcess
+from tests.test_sandbox_api import compat
+
+TOKEN = "gateway-secret"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class KernelGateway:
+    """A stock Kernel Gateway process on 127.0.0.1."""
+
+    def __init__(self, workdir: str, token: str | None, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.workdir = workdir
+        self.token = token
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> KernelGateway:
+        command = [sys.executable, "-m", "kernel_gateway", "--KernelGatewayApp.ip=127.0.0.1",
+                   f"--KernelGatewayApp.port={self.port}"]
+        if self.token:
+            command.append(f"--KernelGatewayApp.auth_token={self.token}")
+        self.process = subprocess.Popen(command, cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                requests.get(self.url + "/api", timeout=2)
+                return self
+            except requests.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("kernel gateway did not start")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+
+def gateway_sandbox(gateway: KernelGateway, tmp_path, *args: str) -> SandboxProcess:
+    options = ["--backend", "gateway", "--gateway-url", gateway.url, "--interrupt-grace", "0.5",
+               "--max-output", "200000", *args]
+    if gateway.token:
+        options += ["--gateway-token", gateway.token]
+    server = LocalSandbox(*options, pool_size=2, token="", root_dir=str(tmp_path)).start()
+    server.wait_for_pool(1)
+    return SandboxProcess(server, str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    gateway = KernelGateway(str(tmp_path_factory.mktemp("gateway")), TOKEN).start()
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def sandbox(gateway, tmp_path_factory):
+    server = gateway_sandbox(gateway, tmp_path_factory.mktemp("gateway-sandbox"))
+    yield server
+    server.stop()
+
+
+def test_state_and_structured_results(sandbox):
+    session = sandbox.create()
+    sandbox.execute(session, "x = 20")
+    result = sandbox.execute(session, "print('out')\nx + 22")
+    assert result["stdout"] == "out\n" and result["results"][0]["data"]["text/plain"] == "42"
+    assert sandbox.execute(session, "1/0")["error"]["name"] == "ZeroDivisionError"
+    sandbox.close(session)
+
+
+def test_streaming_over_the_websocket(sandbox):
+    session = sandbox.create()
+    socket = websocket.create_connection(sandbox.url.replace("http", "ws") + f"/v1/sessions/{session}/ws", timeout=30)
+    socket.send(json.dumps({"type": "execute", "code": "import time\nprint('a')\ntime.sleep(0.5)\nprint('b')"}))
+    events = []
+    while not events or events[-1]["type"] != "done":
+        events.append(json.loads(socket.recv()))
+    socket.close()
+    assert [e.get("text") for e in events if e["type"] == "stdout"] == ["a\n", "b\n"]
+    sandbox.close(session)
+
+
+def test_timeout_interrupts_and_keeps_state(sandbox):
+    session = sandbox.create()
+    sandbox.execute(session, "kept = 3")
+    result = sandbox.execute(session, "while True:\n    pass", timeout=1)
+    assert result["status"] == "timeout"
+    assert sandbox.execute(session, "print(kept)")["stdout"] == "3\n"
+    sandbox.close(session)
+
+
+def test_loop_swallowing_interrupts_is_replaced(sandbox):
+    session = sandbox.create()
+    code = "import time\nwhile True:\n    try:\n        time.sleep(0.01)\n    except KeyboardInterrupt:\n        pass"
+    started = time.monotonic()
+    result = sandbox.execute(session, code, timeout=1)
+    assert result["status"] == "restarted" and result["new_kernel"] is True
+    assert time.monotonic() - started < 10
+    assert sandbox.execute(session, "print('fresh')")["stdout"] == "fresh\n"
+    sandbox.close(session)
+
+
+def test_kernel_death_is_reported_and_replaced(sandbox):
+    session = sandbox.create()
+    started = time.monotonic()
+    result = sandbox.execute(session, "import os\nos._exit(1)", timeout=30)
+    assert result["status"] == "died" and result["new_kernel"] is True
+    assert time.monotonic() - started < 10
+    assert sandbox.execute(session, "print('after')")["stdout"] == "after\n"
+    sandbox.close(session)
+
+
+def test_output_flood_is_capped(sandbox):
+    session = sandbox.create()
+    result = sandbox.execute(session, "print('x' * 50_000_000)", timeout=60)
+    assert result["truncated"] is True and len(result["stdout"]) < 250_000
+    sandbox.close(session)
+
+
+def test_compat_route(sandbox):
+    assert compat(sandbox, "gw", "print(2 + 2)") == {"result": "4\n", "new_kernel_created": True}
+    assert compat(sandbox, "gw", "y = 1")["result"] == "[Code executed successfully with no output]"
+
+
+def test_files_travel_through_the_kernel(sandbox):
+    session = sandbox.create()
+    base = f"/v1/sessions/{session}/files"
+    payload = bytes(range(256)) * 5000  # over one transfer chunk
+    assert sandbox.request("PUT", base + "/data/blob.bin", data=payload).status_code == 201
+    assert sandbox.execute(session, "print(len(open('data/blob.bin', 'rb').read()))")["stdout"] == "1280000\n"
+    assert sandbox.request("GET", base + "/data/blob.bin").content == payload
+    assert "data/blob.bin" in {f["path"] for f in sandbox.request("GET", base).json()["files"]}
+    assert sandbox.request("GET", base + "/../etc/passwd").status_code in (400, 404)
+    assert sandbox.request("DELETE", base + "/data/blob.bin").status_code == 204
+    assert sandbox.request("GET", base + "/data/blob.bin").status_code == 404
+    sandbox.close(session)
+
+
+def test_gateway_down_at_start_is_a_clear_error(tmp_path):
+    with pytest.raises(SandboxConnectionError) as caught:
+        LocalSandbox("--backend", "gateway", "--gateway-url", f"http://127.0.0.1:{free_port()}",
+                     token="", root_dir=str(tmp_path), start_timeout=30).start()
+    assert "is not usable" in str(caught.value) and "--gateway-url" in str(caught.value)
+
+
+def test_wrong_gateway_token_is_a_clear_error(gateway, tmp_path):
+    with pytest.raises(SandboxConnectionError) as caught:
+        LocalSandbox("--backend", "gateway", "--gateway-url", gateway.url, "--gateway-token", "wrong",
+                     token="", root_dir=str(tmp_path), start_timeout=30).start()
+    assert "403" in str(caught.value) or "401" in str(caught.value)
+
+
+def test_gateway_restart_mid_session_gives_a_new_kernel(tmp_path):
+    gateway = KernelGateway(str(tmp_path), None).start()
+    server = gateway_sandbox(gateway, tmp_path / "sandbox")
+    try:
+        session = server.create()
+        server.execute(session, "lost = 1")
+        gateway.stop()
+        gateway = KernelGateway(str(tmp_path), None, port=gateway.port).start()
+        result = server.execute(session, "print('again')")
+        assert result["stdout"] == "again\n" and result["new_kernel"] is True, result
+        assert server.execute(session, "lost")["error"]["name"] == "NameError"
+    finally:
+        server.stop()
+        gateway.stop()

@@ -9,13 +9,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from socket import IPPROTO_TCP, TCP_QUICKACK
 
 import requests
 import websocket
@@ -49,13 +52,15 @@ def jupyter_message(code: str) -> dict:
     }
 
 
-def execute_over_gateway_socket(socket: websocket.WebSocket, code: str) -> None:
+def execute_over_gateway_socket(socket: websocket.WebSocket, code: str, quickack: bool = False) -> None:
     message = jupyter_message(code)
     msg_id = message["header"]["msg_id"]
     socket.send(json.dumps(message))
     idle = replied = False
     while not (idle and replied):
         reply = json.loads(socket.recv())
+        if quickack:
+            socket.sock.setsockopt(IPPROTO_TCP, TCP_QUICKACK, 1)
         if reply.get("parent_header", {}).get("msg_id") != msg_id:
             continue
         kind = reply["msg_type"] if "msg_type" in reply else reply["header"]["msg_type"]
@@ -63,40 +68,61 @@ def execute_over_gateway_socket(socket: websocket.WebSocket, code: str) -> None:
         idle = idle or (kind == "status" and reply["content"]["execution_state"] == "idle")
 
 
-def stock_kernel_gateway() -> tuple[list[float], list[float]]:
-    """Execute latency and kernel create time on stock Kernel Gateway, as the original CodeAct used it."""
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "kernel_gateway", "--KernelGatewayApp.ip=127.0.0.1",
-                                f"--KernelGatewayApp.port={port}"], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
+class KernelGatewayProcess:
+    """A stock `jupyter kernelgateway`, optionally with a config file."""
+
+    def __init__(self, config: str | None = None) -> None:
+        self.port = free_port()
+        command = [sys.executable, "-m", "kernel_gateway", "--KernelGatewayApp.ip=127.0.0.1",
+                   f"--KernelGatewayApp.port={self.port}"]
+        if config:
+            command.append(f"--config={config}")
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 60
         while True:
             try:
-                requests.get(base + "/api", timeout=2)
-                break
+                requests.get(self.url + "/api", timeout=2)
+                return
             except requests.ConnectionError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
-        creates = []
-        for _ in range(3):
-            started = time.perf_counter()
-            kernel = requests.post(base + "/api/kernels", json={"name": "python3"}, timeout=60).json()
-            socket = websocket.create_connection(f"ws://127.0.0.1:{port}/api/kernels/{kernel['id']}/channels",
-                                                 timeout=30)
-            execute_over_gateway_socket(socket, "1+1")
-            creates.append(time.perf_counter() - started)
-        executes = sample(lambda: execute_over_gateway_socket(socket, "1+1"), 60)
-        socket.close()
-        return executes, creates
-    finally:
-        process.terminate()
-        process.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL to the whole group: the gateway's kernels go with it."""
+        self.process.terminate()
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(5)
 
 
-def ours(sandbox: LocalSandbox) -> dict[str, list[float]]:
+def stock_kernel_gateway(gateway: KernelGatewayProcess, quickack: bool = False) -> tuple[list[float], list[float]]:
+    """Execute latency and kernel create time used directly, as the original CodeAct used it; with
+    `quickack`, the client asks for immediate ACKs after every message (the client-side remedy)."""
+    creates = []
+    for _ in range(3):
+        started = time.perf_counter()
+        kernel = requests.post(gateway.url + "/api/kernels", json={"name": "python3"}, timeout=60).json()
+        socket_ = websocket.create_connection(f"ws://127.0.0.1:{gateway.port}/api/kernels/{kernel['id']}/channels",
+                                              timeout=30)
+        execute_over_gateway_socket(socket_, "1+1")
+        creates.append(time.perf_counter() - started)
+
+    def execute() -> None:
+        execute_over_gateway_socket(socket_, "1+1", quickack)
+
+    executes = sample(execute, 60)
+    socket_.close()
+    return executes, creates
+
+
+def ours(sandbox: LocalSandbox, creates: int = 20) -> dict[str, list[float]]:
     http = requests.Session()
     http.headers["Authorization"] = f"Bearer {sandbox.token}"
     session_id = http.post(sandbox.url + "/v1/sessions", json={}, timeout=60).json()["id"]
@@ -114,15 +140,15 @@ def ours(sandbox: LocalSandbox) -> dict[str, list[float]]:
     socket.close()
     http.delete(f"{sandbox.url}/v1/sessions/{session_id}", timeout=30)
 
-    creates = []
-    for _ in range(20):
+    create_samples = []
+    for _ in range(creates):
         sandbox.wait_for_pool(1)
         started = time.perf_counter()
         created = http.post(sandbox.url + "/v1/sessions", json={}, timeout=60).json()["id"]
         http.post(f"{sandbox.url}/v1/sessions/{created}/execute", json={"code": "1+1"}, timeout=30)
-        creates.append(time.perf_counter() - started)
+        create_samples.append(time.perf_counter() - started)
         http.delete(f"{sandbox.url}/v1/sessions/{created}", timeout=30)
-    results["create"] = creates
+    results["create"] = create_samples
     return results
 
 
@@ -200,7 +226,17 @@ def main() -> str:
     import tempfile
 
     floor = floor_jupyter_client()
-    gateway_executes, gateway_creates = stock_kernel_gateway()
+    stock = KernelGatewayProcess()
+    gateway_executes, gateway_creates = stock_kernel_gateway(stock)
+    quickack_executes, _ = stock_kernel_gateway(stock, quickack=True)
+    with LocalSandbox("--backend", "gateway", "--gateway-url", stock.url, pool_size=2,
+                      root_dir=tempfile.mkdtemp(prefix="codeact-bench-")) as through_gateway:
+        through_gateway.wait_for_pool(2)
+        via_gateway = ours(through_gateway, creates=10)
+    stock.stop()
+    tuned = KernelGatewayProcess(os.path.join(os.path.dirname(__file__), "..", "deploy", "kernel_gateway_config.py"))
+    tuned_executes, _ = stock_kernel_gateway(tuned)
+    tuned.stop()
     root = tempfile.mkdtemp(prefix="codeact-bench-")
     with LocalSandbox("--max-sessions", "150", pool_size=4, root_dir=root) as sandbox:
         sandbox.wait_for_pool(4)
@@ -213,15 +249,25 @@ def main() -> str:
         return f"{summary(samples)['median_ms'] / floor_median:.2f}x floor"
 
     gateway_median = summary(gateway_executes)["median_ms"]
+
+    def faster(samples: list[float]) -> str:
+        return f"{gateway_median / summary(samples)['median_ms']:.1f}x faster than stock Kernel Gateway"
+
     report = table("Execute `1+1` on a warm session", [
         ("raw jupyter_client (floor)", summary(floor), "1.00x floor"),
         ("sandbox server, websocket", summary(measured["websocket"]),
-         f"{ratio(measured['websocket'])}; {gateway_median / summary(measured['websocket'])['median_ms']:.1f}x "
-         "faster than stock Kernel Gateway"),
-        ("sandbox server, HTTP", summary(measured["http"]),
-         f"{ratio(measured['http'])}; {gateway_median / summary(measured['http'])['median_ms']:.1f}x faster "
-         "than stock Kernel Gateway"),
+         f"{ratio(measured['websocket'])}; {faster(measured['websocket'])}"),
+        ("sandbox server, HTTP", summary(measured["http"]), f"{ratio(measured['http'])}; {faster(measured['http'])}"),
         ("stock Kernel Gateway, websocket", summary(gateway_executes), ratio(gateway_executes)),
+    ])
+    report += "\n" + table("Gateway backend (kernels on a stock Kernel Gateway), same run", [
+        ("sandbox server -> gateway, websocket", summary(via_gateway["websocket"]),
+         f"{ratio(via_gateway['websocket'])}; {faster(via_gateway['websocket'])}"),
+        ("sandbox server -> gateway, HTTP", summary(via_gateway["http"]), ratio(via_gateway["http"])),
+        ("sandbox server -> gateway, create + first execute", summary(via_gateway["create"]),
+         "warm pool on the gateway"),
+        ("stock Kernel Gateway direct, client TCP_QUICKACK", summary(quickack_executes), ratio(quickack_executes)),
+        ("Kernel Gateway with deploy/kernel_gateway_config.py", summary(tuned_executes), ratio(tuned_executes)),
     ])
     report += "\n" + table("Session create + first execute", [
         ("sandbox server (warm pool)", summary(measured["create"]), "pool refilled between samples"),

@@ -3,7 +3,10 @@ has, through the gateway, plus the gateway being down or restarting."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -46,7 +49,8 @@ class KernelGateway:
                    f"--KernelGatewayApp.port={self.port}"]
         if self.token:
             command.append(f"--KernelGatewayApp.auth_token={self.token}")
-        self.process = subprocess.Popen(command, cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(command, cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -58,12 +62,15 @@ class KernelGateway:
                 time.sleep(0.1)
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL to the whole group: the gateway's kernels go with it."""
         self.process.terminate()
         try:
             self.process.wait(15)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(5)
 
 
 def gateway_sandbox(gateway: KernelGateway, tmp_path, *args: str) -> SandboxProcess:

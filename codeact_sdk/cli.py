@@ -14,6 +14,7 @@ from dataclasses import asdict
 
 from . import events
 from .errors import CodeActError
+from .eval import cli as eval_cli
 from .session import ANSWERED, Session
 from .settings import DEFAULT_LLM_URL, ENVIRONMENT
 from .transcript import export
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("task", help="what to do")
     run.add_argument("--json", action="store_true", help="print the whole reply (turns, executions) as JSON")
     run.add_argument("--transcript", help="also write a JSONL transcript here")
+    evaluate = commands.add_parser("eval", help="compare code, JSON and text actions on the task suite")
+    eval_cli.add_arguments(evaluate)
     exporter = commands.add_parser("export", help="transcript (JSONL) to the ShareGPT conversations format")
     exporter.add_argument("transcript")
     exporter.add_argument("-o", "--output", help="write here (default: standard output)")
@@ -160,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command == "eval":
+        sys.exit(eval_cli.run(args))
     if args.command == "export":
         data = export(args.transcript, args.output)
         if not args.output:

@@ -193,6 +193,10 @@ class Session:
                                                       self.settings.observation_head, self.settings.observation_tail))
 
     def _ask_model(self) -> Generator[events.Event, None, Completion]:
+        if not self.settings.stream_model:
+            return self.model.complete(self.messages, stop=protocol.STOP_SEQUENCES,
+                                       temperature=self.settings.temperature, max_tokens=self.settings.max_tokens)
+            yield  # a generator either way, so `stream` composes both alike
         pieces = self.model.stream(self.messages, stop=protocol.STOP_SEQUENCES,
                                    temperature=self.settings.temperature, max_tokens=self.settings.max_tokens)
         while True:

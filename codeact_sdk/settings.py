@@ -31,6 +31,7 @@ class Settings:
     request_timeout: float = 300.0  # per HTTP request to the model or the sandbox
     max_retries: int = 3  # model requests, on connection errors, 429 and 5xx
     max_executions: int = 5  # code executions per user message
+    stream_model: bool = True  # stream model replies (events as they come); False: one request, exact usage
     temperature: float = 0.0
     max_tokens: int = 1024
     observation_head: int = 2000  # characters of execution output kept from the start...

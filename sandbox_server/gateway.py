@@ -26,7 +26,7 @@ from tornado.httputil import url_concat
 from .backend import Home
 from .config import Config
 from .errors import BadRequest, NotFound, TooLarge, Unavailable
-from .execution import DIED, ERROR, OK, TIMEOUT, EventSink, Execution, OutputCollector
+from .execution import DIED, OK, EventSink, Execution, OutputCollector
 from .kernel import NOT_RUN, UNRESPONSIVE, KernelStartError, kernel_setup_code
 from .protocol import ExecuteState
 
@@ -166,24 +166,18 @@ class GatewayKernel:
         except (GatewayUnavailable, OSError, websocket.WebSocketError) as error:
             self.mark_gone(f"the gateway could not be reached ({error})")
             return collector.finish(NOT_RUN, None, 0.0)
-        state = ExecuteState(msg_id, collector)
-        deadline = started + timeout
-        interrupted = False
+        state = ExecuteState(msg_id, collector, deadline=started + timeout, grace=grace)
         status = None
         while status is None:
-            if state.complete:
-                status = ERROR if state.failed else OK
-                break
             now = time.monotonic()
-            if now >= deadline:
-                if interrupted:
-                    status = UNRESPONSIVE
-                    break
-                await self.interrupt()
-                interrupted = True
-                deadline = now + grace
+            if state.complete:
+                status = state.outcome
+                break
+            if await state.enforce_deadline(now, self.interrupt):
+                status = UNRESPONSIVE
+                break
             try:
-                message = await self.receive(min(deadline - now, POLL_INTERVAL))
+                message = await self.receive(state.wait(now, POLL_INTERVAL))
             except ConnectionError:
                 status = await self.recover()
                 if status == DIED and not state.started:
@@ -196,12 +190,7 @@ class GatewayKernel:
                 self.mark_gone("the kernel died and the gateway restarted it, state lost")
                 status = DIED
                 break
-            request = state.on_message(message.get("channel", ""), message)
-            if request is not None and sink is not None:
-                sink({"type": "input_request", "prompt": request.get("prompt", ""),
-                      "password": bool(request.get("password"))})
-        if interrupted and status in (OK, ERROR):
-            status = TIMEOUT
+            state.on_message(message.get("channel", ""), message)
         return collector.finish(status, state.execution_count, (time.monotonic() - started) * 1000)
 
     async def recover(self) -> str | None:

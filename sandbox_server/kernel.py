@@ -26,7 +26,7 @@ import zmq.asyncio
 from jupyter_client.asynchronous import AsyncKernelClient
 
 from . import kernel_hooks
-from .execution import DIED, ERROR, OK, TIMEOUT, EventSink, Execution, OutputCollector
+from .execution import DIED, OK, EventSink, Execution, OutputCollector
 from .isolation import Isolation, KernelLaunch
 from .protocol import ExecuteState
 
@@ -238,7 +238,7 @@ class LocalKernel:
         client = self.client
         msg_id = client.execute(code, silent=silent, store_history=not silent, allow_stdin=allow_stdin,
                                 stop_on_error=False)
-        state = ExecuteState(msg_id, collector)
+        state = ExecuteState(msg_id, collector, deadline=started + timeout, grace=grace)
         channels = {"iopub": client.iopub_channel, "shell": client.shell_channel,
                     "stdin": client.stdin_channel}
         poller = zmq.asyncio.Poller()
@@ -246,30 +246,23 @@ class LocalKernel:
         for name, channel in channels.items():
             poller.register(channel.socket, zmq.POLLIN)
             sockets[channel.socket] = name
-        deadline = started + timeout
-        interrupted = False
         replied_at = None
         status = None
         while status is None:
             now = time.monotonic()
             if state.complete:
-                status = ERROR if state.failed else OK
+                status = state.outcome
                 break
             if replied_at is None and state.reply is not None:
                 replied_at = now
             if replied_at is not None and now - replied_at > IDLE_AFTER_REPLY:
                 collector.execution.truncated = True  # the idle status was lost with a dropped message
-                status = ERROR if state.failed else OK
+                status = state.outcome
                 break
-            if now >= deadline:
-                if interrupted:
-                    status = UNRESPONSIVE
-                    break
-                await self.interrupt()
-                interrupted = True
-                deadline = now + grace
-            wait = min(max(deadline - now, 0.0), POLL_INTERVAL)
-            ready = dict(await poller.poll(timeout=wait * 1000))
+            if await state.enforce_deadline(now, self.interrupt):
+                status = UNRESPONSIVE
+                break
+            ready = dict(await poller.poll(timeout=state.wait(now, POLL_INTERVAL) * 1000))
             if not ready:
                 if not self.alive:
                     status = DIED
@@ -278,15 +271,7 @@ class LocalKernel:
                 name = sockets[socket]
                 channel = channels[name]
                 while await channel.msg_ready():
-                    message = await channel.get_msg(timeout=0)
-                    request = state.on_message(name, message)
-                    if request is not None and sink is not None:
-                        sink({"type": "input_request", "prompt": request.get("prompt", ""),
-                              "password": bool(request.get("password"))})
-            if not ready and not self.alive:
-                status = DIED
-        if interrupted and status in (OK, ERROR):
-            status = TIMEOUT
+                    state.on_message(name, await channel.get_msg(timeout=0))
         return collector.finish(status, state.execution_count, (time.monotonic() - started) * 1000)
 
 

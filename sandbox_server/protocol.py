@@ -6,10 +6,11 @@ Both backends (ZMQ to a local kernel, websocket to a gateway) feed the messages 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .execution import OutputCollector
+from .execution import ERROR, OK, TIMEOUT, OutputCollector
 
 Message = dict[str, Any]
 
@@ -20,27 +21,51 @@ class ExecuteState:
 
     msg_id: str
     collector: OutputCollector
+    deadline: float  # monotonic time at which the execute is interrupted
+    grace: float  # after the interrupt, how long the kernel has to go idle
     reply: Message | None = None
     idle: bool = False
     started: bool = False  # any message answering this request arrived: the kernel received the code
+    interrupted: bool = False
 
     @property
     def complete(self) -> bool:
         return self.idle and self.reply is not None
 
-    def on_message(self, channel: str, message: Message) -> Message | None:
-        """Record a message; return an input request for the caller to forward, else None."""
+    async def enforce_deadline(self, now: float, interrupt: Callable[[], Awaitable[None]]) -> bool:
+        """At the deadline interrupt once and allow `grace` more; True when that has run out too."""
+        if now < self.deadline:
+            return False
+        if self.interrupted:
+            return True
+        await interrupt()
+        self.interrupted = True
+        self.deadline = now + self.grace
+        return False
+
+    def wait(self, now: float, longest: float) -> float:
+        return min(max(self.deadline - now, 0.0), longest)
+
+    @property
+    def outcome(self) -> str:
+        """ok or error for a completed execute; timeout when it completed only after an interrupt."""
+        status = ERROR if self.failed else OK
+        return TIMEOUT if self.interrupted else status
+
+    def on_message(self, channel: str, message: Message) -> None:
+        """Record a message; input requests go to the event sink for the client to answer."""
         if message.get("parent_header", {}).get("msg_id") != self.msg_id:
-            return None  # left over from an earlier (interrupted) execute
+            return  # left over from an earlier (interrupted) execute
         self.started = True
         kind = message["header"]["msg_type"]
         content = message["content"]
         if channel == "shell" and kind == "execute_reply":
             self.reply = content
         elif channel == "stdin" and kind == "input_request":
-            return content
+            self.collector.emit({"type": "input_request", "prompt": content.get("prompt", ""),
+                                 "password": bool(content.get("password"))})
         elif channel != "iopub":
-            return None
+            return
         elif kind == "stream":
             self.collector.on_stream(content.get("name", "stdout"), content.get("text", ""))
         elif kind in ("execute_result", "display_data"):
@@ -51,7 +76,6 @@ class ExecuteState:
                                     content.get("traceback", []))
         elif kind == "status" and content.get("execution_state") == "idle":
             self.idle = True
-        return None
 
     @property
     def execution_count(self) -> int | None:

@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from codeact_sdk.local_sandbox import LocalSandbox
+from codeact_sdk.testing import ScriptedModelServer
 
 
 @dataclass
@@ -104,3 +105,18 @@ def capabilities():
     from sandbox_server import isolation
 
     return isolation.probe()
+
+
+@pytest.fixture(scope="module")
+def local_sandbox(tmp_path_factory):
+    """A private sandbox server (LocalSandbox, with a token) for one test module: the SDK's tests use it."""
+    with LocalSandbox(pool_size=2, root_dir=str(tmp_path_factory.mktemp("local-sandbox"))) as server:
+        server.wait_for_pool(1)
+        yield server
+
+
+@pytest.fixture
+def model():
+    """The scripted model server: queue replies with `model.enqueue(...)`."""
+    with ScriptedModelServer() as server:
+        yield server

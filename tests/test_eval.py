@@ -14,7 +14,6 @@ from codeact_sdk.eval.build_suite import build
 from codeact_sdk.eval.checking import check
 from codeact_sdk.eval.domains import DOMAINS
 from codeact_sdk.eval.runner import Evaluation, Run, load_suite, select
-from codeact_sdk.local_sandbox import LocalSandbox
 from codeact_sdk.settings import resolve
 from codeact_sdk.testing import ScriptedModelServer
 from codeact_sdk.tools import as_tool, setup_code
@@ -82,14 +81,7 @@ def test_task_selection_by_domain_glob_and_limit():
     assert len(select(tasks, None, 2)) == 10
 
 
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory):
-    with LocalSandbox(pool_size=2, root_dir=str(tmp_path_factory.mktemp("eval-sandbox"))) as server:
-        server.wait_for_pool(1)
-        yield server
-
-
-def test_a_full_run_in_three_modes_resumes_and_reports(sandbox, tmp_path):
+def test_a_full_run_in_three_modes_resumes_and_reports(local_sandbox, tmp_path):
     tasks = select(load_suite()["tasks"], ["decoding-01", "units-01"], None)
     decoding, units = tasks
     secret = decoding["question"].split()[3]
@@ -114,7 +106,7 @@ def test_a_full_run_in_three_modes_resumes_and_reports(sandbox, tmp_path):
     ]
     with ScriptedModelServer() as model:
         model.enqueue(*script)
-        settings = resolve(llm_url=model.url, sandbox_url=sandbox.url, sandbox_token=sandbox.token)
+        settings = resolve(llm_url=model.url, sandbox_url=local_sandbox.url, sandbox_token=local_sandbox.token)
         progress = io.StringIO()
         evaluation = Evaluation(settings, str(tmp_path), list(actions.MODES), turn_limit=3, suite_version="1.0",
                                 progress=progress)

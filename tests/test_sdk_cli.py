@@ -11,27 +11,9 @@ import subprocess
 import sys
 import time
 
-import pytest
 
-from codeact_sdk.local_sandbox import LocalSandbox
-from codeact_sdk.testing import ScriptedModelServer
-
-
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory):
-    with LocalSandbox(pool_size=2, root_dir=str(tmp_path_factory.mktemp("cli-sandbox"))) as server:
-        server.wait_for_pool(1)
-        yield server
-
-
-@pytest.fixture
-def model():
-    with ScriptedModelServer() as server:
-        yield server
-
-
-def connection(model, sandbox) -> list[str]:
-    return ["--llm-url", model.url, "--sandbox-url", sandbox.url, "--sandbox-token", sandbox.token]
+def connection(model, local_sandbox) -> list[str]:
+    return ["--llm-url", model.url, "--sandbox-url", local_sandbox.url, "--sandbox-token", local_sandbox.token]
 
 
 class Terminal:
@@ -73,11 +55,11 @@ class Terminal:
         return code
 
 
-def test_chat_repl_streams_in_colour_and_handles_save_reset_exit(model, sandbox, tmp_path):
+def test_chat_repl_streams_in_colour_and_handles_save_reset_exit(model, local_sandbox, tmp_path):
     transcript = str(tmp_path / "chat.jsonl")
     saved = str(tmp_path / "saved.json")
     model.enqueue("Computing.\n<execute>print(6 * 7)</execute>", "It is <solution>42</solution>.", "Fresh start.")
-    terminal = Terminal([sys.executable, "-m", "codeact_sdk", "chat", *connection(model, sandbox),
+    terminal = Terminal([sys.executable, "-m", "codeact_sdk", "chat", *connection(model, local_sandbox),
                          "--transcript", transcript])
     terminal.expect("You> ")
     terminal.type("what is 6 times 7?")
@@ -98,26 +80,26 @@ def test_chat_repl_streams_in_colour_and_handles_save_reset_exit(model, sandbox,
     assert model.requests[-1]["messages"][1]["content"] == "hello again"
 
 
-def test_run_prints_the_answer_and_json_prints_the_whole_reply(model, sandbox):
+def test_run_prints_the_answer_and_json_prints_the_whole_reply(model, local_sandbox):
     model.enqueue("<execute>print(2 ** 10)</execute>", "<solution>1024</solution>")
-    plain = subprocess.run([sys.executable, "-m", "codeact_sdk", "run", "2**10?", *connection(model, sandbox)],
+    plain = subprocess.run([sys.executable, "-m", "codeact_sdk", "run", "2**10?", *connection(model, local_sandbox)],
                            capture_output=True, text=True, timeout=60)
     assert plain.returncode == 0 and plain.stdout.strip() == "1024"
     model.enqueue("<execute>print(3)</execute>", "<solution>3</solution>")
     full = subprocess.run([sys.executable, "-m", "codeact_sdk", "run", "three", "--json",
-                           *connection(model, sandbox)], capture_output=True, text=True, timeout=60)
+                           *connection(model, local_sandbox)], capture_output=True, text=True, timeout=60)
     data = json.loads(full.stdout)
     assert data["solution"] == "3" and data["turns"][0]["execution"]["stdout"] == "3\n"
     assert data["stop_reason"] == "answer" and data["usage"]["completion_tokens"] > 0
 
 
-def test_run_exits_non_zero_on_failure(model, sandbox):
+def test_run_exits_non_zero_on_failure(model, local_sandbox):
     model.enqueue(*["<execute>print('more')</execute>"] * 3)
     limited = subprocess.run([sys.executable, "-m", "codeact_sdk", "run", "loop", "--max-executions", "2",
-                              *connection(model, sandbox)], capture_output=True, text=True, timeout=60)
+                              *connection(model, local_sandbox)], capture_output=True, text=True, timeout=60)
     assert limited.returncode == 1
     down = subprocess.run([sys.executable, "-m", "codeact_sdk", "run", "x", "--llm-url", "http://127.0.0.1:9/v1",
-                           "--model", "m", "--sandbox-url", sandbox.url, "--sandbox-token", sandbox.token],
+                           "--model", "m", "--sandbox-url", local_sandbox.url, "--sandbox-token", local_sandbox.token],
                           capture_output=True, text=True, timeout=60)
     assert down.returncode == 2 and "CODEACT_LLM_URL" in down.stderr
 

@@ -14,33 +14,19 @@ import time
 import pytest
 
 from codeact_sdk import SandboxConnectionError, Session, events, tool
-from codeact_sdk.local_sandbox import LocalSandbox
-from codeact_sdk.testing import Fault, ScriptedModelServer
+from codeact_sdk.testing import Fault
 from codeact_sdk.transcript import export, read
 
 
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory):
-    with LocalSandbox(pool_size=2, root_dir=str(tmp_path_factory.mktemp("sdk-sandbox"))) as server:
-        server.wait_for_pool(1)
-        yield server
+def session(model, local_sandbox, **options) -> Session:
+    return Session(llm_url=model.url, sandbox_url=local_sandbox.url, sandbox_token=local_sandbox.token, **options)
 
 
-@pytest.fixture
-def model():
-    with ScriptedModelServer() as server:
-        yield server
-
-
-def session(model, sandbox, **options) -> Session:
-    return Session(llm_url=model.url, sandbox_url=sandbox.url, sandbox_token=sandbox.token, **options)
-
-
-def test_loop_runs_code_feeds_output_back_and_ends_at_a_solution(model, sandbox):
+def test_loop_runs_code_feeds_output_back_and_ends_at_a_solution(model, local_sandbox):
     fibonacci = "a, b = 0, 1\nfor _ in range(20):\n    a, b = b, a + b\nprint(a)"
     model.enqueue(f"Let me compute.\n<execute>\n{fibonacci}\n</execute>",
                   "The 20th Fibonacci number is <solution>6765</solution>.")
-    with session(model, sandbox) as s:
+    with session(model, local_sandbox) as s:
         reply = s.chat("What is the 20th Fibonacci number?")
     assert reply.solution == "6765" and reply.stop_reason == "answer"
     assert [t.code is not None for t in reply.turns] == [True, False]
@@ -51,25 +37,25 @@ def test_loop_runs_code_feeds_output_back_and_ends_at_a_solution(model, sandbox)
     assert reply.usage["completion_tokens"] > 0 and reply.turns[0].model_seconds > 0
 
 
-def test_state_persists_across_turns_and_unclosed_blocks_run(model, sandbox):
+def test_state_persists_across_turns_and_unclosed_blocks_run(model, local_sandbox):
     model.enqueue("<execute>\nx = 21\n", "<execute>print(x * 2)", "Done: <solution>42</solution>")
-    with session(model, sandbox) as s:
+    with session(model, local_sandbox) as s:
         reply = s.chat("go")
     assert reply.turns[1].execution.stdout == "42\n"
     assert model.requests[1]["messages"][2]["content"] == "<execute>\nx = 21\n</execute>"
 
 
-def test_only_the_first_of_several_blocks_runs(model, sandbox):
+def test_only_the_first_of_several_blocks_runs(model, local_sandbox):
     model.enqueue("<execute>print('one')</execute> and <execute>print('two')</execute>", "finished")
-    with session(model, sandbox) as s:
+    with session(model, local_sandbox) as s:
         reply = s.chat("go")
     assert reply.turns[0].execution.stdout == "one\n"
     assert "two" not in model.requests[1]["messages"][2]["content"]
 
 
-def test_execution_cap_is_a_stop_reason_not_an_exception(model, sandbox):
+def test_execution_cap_is_a_stop_reason_not_an_exception(model, local_sandbox):
     model.enqueue(*["<execute>print('again')</execute>"] * 3)
-    with session(model, sandbox, max_executions=2) as s:
+    with session(model, local_sandbox, max_executions=2) as s:
         reply = s.chat("loop forever")
         assert reply.stop_reason == "execution_limit"
         assert len(reply.executions) == 2 and len(reply.turns) == 3
@@ -79,10 +65,10 @@ def test_execution_cap_is_a_stop_reason_not_an_exception(model, sandbox):
     assert all(a != b for a, b in itertools.pairwise(roles)), roles
 
 
-def test_kernel_death_is_told_to_the_model_and_the_conversation_goes_on(model, sandbox):
+def test_kernel_death_is_told_to_the_model_and_the_conversation_goes_on(model, local_sandbox):
     model.enqueue("<execute>x = 1</execute>", "<execute>import os\nos._exit(1)</execute>",
                   "<execute>print('alive')</execute>", "The kernel recovered.")
-    with session(model, sandbox) as s:
+    with session(model, local_sandbox) as s:
         reply = s.chat("go")
     died = reply.turns[1].execution
     assert died.status == "died" and died.new_kernel
@@ -91,9 +77,9 @@ def test_kernel_death_is_told_to_the_model_and_the_conversation_goes_on(model, s
     assert reply.turns[2].execution.stdout == "alive\n" and reply.stop_reason == "answer"
 
 
-def test_stream_yields_events_in_order(model, sandbox):
+def test_stream_yields_events_in_order(model, local_sandbox):
     model.enqueue("<execute>import time\nprint('a')\ntime.sleep(0.4)\nprint('b')\n7</execute>", "done")
-    with session(model, sandbox) as s:
+    with session(model, local_sandbox) as s:
         stream = list(s.stream("go"))
     kinds = [type(e).__name__ for e in stream]
     first_reply = kinds.index("ModelReply")
@@ -103,7 +89,7 @@ def test_stream_yields_events_in_order(model, sandbox):
     assert [e.text for e in stream if isinstance(e, events.Output)] == ["a\n", "b\n"]
     seen = []
     model.enqueue("plain answer")
-    with session(model, sandbox) as s:
+    with session(model, local_sandbox) as s:
         s.chat("again", on_event=seen.append)
     assert isinstance(seen[-1], events.ReplyFinished) and seen[-1].reply.text == "plain answer"
 
@@ -113,35 +99,35 @@ def multiply(a: int, b: int) -> int:
     return a * b
 
 
-def test_tools_are_defined_in_the_kernel_and_described_to_the_model(model, sandbox):
+def test_tools_are_defined_in_the_kernel_and_described_to_the_model(model, local_sandbox):
     model.enqueue("<execute>print(multiply(6, 7))</execute>", "<solution>42</solution>")
-    with session(model, sandbox, tools=[multiply]) as s:
+    with session(model, local_sandbox, tools=[multiply]) as s:
         reply = s.chat("6 times 7?")
     assert reply.turns[0].execution.stdout == "42\n"
     system = model.requests[0]["messages"][0]["content"]
     assert "multiply(a: int, b: int) -> int" in system and "slow, careful way" in system
 
 
-def test_images_reach_the_model_as_a_placeholder_and_the_caller_as_bytes(model, sandbox):
+def test_images_reach_the_model_as_a_placeholder_and_the_caller_as_bytes(model, local_sandbox):
     from tests.test_sandbox_execute import PNG_CODE
 
     model.enqueue(f"<execute>{PNG_CODE}</execute>", "here is the image")
-    with session(model, sandbox) as s:
+    with session(model, local_sandbox) as s:
         reply = s.chat("draw")
     assert reply.executions[0].images[0].startswith(b"\x89PNG")
     observation = model.requests[1]["messages"][-1]["content"]
     assert "[image: image/png," in observation and "iVBOR" not in observation
 
 
-def test_transcript_resume_and_export(model, sandbox, tmp_path):
+def test_transcript_resume_and_export(model, local_sandbox, tmp_path):
     path = str(tmp_path / "conversation.jsonl")
     model.enqueue("<execute>secret = 7</execute>", "stored")
-    with session(model, sandbox, transcript_path=path) as s:
+    with session(model, local_sandbox, transcript_path=path) as s:
         s.chat("remember 7")
     _, messages = read(path)
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
     model.enqueue("<execute>print(secret)</execute>", "it was lost")
-    with Session.resume(path, llm_url=model.url, sandbox_url=sandbox.url, sandbox_token=sandbox.token) as s:
+    with Session.resume(path, llm_url=model.url, sandbox_url=local_sandbox.url, sandbox_token=local_sandbox.token) as s:
         reply = s.chat("what was it?")
     resumed_request = model.requests[2]["messages"]
     assert resumed_request[:5] == messages
@@ -155,12 +141,12 @@ def test_transcript_resume_and_export(model, sandbox, tmp_path):
     assert written["conversations"][2]["value"] == "<execute>secret = 7\n</execute>"
 
 
-def test_transcript_survives_sigkill_mid_turn(model, sandbox, tmp_path):
+def test_transcript_survives_sigkill_mid_turn(model, local_sandbox, tmp_path):
     path = str(tmp_path / "killed.jsonl")
     model.enqueue("<execute>print('step one')</execute>", Fault(text="thinking very slowly " * 20, delay=0.5))
     script = textwrap.dedent(f"""
         from codeact_sdk import Session
-        s = Session(llm_url={model.url!r}, sandbox_url={sandbox.url!r}, sandbox_token={sandbox.token!r},
+        s = Session(llm_url={model.url!r}, sandbox_url={local_sandbox.url!r}, sandbox_token={local_sandbox.token!r},
                     transcript_path={path!r})
         s.chat("work")
     """)

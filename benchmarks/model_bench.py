@@ -26,12 +26,12 @@ from .measure import free_port
 TURNS = 5
 
 
-def start(model: str, prompt_cache: bool = True) -> tuple[subprocess.Popen, str, float]:
+def start(model: str, prompt_cache: bool = False) -> tuple[subprocess.Popen, str, float]:
     port = free_port()
     args = [sys.executable, "-m", "model_server", "--device", "cpu", "--model", model, "--port", str(port),
             "--log-dir", tempfile.mkdtemp(prefix="codeact-bench-model-")]
-    if not prompt_cache:
-        args.append("--no-prompt-cache")
+    if prompt_cache:
+        args.append("--prompt-cache")
     started = time.perf_counter()
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,6 +58,10 @@ class LocalSandbox:
         env.pop("CODEACT_SANDBOX_TOKEN", None)
         if self.token:
             env["CODEACT_SANDBOX_TOKEN"] = self.token  # through the environment: argv is world-readable
+        setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+        if setpriv:
+            # The private server (and so its kernels) dies with this process, however this process ends.
+            command = [setpriv, "--pdeathsig", "TERM", "--", *command]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                             env=env)

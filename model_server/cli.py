@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     cpu = parser.add_argument_group("CPU (llama.cpp)")
     cpu.add_argument("--threads", type=int, help="CPU threads (default: all cores but one on small machines)")
     cpu.add_argument("--context", type=int, default=8192, help="context length in tokens")
-    cpu.add_argument("--no-prompt-cache", action="store_true", help="turn off llama.cpp's prompt cache")
+    cpu.add_argument("--prompt-cache", action="store_true",
+                     help="turn on llama-cpp-python's RAM prompt cache (helps interleaved conversations; measured "
+                          "here to grow without bound, see docs/model-server.md)")
     supervision = parser.add_argument_group("supervision")
     supervision.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for readiness")
     supervision.add_argument("--max-restarts", type=int, default=5, help="restarts of a crashed server")
@@ -98,7 +100,7 @@ def plan(args: argparse.Namespace, extra: list[str]) -> list[Launch]:
         path, alias = embedded.ensure(model), model
     return [llama_launch(LlamaOptions(model_path=path, alias=args.served_model_name or alias, host=args.host,
                                       port=args.port, context=args.context, threads=args.threads,
-                                      prompt_cache=not args.no_prompt_cache, extra=extra))]
+                                      prompt_cache=args.prompt_cache, extra=extra))]
 
 
 def main(argv: list[str] | None = None) -> None:

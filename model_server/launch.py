@@ -90,7 +90,7 @@ class LlamaOptions:
     port: int = 8080
     context: int = 8192
     threads: int | None = None  # generation threads; default: leave a core for the sandbox
-    prompt_cache: bool = True
+    prompt_cache: bool = False  # llama-cpp-python's RAM cache; see docs/model-server.md before turning it on
     extra: list[str] = field(default_factory=list)
 
 

@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished tasks are in {output}; run the same command to resume", file=sys.stderr)
-        return 130
+        sys.stderr.flush()
+        os._exit(130)  # without waiting for the model calls under way in worker threads
     run_info = Run(evaluation.settings.model, settings.llm_url, suite["version"], modes, args.turns)
     text = report.write(report.build(run_info, results), os.path.join(output, "report.json"),
                         os.path.join(output, "report.md"))

@@ -218,8 +218,14 @@ class Evaluation:
                              + (f" ({result.stop})" if result.stop != "answer" else ""))
                 return result
 
-            with ThreadPoolExecutor(max(parallel, 1)) as executor:
+            executor = ThreadPoolExecutor(max(parallel, 1))
+            try:
                 list(executor.map(one, pending))
+            except KeyboardInterrupt:
+                # Finished tasks are saved; the ones under way are cut off and rerun on resume.
+                executor.shutdown(wait=False, cancel_futures=True)
+                raise
+            executor.shutdown()
         finally:
             if local is not None:
                 local.stop()

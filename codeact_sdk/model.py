@@ -85,7 +85,8 @@ class ModelClient:
         response = self._request("POST", "/chat/completions", body, stream=True)
         parts: list[str] = []
         completion = Completion("")
-        for chunk in self._events(response):
+        ended = []  # the event reader appends once it sees `data: [DONE]`
+        for chunk in self._events(response, ended):
             if chunk.get("usage"):
                 completion.usage = chunk["usage"]
             for choice in chunk.get("choices") or []:
@@ -97,7 +98,7 @@ class ModelClient:
                     yield piece
                 if choice.get("finish_reason"):
                     completion.finish_reason = choice["finish_reason"]
-        if completion.finish_reason is None and not self._saw_done:
+        if completion.finish_reason is None and not ended:
             raise ModelConnectionError(f"the stream from {self.url}/chat/completions ended before it finished "
                                        "(no finish reason, no [DONE]): the server was cut off")
         completion.text = "".join(parts)
@@ -114,16 +115,15 @@ class ModelClient:
             body["stop"] = stop
         return body
 
-    def _events(self, response: requests.Response) -> Iterator[dict]:
+    def _events(self, response: requests.Response, ended: list) -> Iterator[dict]:
         """Server-sent events: `data: {json}` lines until `data: [DONE]` or the end of the stream."""
-        self._saw_done = False
         try:
             for line in response.iter_lines(decode_unicode=False):
                 if not line or not line.startswith(b"data:"):
                     continue  # blank separators, comments, `event:` lines
                 payload = line[len(b"data:") :].strip()
                 if payload == b"[DONE]":
-                    self._saw_done = True
+                    ended.append(True)
                     return
                 try:
                     chunk = json.loads(payload)

@@ -15,7 +15,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from .backend import Backend, Home
+from .backend import Backend, Home, Kernel
 from .config import Config
 from .errors import AtCapacity, BadRequest, NotFound, Unavailable
 from .execution import DIED, OK, RESTARTED, TIMEOUT, EventSink, Execution
@@ -32,7 +32,7 @@ RETRY_AFTER = 5.0  # seconds a client told "at capacity" should wait
 class Session:
     id: str
     home: Home
-    kernel: object
+    kernel: Kernel
     network: bool = False
     env: dict[str, str] = field(default_factory=dict)
     setup: str = ""

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 import statistics
 import time
 from collections.abc import Callable
+
+from model_server.stack import free_port  # noqa: F401 - re-exported for the benchmarks
 
 
 def sample(action: Callable[[], object], count: int, warmup: int = 5) -> list[float]:
@@ -38,12 +39,6 @@ def table(title: str, rows: list[tuple[str, dict[str, float], str]]) -> str:
     for name, stats, note in rows:
         lines.append(f"| {name} | {stats['n']} | {stats['median_ms']:.2f} | {stats['p99_ms']:.2f} | {note} |")
     return "\n".join(lines) + "\n"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def rss_kb(pid: int, field: str = "VmRSS") -> int:

@@ -17,18 +17,11 @@ import websocket
 
 from codeact_sdk.errors import SandboxConnectionError
 from codeact_sdk.local_sandbox import LocalSandbox
+from model_server.stack import free_port
 from tests.conftest import SandboxProcess
 from tests.test_sandbox_api import compat
 
 TOKEN = "gateway-secret"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class KernelGateway:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,10 @@ import requests
 from codeact_sdk import Session
 from codeact_sdk.local_sandbox import LocalSandbox
 from model_server import embedded
+from model_server.stack import free_port
 from tests.conftest import processes_mentioning
 
 MODEL = "qwen2.5-coder-0.5b"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

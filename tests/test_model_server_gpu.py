@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,10 @@ import pytest
 import requests
 
 from model_server.launch import VllmOptions, vllm_launches
+from model_server.stack import free_port
 from tests.conftest import processes_mentioning
 
 FAKES = os.path.join(os.path.dirname(__file__), "fakes")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

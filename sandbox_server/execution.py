@@ -192,7 +192,8 @@ def render_original(events: list[Event], execution: Execution, timeout: float) -
     Stream text; for results and displays the text/plain value, then a PNG as a data-URL image; for
     an error the traceback lines joined by newlines. A timeout gives only the timeout line.
     """
-    if execution.status in (TIMEOUT, RESTARTED) and execution.message and "timed out" in execution.message:
+    # `restarted` happens only when a timed-out kernel ignored its interrupt: a timeout too.
+    if execution.status in (TIMEOUT, RESTARTED):
         return f"[Execution timed out ({timeout:g} seconds).]"
     parts = []
     for event in events:
@@ -208,6 +209,6 @@ def render_original(events: list[Event], execution: Execution, timeout: float) -
         elif kind == "error":
             parts.append("\n".join(event["traceback"]))
     text = strip_ansi("".join(parts))
-    if execution.status in (RESTARTED, DIED) and execution.message:
+    if execution.status == DIED and execution.message:
         text += ("\n" if text else "") + f"[{execution.message}]"
     return text if text.strip() else NO_OUTPUT

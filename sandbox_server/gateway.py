@@ -271,7 +271,6 @@ class GatewayBackend:
             created = await self.rest("POST", "/api/kernels", body)
         except GatewayUnavailable as error:
             raise KernelStartError(f"the gateway could not start a kernel: {error}")
-        self.counter += 1
         kernel = GatewayKernel(self, created["id"], f"gateway-{created['id'][:8]}")
         try:
             await kernel.start(self.config.kernel_start_timeout)

@@ -266,17 +266,19 @@ class StreamHandler(websocket.WebSocketHandler):
     async def get(self, *args: Any, **kwargs: Any) -> None:
         token = self.get_query_argument("token", None)
         if not token_matches(self.config.token, self.request.headers.get("Authorization"), token):
-            self.set_status(401)
-            self.set_header("Content-Type", "application/json")
-            self.finish(json.dumps({"error": "unauthorized", "message": "missing or wrong token"}))
+            self.refuse(Unauthorized("missing or wrong token: send 'Authorization: Bearer <token>' or ?token="))
             return
         session_id = args[0]
         if session_id not in self.manager.sessions:
-            self.set_status(404)
-            self.set_header("Content-Type", "application/json")
-            self.finish(json.dumps({"error": "not_found", "message": f"no session {session_id!r}"}))
+            self.refuse(NotFound(f"no session {session_id!r}"))
             return
         await super().get(*args, **kwargs)
+
+    def refuse(self, error: SandboxError) -> None:
+        """Answer the upgrade request with the same JSON error body as every other route."""
+        self.set_status(error.status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": error.code, "message": error.message}))
 
     def check_origin(self, origin: str) -> bool:
         return True  # token auth, not cookies: a cross-origin page gains nothing

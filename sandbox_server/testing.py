@@ -1,0 +1,72 @@
+"""A stock Kernel Gateway process for tests and benchmarks of the gateway backend.
+
+    with KernelGateway(port, workdir, token="secret") as gateway:
+        ... --backend gateway --gateway-url {gateway.url} --gateway-token secret ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import requests
+
+START_DEADLINE_S = 60  # one start takes ~1.5 s here; the slack is for a loaded CI machine
+STOP_GRACE_S = 15
+
+
+class KernelGateway:
+    """`python -m kernel_gateway` on 127.0.0.1 in its own process group, so that stop() ends its kernels too."""
+
+    def __init__(self, port: int, workdir: str | None = None, token: str | None = None,
+                 config: str | None = None) -> None:
+        self.port = port  # the gateway cannot report a port it picked itself, so the caller picks a free one
+        self.workdir = workdir
+        self.token = token
+        self.config = config
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> KernelGateway:
+        command = [sys.executable, "-m", "kernel_gateway", "--KernelGatewayApp.ip=127.0.0.1",
+                   f"--KernelGatewayApp.port={self.port}"]
+        if self.token:
+            command.append(f"--KernelGatewayApp.auth_token={self.token}")
+        if self.config:
+            command.append(f"--config={self.config}")
+        self.process = subprocess.Popen(command, cwd=self.workdir, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + START_DEADLINE_S
+        while True:
+            try:
+                requests.get(self.url + "/api", timeout=2)
+                return self
+            except requests.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"the kernel gateway on port {self.port} did not start") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL to the whole group: the gateway's kernels go with it."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(STOP_GRACE_S)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(5)
+
+    def __enter__(self) -> KernelGateway:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

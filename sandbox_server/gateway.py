@@ -18,6 +18,7 @@ import logging
 import socket
 import time
 import uuid
+from collections.abc import Awaitable
 from typing import Any
 
 from tornado import httpclient, websocket
@@ -136,7 +137,7 @@ class GatewayKernel:
         return json.loads(raw)
 
     def send_input(self, text: str) -> None:
-        asyncio.get_running_loop().create_task(self.send("input_reply", {"value": text}, "stdin"))
+        self.backend.in_background(self.send("input_reply", {"value": text}, "stdin"), f"input for {self.name}")
 
     async def interrupt(self) -> None:
         with contextlib.suppress(GatewayUnavailable):
@@ -149,9 +150,7 @@ class GatewayKernel:
         if self.connection is not None:
             self.connection.close()
             self.connection = None
-        task = asyncio.get_running_loop().create_task(self.backend.delete_kernel(self.kernel_id))
-        self.backend.deletions.add(task)
-        task.add_done_callback(self.backend.deletions.discard)
+        self.backend.in_background(self.backend.delete_kernel(self.kernel_id), f"deleting {self.name}")
 
     async def execute(self, code: str, timeout: float, sink: EventSink | None = None, allow_stdin: bool = False,
                       silent: bool = False, grace: float = 1.0) -> Execution:
@@ -225,9 +224,21 @@ class GatewayBackend:
         self.headers = {"Authorization": f"token {config.gateway_token}"} if config.gateway_token else {}
         self.client = httpclient.AsyncHTTPClient()
         self.counter = 0
-        self.deletions: set[asyncio.Task] = set()
+        self.background: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
         # A chunk travels as base64 on stdout, which the output cap must not cut.
         self.file_chunk = max(1024, min(FILE_CHUNK, config.max_output // 4 * 3 // 4))
+
+    def in_background(self, work: Awaitable[None], what: str) -> None:
+        """Start `work` without waiting for it; a failure is logged, since nobody awaits it."""
+        task = asyncio.ensure_future(work)
+        self.background.add(task)
+
+        def finished(task: asyncio.Task) -> None:
+            self.background.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("%s failed: %s", what, task.exception())
+
+        task.add_done_callback(finished)
 
     async def check(self) -> None:
         """Fail at start-up, clearly, when the gateway is not there or refuses our token."""

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import requests
@@ -20,12 +21,14 @@ STOP_GRACE_S = 15
 
 
 class KernelGateway:
-    """`python -m kernel_gateway` on 127.0.0.1 in its own process group, so that stop() ends its kernels too."""
+    """`python -m kernel_gateway` on 127.0.0.1 in its own process group, so that stop() ends its kernels too.
+    It runs in `workdir` (default: a new temporary directory) and logs to workdir/gateway.log."""
 
     def __init__(self, port: int, workdir: str | None = None, token: str | None = None,
                  config: str | None = None) -> None:
         self.port = port  # the gateway cannot report a port it picked itself, so the caller picks a free one
-        self.workdir = workdir
+        self.workdir = workdir or tempfile.mkdtemp(prefix="codeact-gateway-")
+        self.log_path = os.path.join(self.workdir, "gateway.log")
         self.token = token
         self.config = config
         self.process: subprocess.Popen | None = None
@@ -41,8 +44,9 @@ class KernelGateway:
             command.append(f"--KernelGatewayApp.auth_token={self.token}")
         if self.config:
             command.append(f"--config={self.config}")
-        self.process = subprocess.Popen(command, cwd=self.workdir, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the handle
+            self.process = subprocess.Popen(command, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
         deadline = time.monotonic() + START_DEADLINE_S
         while True:
             try:
@@ -51,7 +55,8 @@ class KernelGateway:
             except requests.ConnectionError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"the kernel gateway on port {self.port} did not start") from None
+                    raise RuntimeError(f"the kernel gateway on port {self.port} did not start; "
+                                       f"see {self.log_path}") from None
                 time.sleep(0.1)
 
     def stop(self) -> None:

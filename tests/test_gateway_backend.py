@@ -3,8 +3,12 @@ has, through the gateway, plus the gateway being down or restarting."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import websocket
@@ -19,7 +23,68 @@ from tests.test_sandbox_api import compat
 TOKEN = "gateway-secret"
 
 
-def gateway_sandbox(gateway: KernelGateway, tmp_path, *args: str) -> SandboxProcess:
+class CuttableProxy:
+    """A TCP proxy in front of the gateway whose open connections the test can cut, as a network blip or a
+    load balancer's idle timeout would; new connections go through as before."""
+
+    def __init__(self, gateway: KernelGateway) -> None:
+        self.upstream = ("127.0.0.1", gateway.port)
+        self.token = gateway.token
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []  # (our end, the gateway's end)
+        self.unaware: set[socket.socket] = set()  # gateway ends of cut connections, left open on purpose
+        self.lock = threading.Lock()
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                ours, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            theirs = socket.create_connection(self.upstream, timeout=10)
+            theirs.settimeout(None)
+            with self.lock:
+                self.pairs.append((ours, theirs))
+            for source, target in ((ours, theirs), (theirs, ours)):
+                threading.Thread(target=self.pump, args=(source, target), daemon=True).start()
+
+    def pump(self, source: socket.socket, target: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                target.sendall(data)
+        for end in (source, target):  # pass the close on, except to a gateway that must not notice it
+            if end not in self.unaware:
+                shut(end)
+
+    def cut(self, gateway_notices: bool = True) -> int:
+        """Close every open connection on our side; on the gateway's too, unless `gateway_notices` is False,
+        which leaves the gateway a stale connection it still believes in. Returns how many were cut."""
+        with self.lock:
+            pairs, self.pairs = self.pairs, []
+            if not gateway_notices:
+                self.unaware.update(theirs for _, theirs in pairs)
+        for ours, theirs in pairs:
+            shut(ours)
+            if gateway_notices:
+                shut(theirs)
+        return len(pairs)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+        for theirs in self.unaware:
+            shut(theirs)
+
+
+def shut(end: socket.socket) -> None:
+    """shutdown(), not close(): close() would wait for the pump thread blocked in recv() on it."""
+    with contextlib.suppress(OSError):
+        end.shutdown(socket.SHUT_RDWR)
+
+
+def gateway_sandbox(gateway: KernelGateway | CuttableProxy, tmp_path, *args: str) -> SandboxProcess:
     options = ["--backend", "gateway", "--gateway-url", gateway.url, "--interrupt-grace", "0.5",
                "--max-output", "200000", *args]
     if gateway.token:
@@ -61,6 +126,20 @@ def test_streaming_over_the_websocket(sandbox):
         events.append(json.loads(socket.recv()))
     socket.close()
     assert [e.get("text") for e in events if e["type"] == "stdout"] == ["a\n", "b\n"]
+    sandbox.close(session)
+
+
+def test_input_round_trip_over_the_websocket(sandbox):
+    session = sandbox.create()
+    socket = websocket.create_connection(sandbox.url.replace("http", "ws") + f"/v1/sessions/{session}/ws", timeout=30)
+    socket.send(json.dumps({"type": "execute", "code": "name = input('who? ')\nprint('hi', name)"}))
+    assert json.loads(socket.recv()) == {"type": "input_request", "prompt": "who? ", "password": False}
+    socket.send(json.dumps({"type": "input_reply", "value": "ada"}))
+    events = []
+    while not events or events[-1]["type"] != "done":
+        events.append(json.loads(socket.recv()))
+    socket.close()
+    assert [e.get("text") for e in events if e["type"] == "stdout"] == ["hi ada\n"], events
     sandbox.close(session)
 
 
@@ -148,3 +227,26 @@ def test_gateway_restart_mid_session_gives_a_new_kernel(tmp_path):
     finally:
         server.stop()
         gateway.stop()
+
+
+@pytest.mark.parametrize("gateway_notices", [True, False], ids=["both-sides-closed", "gateway-unaware"])
+def test_websocket_cut_mid_execute_keeps_the_kernel_and_the_result(gateway, tmp_path, gateway_notices):
+    """We reconnect with the same session id. A gateway that saw the drop kept the kernel's messages and
+    replays them; one that did not replaces its stale connection with ours."""
+    proxy = CuttableProxy(gateway)
+    server = gateway_sandbox(proxy, tmp_path)
+    try:
+        session = server.create()
+        server.execute(session, "kept = 'state'")
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(server.execute, session, "import time\nprint('before', flush=True)\n"
+                                  "time.sleep(2)\nprint('after')\nvalue = 42", timeout=20)
+            time.sleep(1)
+            assert proxy.cut(gateway_notices) >= 1
+            result = running.result(timeout=30)
+        assert (result["status"], result["stdout"], result["new_kernel"]) == ("ok", "before\nafter\n", False), result
+        after = server.execute(session, "print(kept, value)")
+        assert after["stdout"] == "state 42\n" and not after["new_kernel"], after
+    finally:
+        server.stop()
+        proxy.close()

@@ -28,8 +28,8 @@ from .backend import Home
 from .config import Config
 from .errors import BadRequest, NotFound, TooLarge, Unavailable
 from .execution import DIED, OK, EventSink, Execution, OutputCollector
-from .kernel import NOT_RUN, UNRESPONSIVE, KernelStartError, kernel_setup_code
-from .protocol import ExecuteState
+from .kernel import KernelStartError, kernel_setup_code
+from .protocol import NOT_RUN, ExecuteState
 
 log = logging.getLogger("sandbox_server.gateway")
 
@@ -166,22 +166,16 @@ class GatewayKernel:
             self.mark_gone(f"the gateway could not be reached ({error})")
             return collector.finish(NOT_RUN, None, 0.0)
         state = ExecuteState(msg_id, collector, deadline=started + timeout, grace=grace)
-        status = None
-        while status is None:
-            now = time.monotonic()
-            if state.complete:
-                status = state.outcome
-                break
-            if await state.enforce_deadline(now, self.interrupt):
-                status = UNRESPONSIVE
-                break
+        while (status := await state.verdict(time.monotonic(), self.interrupt)) is None:
             try:
-                message = await self.receive(state.wait(now, POLL_INTERVAL))
+                message = await self.receive(state.wait(time.monotonic(), POLL_INTERVAL))
             except ConnectionError:
                 status = await self.recover()
+                if status is None:
+                    continue  # reconnected: the gateway replays what the kernel sent meanwhile
                 if status == DIED and not state.started:
                     status = NOT_RUN  # the socket broke before the kernel saw the code
-                continue
+                break
             if message is None:
                 continue
             if (message.get("channel") == "iopub" and message["header"]["msg_type"] == "status"

@@ -32,13 +32,7 @@ from .protocol import ExecuteState
 
 log = logging.getLogger("sandbox_server.kernel")
 
-# Statuses only the kernel layer uses: the session turns UNRESPONSIVE into `restarted`, and answers NOT_RUN
-# (the kernel was found gone before it received the code) by running the code on a fresh kernel.
-UNRESPONSIVE = "unresponsive"
-NOT_RUN = "not_run"
-
 POLL_INTERVAL = 0.25  # how often a waiting execute checks that the process is alive
-IDLE_AFTER_REPLY = 2.0  # after the reply, how long to wait for the idle status (lost if a message was dropped)
 PR_SET_PDEATHSIG = 1
 LINUX = sys.platform.startswith("linux")
 
@@ -246,26 +240,12 @@ class LocalKernel:
         for name, channel in channels.items():
             poller.register(channel.socket, zmq.POLLIN)
             sockets[channel.socket] = name
-        replied_at = None
-        status = None
-        while status is None:
-            now = time.monotonic()
-            if state.complete:
-                status = state.outcome
-                break
-            if replied_at is None and state.reply is not None:
-                replied_at = now
-            if replied_at is not None and now - replied_at > IDLE_AFTER_REPLY:
-                collector.execution.truncated = True  # the idle status was lost with a dropped message
-                status = state.outcome
-                break
-            if await state.enforce_deadline(now, self.interrupt):
-                status = UNRESPONSIVE
-                break
-            ready = dict(await poller.poll(timeout=state.wait(now, POLL_INTERVAL) * 1000))
+        while (status := await state.verdict(time.monotonic(), self.interrupt)) is None:
+            ready = dict(await poller.poll(timeout=state.wait(time.monotonic(), POLL_INTERVAL) * 1000))
             if not ready:
                 if not self.alive:
                     status = DIED
+                    break
                 continue
             for socket in ready:
                 name = sockets[socket]

@@ -1,7 +1,8 @@
 """The Jupyter messaging protocol as far as an execute needs it, independent of the transport.
 
 Both backends (ZMQ to a local kernel, websocket to a gateway) feed the messages they receive through
-`ExecuteState.on_message`, which tells when the execute is complete.
+`ExecuteState.on_message` and ask `ExecuteState.verdict` whether the execute has settled, so the deadline,
+the interrupt and its grace behave the same on both.
 """
 
 from __future__ import annotations
@@ -13,6 +14,13 @@ from typing import Any
 from .execution import ERROR, OK, TIMEOUT, OutputCollector
 
 Message = dict[str, Any]
+
+# Statuses only the kernel layer uses: the session turns UNRESPONSIVE into `restarted`, and answers NOT_RUN
+# (the kernel was found gone before it received the code) by running the code on a fresh kernel.
+UNRESPONSIVE = "unresponsive"
+NOT_RUN = "not_run"
+
+IDLE_AFTER_REPLY = 2.0  # after the reply, how long to wait for the idle status (lost if a message was dropped)
 
 
 @dataclass
@@ -27,6 +35,23 @@ class ExecuteState:
     idle: bool = False
     started: bool = False  # any message answering this request arrived: the kernel received the code
     interrupted: bool = False
+    replied_at: float | None = None
+
+    async def verdict(self, now: float, interrupt: Callable[[], Awaitable[None]]) -> str | None:
+        """The execute's status once it is settled, else None. Settled: complete (reply and idle); or replied
+        with the idle status lost for IDLE_AFTER_REPLY (marked truncated: the dropped message may have held
+        output too); or UNRESPONSIVE, past the deadline and the interrupt's grace."""
+        if self.complete:
+            return self.outcome
+        if self.reply is not None:
+            if self.replied_at is None:
+                self.replied_at = now
+            elif now - self.replied_at > IDLE_AFTER_REPLY:
+                self.collector.execution.truncated = True
+                return self.outcome
+        if await self.enforce_deadline(now, interrupt):
+            return UNRESPONSIVE
+        return None
 
     @property
     def complete(self) -> bool:

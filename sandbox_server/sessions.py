@@ -19,9 +19,10 @@ from .backend import Backend, Home, Kernel
 from .config import Config
 from .errors import AtCapacity, BadRequest, NotFound, Unavailable
 from .execution import DIED, OK, RESTARTED, TIMEOUT, EventSink, Execution
-from .kernel import NOT_RUN, UNRESPONSIVE, KernelStartError
+from .kernel import KernelStartError
 from .metrics import Metrics
 from .pool import KernelPool
+from .protocol import NOT_RUN, UNRESPONSIVE
 
 log = logging.getLogger("sandbox_server.sessions")
 

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -31,6 +31,9 @@ class Kernel(Protocol):
     @property
     def alive(self) -> bool: ...
 
+    async def start(self, timeout: float) -> None:
+        """Wait until the kernel answers; its backend calls this once, before anyone else sees the kernel."""
+
     async def ready(self) -> bool:
         """Alive and reachable right now (a remote kernel reconnects here); False means replace it."""
 
@@ -44,6 +47,9 @@ class Kernel(Protocol):
     async def kill(self) -> None: ...
 
     def exit_description(self) -> str: ...
+
+
+KernelT = TypeVar("KernelT", bound=Kernel)
 
 
 class Backend(Protocol):
@@ -75,6 +81,16 @@ class Home:
     name: str
     workdir: str
     uid: int | None
+
+
+async def started(kernel: KernelT, timeout: float) -> KernelT:
+    """`kernel`, once it answers; one that fails to start, or whose start is cancelled, is killed, not leaked."""
+    try:
+        await kernel.start(timeout)
+    except BaseException:
+        await kernel.kill()
+        raise
+    return kernel
 
 
 class LocalBackend:
@@ -114,12 +130,7 @@ class LocalBackend:
         launch = self.isolation.launch(name, home.workdir, connection_file, home.uid, network)
         kernel = LocalKernel(name, launch, runtime_dir, connection, self.context,
                              self.config.max_output, self.config.max_results)
-        try:
-            await kernel.start(self.config.kernel_start_timeout)
-        except BaseException:
-            await kernel.kill()
-            raise
-        return kernel
+        return await started(kernel, self.config.kernel_start_timeout)
 
     def remove_home(self, home: Home) -> None:
         shutil.rmtree(home.workdir, ignore_errors=True)

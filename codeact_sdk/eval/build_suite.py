@@ -142,28 +142,54 @@ def travel_tasks() -> list[tuple[str, str, str]]:
 
 
 def web_tasks() -> list[tuple[str, str, str]]:
-    # The answers are read off data/web.json; the solutions state them (and the arithmetic) directly.
+    # Each solution reads its figures off the pages through the tools, as an agent must.
+    page = "import re\nsite = 'https://example.org'\n"
     return [
         ("On the museum site at https://example.org/, in what year was the museum founded, and by whom? Answer "
-         "'year,name'.", "list", "'1887,Tomas Lind'"),
+         "'year,name'.", "list",
+         page + "','.join(re.search(r'founded in (\\d{4}) by (\\w+ \\w+)', fetch_page(site + '/history')).groups())"),
         ("How many items are in the museum's collections in total (https://example.org/)?", "number",
-         "1200 + 340 + 5600 + 85"),
+         page + "sum(int(n.replace(',', '')) for n in re.findall(r'\\(([\\d,]+) items\\)', "
+         "fetch_page(site + '/collections')))"),
         ("Who curates the clock collection, and what is that person's title on the staff page? Answer "
-         "'name,title'.", "list", "'Ada Reyes,Head of collections'"),
+         "'name,title'.", "list",
+         page + "curator = re.search(r'curated by (\\w+ \\w+)', fetch_page(site + '/collections')).group(1)\n"
+         "curator + ',' + re.search(r'([A-Z][\\w ]+?): ' + curator, fetch_page(site + '/staff')).group(1)"),
         ("What does a visit cost for 2 adults and 3 children, buying the family ticket plus what is needed? "
-         "(https://example.org/)", "number", "34 + 6"),
-        ("How many years after its founding did the museum move to its current building?", "number", "1932 - 1887"),
-        ("How old was the oldest globe when the museum was founded?", "number", "1887 - 1641"),
+         "(https://example.org/)", "number",
+         page + "visit = fetch_page(site + '/visit')\n"
+         "ticket = lambda kind: int(re.search(kind + r' ticket[^:]*: (\\d+) euros', visit).group(1))\n"
+         "ticket('Family') + ticket('Child')"),
+        ("How many years after its founding did the museum move to its current building?", "number",
+         page + "history = fetch_page(site + '/history')\n"
+         "year = lambda event: int(re.search(event + r' (\\d{4})', history).group(1))\n"
+         "year('current building in') - year('founded in')"),
+        ("How old was the oldest globe when the museum was founded?", "number",
+         page + "int(re.search(r'founded in (\\d{4})', fetch_page(site + '/history')).group(1)) - "
+         "int(re.search(r'made in (\\d{4})', fetch_page(site + '/collections/globes')).group(1))"),
         ("Which event on the museum site is free, and on what date? Answer 'event,date'.", "list",
-         "'Coin fair,21 May'"),
-        ("How many hours a day is the museum open (1 decimal)?", "number", "8.5"),
+         page + "','.join(re.search(r'(?:: |, )([^,:]+?) on (\\d+ \\w+) \\(free\\)', "
+         "fetch_page(site + '/events')).groups())"),
+        ("How many hours a day is the museum open (1 decimal)?", "number",
+         page + "h1, m1, h2, m2 = map(int, re.search(r'(\\d\\d):(\\d\\d) to (\\d\\d):(\\d\\d)', "
+         "fetch_page(site + '/visit')).groups())\n"
+         "round((h2 * 60 + m2 - h1 * 60 - m1) / 60, 1)"),
         ("What do tickets for the map night and the clock repair workshop cost together for one person?", "number",
-         "8 + 20"),
-        ("How many years had the director been in post in 2024?", "number", "2024 - 2015"),
-        ("Which collection has the fewest items, and how many? Answer 'collection,items'.", "list", "'Globes,85'"),
-        ("How many years separate the oldest clock and the oldest globe?", "number", "1641 - 1505"),
+         page + "events = fetch_page(site + '/events')\n"
+         "sum(int(re.search(name + r' on [^(]*\\(tickets (\\d+) euros', events).group(1)) "
+         "for name in ('Map night', 'Clock repair workshop'))"),
+        ("How many years had the director been in post in 2024?", "number",
+         page + "2024 - int(re.search(r'Director: [^(]+\\(since (\\d{4})\\)', fetch_page(site + '/staff')).group(1))"),
+        ("Which collection has the fewest items, and how many? Answer 'collection,items'.", "list",
+         page + "collections = re.findall(r'(\\w+) \\(([\\d,]+) items\\)', fetch_page(site + '/collections'))\n"
+         "name, items = min(collections, key=lambda pair: int(pair[1].replace(',', '')))\n"
+         "name + ',' + items"),
+        ("How many years separate the oldest clock and the oldest globe?", "number",
+         page + "int(re.search(r'made in (\\d{4})', fetch_page(site + '/collections/globes')).group(1)) - "
+         "int(re.search(r'dates from (\\d{4})', fetch_page(site + '/collections/clocks')).group(1))"),
         ("Search the site for the page that mentions 'tower clocks' and give how many tower clocks there are.",
-         "number", "12"),
+         "number", "import re\n(url,) = search_site('tower clocks')\n"
+         "int(re.search(r'(\\d+) tower clocks', fetch_page(url)).group(1))"),
     ]
 
 

@@ -83,7 +83,7 @@ class Home:
     uid: int | None
 
 
-async def started(kernel: KernelT, timeout: float) -> KernelT:
+async def start_or_kill(kernel: KernelT, timeout: float) -> KernelT:
     """`kernel`, once it answers; one that fails to start, or whose start is cancelled, is killed, not leaked."""
     try:
         await kernel.start(timeout)
@@ -130,7 +130,7 @@ class LocalBackend:
         launch = self.isolation.launch(name, home.workdir, connection_file, home.uid, network)
         kernel = LocalKernel(name, launch, runtime_dir, connection, self.context,
                              self.config.max_output, self.config.max_results)
-        return await started(kernel, self.config.kernel_start_timeout)
+        return await start_or_kill(kernel, self.config.kernel_start_timeout)
 
     def remove_home(self, home: Home) -> None:
         shutil.rmtree(home.workdir, ignore_errors=True)

@@ -24,7 +24,7 @@ from typing import Any
 from tornado import httpclient, websocket
 from tornado.httputil import url_concat
 
-from .backend import Home, started
+from .backend import Home, start_or_kill
 from .config import Config
 from .errors import BadRequest, NotFound, TooLarge, Unavailable
 from .execution import DIED, OK, EventSink, Execution, OutputCollector
@@ -277,7 +277,7 @@ class GatewayBackend:
         except GatewayUnavailable as error:
             raise KernelStartError(f"the gateway could not start a kernel: {error}")
         kernel = GatewayKernel(self, created["id"], f"gateway-{created['id'][:8]}")
-        return await started(kernel, self.config.kernel_start_timeout)
+        return await start_or_kill(kernel, self.config.kernel_start_timeout)
 
     def remove_home(self, home: Home) -> None:
         pass  # a remote kernel's files go with the kernel

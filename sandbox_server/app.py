@@ -72,7 +72,7 @@ class Server:
         else:
             if self.capabilities is None:
                 self.capabilities = isolation.probe(self.config.isolate, self.config.kernel_uid_base)
-            log.info("%s", self.capabilities.report())
+            log.info("%s", self.capabilities.report(self.config.cpu_limit))
             backend = LocalBackend(self.config, self.capabilities)
         if not self.config.token:
             log.warning("no token set (--token / CODEACT_SANDBOX_TOKEN): serving %s without auth",

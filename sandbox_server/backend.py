@@ -106,7 +106,7 @@ class LocalBackend:
         os.makedirs(self.root, exist_ok=True)
         os.chmod(self.root, 0o711)  # kernels traverse to their own 0700 directories, list nothing
         self.isolation = Isolation(capabilities, config.memory_limit, config.file_size_limit,
-                                   config.process_limit)
+                                   config.process_limit, config.cpu_limit)
         # One context for every kernel client; its default MAXMSGSIZE bounds what one message can
         # cost the server, whatever the kernel sends.
         self.context = zmq.asyncio.Context()

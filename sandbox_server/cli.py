@@ -41,6 +41,7 @@ HELP = {
     "memory_limit": "bytes of address space (and cgroup memory) per kernel",
     "file_size_limit": "largest file a kernel may write, in bytes",
     "process_limit": "processes and threads per kernel (cgroup pids; rlimit when the kernel is not root)",
+    "cpu_limit": "CPU cores per kernel, all its processes together (cgroup CPU quota); 0 for no limit",
     "isolate": "confine kernels (namespaces, own uid, cgroups) where the OS allows",
     "kernel_uid_base": "first uid given to kernels when the server runs as root",
 }

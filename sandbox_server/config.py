@@ -52,6 +52,7 @@ class Config:
     memory_limit: int = 2 * 1024 * 1024 * 1024  # address space per kernel (rlimit) and cgroup memory
     file_size_limit: int = 1024 * 1024 * 1024  # largest file a kernel may write
     process_limit: int = 128  # processes and threads per kernel (cgroup pids; rlimit when not root)
+    cpu_limit: float = 1.0  # CPU cores per kernel, summed over its processes (cgroup CPU quota); 0: no limit
     isolate: bool = True  # namespaces, uid drop, cgroups; False runs kernels as plain subprocesses
     kernel_uid_base: int = 200000  # each kernel gets its own uid from here when the server is root
 
@@ -74,6 +75,8 @@ class Config:
             raise ValueError("--pool-size must be 0 or more")
         if self.max_sessions < 1:
             raise ValueError("--max-sessions must be 1 or more")
+        if self.cpu_limit and self.cpu_limit < 0.01:
+            raise ValueError("--cpu-limit must be 0 (no limit) or at least 0.01 cores")
         for name in ("execute_timeout", "idle_timeout", "kernel_start_timeout", "interrupt_grace"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")

@@ -7,7 +7,8 @@ Each piece degrades on its own, and the start-up report says which ones apply:
   an interpreter under a 0700 directory (pyenv under /root) is made reachable inside the kernel's
   mount namespace rather than by loosening the host's permissions.
 - rlimits: address space, file size, open files; process count when the kernel is not root.
-- cgroups (v1 or v2, where a hierarchy is writable): memory and pids limits.
+- cgroups (v1 or v2, where a hierarchy is writable): memory and pids limits, and a CPU quota where the cpu
+  controller is writable too, so a session's processes together cannot take more than their share.
 - a scrubbed environment: the server's secrets never reach a kernel.
 """
 
@@ -35,10 +36,11 @@ class Capabilities:
     namespaces: bool = False
     drop_uid: bool = False
     cgroup: str | None = None  # "v1", "v2" or None
+    cgroup_cpu: bool = False  # the cpu controller is usable too
     rlimit_nproc: bool = False
     notes: tuple[str, ...] = ()
 
-    def report(self) -> str:
+    def report(self, cpu_limit: float = 0.0) -> str:
         applied = ["working directory", "scrubbed environment", "rlimits (address space, file size)"]
         if self.namespaces:
             applied.append("network+pid+mount namespaces")
@@ -47,7 +49,8 @@ class Capabilities:
         if self.rlimit_nproc:
             applied.append("process rlimit")
         if self.cgroup:
-            applied.append(f"cgroup {self.cgroup} memory+pids")
+            quota = f"+cpu (--cpu-limit {cpu_limit:g})" if self.cgroup_cpu and cpu_limit else ""
+            applied.append(f"cgroup {self.cgroup} memory+pids{quota}")
         text = "isolation: " + ", ".join(applied)
         if self.notes:
             text += "; not applied: " + "; ".join(self.notes)
@@ -109,16 +112,19 @@ class Isolation:
     """Builds kernel launches for one server; owns the server's cgroup directories."""
 
     def __init__(self, capabilities: Capabilities, memory_limit: int, file_size_limit: int,
-                 process_limit: int) -> None:
+                 process_limit: int, cpu_limit: float = 0.0) -> None:
         self.capabilities = capabilities
         self.memory_limit = memory_limit
         self.file_size_limit = file_size_limit
         self.process_limit = process_limit
+        self.cpu_limit = cpu_limit if capabilities.cgroup_cpu else 0.0
         self.cgroup_parents: list[str] = []
         self._closed: dict[str, dict[str, list[str]]] = {}
         self.setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
         if capabilities.cgroup:
-            self.cgroup_parents = make_cgroup_parents(capabilities.cgroup, f"codeact-{os.getpid()}")
+            remove_stale_cgroups(capabilities.cgroup)
+            self.cgroup_parents = make_cgroup_parents(capabilities.cgroup, f"codeact-{os.getpid()}",
+                                                      cpu=self.cpu_limit > 0)
 
     def launch(self, kernel_name: str, workdir: str, connection_file: str, uid: int | None,
                network: bool, env: dict[str, str] | None = None) -> KernelLaunch:
@@ -171,7 +177,7 @@ class Isolation:
             path = os.path.join(parent, kernel_name)
             try:
                 os.mkdir(path)
-                write_cgroup_limits(path, self.memory_limit, self.process_limit)
+                write_cgroup_limits(path, self.memory_limit, self.process_limit, self.cpu_limit)
                 made.append(path)
             except OSError as error:
                 log.warning("cgroup %s not created: %s", path, error)
@@ -194,35 +200,82 @@ class Isolation:
             self.remove_cgroups([parent])
 
 
-def write_cgroup_limits(path: str, memory: int, processes: int) -> None:
-    for filename, value in (
+CPU_PERIOD_US = 100_000  # the CFS quota is enforced per period; the kernel's default
+
+
+def write_cgroup_limits(path: str, memory: int, processes: int, cpu: float = 0.0) -> None:
+    """Write the limits this cgroup directory has files for (a v1 directory holds one controller's)."""
+    quota = int(cpu * CPU_PERIOD_US)
+    limits = [
         ("memory.limit_in_bytes", memory),  # v1
         ("memory.max", memory),  # v2
         ("memory.swap.max", 0),  # v2: no swap escape
         ("pids.max", processes),
-    ):
+    ]
+    if quota:
+        limits += [("cpu.cfs_period_us", CPU_PERIOD_US), ("cpu.cfs_quota_us", quota),  # v1, in this order
+                   ("cpu.max", f"{quota} {CPU_PERIOD_US}")]  # v2
+    for filename, value in limits:
         target = os.path.join(path, filename)
         if os.path.exists(target):
             with open(target, "w") as handle:
                 handle.write(str(value))
 
 
-def make_cgroup_parents(version: str, name: str) -> list[str]:
-    if version == "v1":
-        parents = [os.path.join(CGROUP_ROOT, "memory", name), os.path.join(CGROUP_ROOT, "pids", name)]
-    else:
-        parents = [os.path.join(CGROUP_ROOT, name)]
+def make_cgroup_parents(version: str, name: str, cpu: bool = False) -> list[str]:
+    parents = [os.path.join(root, name) for root in cgroup_roots(version, cpu)]
     made = []
     for parent in parents:
         try:
             os.makedirs(parent, exist_ok=True)
             if version == "v2":
                 with open(os.path.join(parent, "cgroup.subtree_control"), "w") as handle:
-                    handle.write("+memory +pids")
+                    handle.write("+memory +pids" + (" +cpu" if cpu else ""))
             made.append(parent)
         except OSError as error:
             log.warning("cgroup %s not usable: %s", parent, error)
     return made
+
+
+def cgroup_roots(version: str, cpu: bool = True) -> list[str]:
+    """Where our cgroups go: one hierarchy per controller (v1), or the unified one (v2)."""
+    if version == "v1":
+        controllers = ("memory", "pids", "cpu") if cpu else ("memory", "pids")
+        return [os.path.join(CGROUP_ROOT, controller) for controller in controllers]
+    return [CGROUP_ROOT]
+
+
+def remove_stale_cgroups(version: str) -> None:
+    """Remove the empty cgroups of servers that are gone: one killed outright (SIGKILL, OOM) could not."""
+    for root in cgroup_roots(version):
+        for name in os.listdir(root) if os.access(root, os.W_OK) else []:
+            owner = name.removeprefix("codeact-")
+            if owner == name or not owner.isdigit() or process_exists(int(owner)):
+                continue
+            parent = os.path.join(root, name)
+            children = [os.path.join(parent, child) for child in os.listdir(parent)
+                        if os.path.isdir(os.path.join(parent, child))]
+            Isolation.remove_cgroups([*children, parent])  # a cgroup still holding a process stays
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def probe_cgroup_cpu(version: str) -> bool:
+    """Whether kernels' cgroups can get a CPU quota too (optional: memory and pids are what protect the
+    machine; the quota shares it fairly)."""
+    if version == "v1":
+        cpu = os.path.join(CGROUP_ROOT, "cpu")
+        return os.access(cpu, os.W_OK) and os.path.exists(os.path.join(cpu, "cpu.cfs_quota_us"))
+    with open(os.path.join(CGROUP_ROOT, "cgroup.controllers")) as handle:
+        return "cpu" in handle.read().split()
 
 
 def probe_cgroup() -> tuple[str | None, str | None]:
@@ -256,6 +309,9 @@ def probe(isolate: bool = True, uid_base: int = 200000, timeout: float = 20.0) -
     cgroup, why = probe_cgroup() if root else (None, "cgroups (need root)")
     if why:
         notes.append(why)
+    cgroup_cpu = cgroup is not None and probe_cgroup_cpu(cgroup)
+    if cgroup and not cgroup_cpu:
+        notes.append("CPU quota (no writable cpu cgroup controller)")
     candidate = Capabilities(namespaces=namespaces, drop_uid=root, cgroup=None, rlimit_nproc=root)
     if namespaces and not try_launch(candidate, uid_base, timeout):
         notes.append("namespaces (a confined test kernel did not start)")
@@ -267,6 +323,7 @@ def probe(isolate: bool = True, uid_base: int = 200000, timeout: float = 20.0) -
         namespaces=candidate.namespaces,
         drop_uid=candidate.drop_uid,
         cgroup=cgroup,
+        cgroup_cpu=cgroup_cpu,
         rlimit_nproc=candidate.drop_uid,
         notes=tuple(notes),
     )

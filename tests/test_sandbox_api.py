@@ -251,3 +251,21 @@ def test_kernels_die_with_a_killed_server(tmp_path):
     while processes_mentioning(str(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert processes_mentioning(str(tmp_path)) == [], "kernels outlived a SIGKILLed server"
+
+
+def test_the_next_server_removes_a_killed_servers_cgroups(tmp_path, capabilities):
+    if not capabilities.cgroup:
+        pytest.skip("no cgroups here: " + capabilities.report())
+    from sandbox_server.isolation import cgroup_roots
+
+    killed = start_sandbox(str(tmp_path / "killed"), pool_size=2)
+    killed.create()
+    left = [os.path.join(root, f"codeact-{killed.process.pid}") for root in cgroup_roots(capabilities.cgroup)]
+    left = [path for path in left if os.path.isdir(path)]
+    assert left, "the server made no cgroups"
+    killed.process.kill()
+    killed.process.wait(10)
+    time.sleep(0.5)  # its kernels die with it (pdeathsig); their cgroups stay, empty
+    assert all(os.path.isdir(path) for path in left)
+    start_sandbox(str(tmp_path / "next"), pool_size=1).stop()
+    assert [path for path in left if os.path.isdir(path)] == []

@@ -8,6 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from tests.conftest import start_sandbox
+
 
 @pytest.fixture(scope="module")
 def bystander(sandbox):
@@ -168,6 +170,37 @@ def test_a_kernel_cannot_signal_the_server(sandbox, capabilities):
     assert result["status"] == "error"
     assert result["error"]["name"] in ("ProcessLookupError", "PermissionError")
     sandbox.close(session)
+
+
+BUSY_PROCESSES = """
+import multiprocessing, resource, time
+def spin(seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+workers = [multiprocessing.Process(target=spin, args=(1.5,)) for _ in range(4)]
+started = time.monotonic()
+for worker in workers:
+    worker.start()
+for worker in workers:
+    worker.join()
+used = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(used.ru_utime + used.ru_stime, time.monotonic() - started)
+"""
+
+
+def test_busy_processes_together_get_no_more_than_the_cpu_quota(tmp_path, capabilities):
+    if not capabilities.cgroup_cpu:
+        pytest.skip("no cpu cgroup controller here: " + capabilities.report())
+    server = start_sandbox(str(tmp_path), "--cpu-limit", "0.5")
+    try:
+        session = server.create()
+        result = server.execute(session, BUSY_PROCESSES, timeout=30)
+        cpu_seconds, wall_seconds = map(float, result["stdout"].split())
+        # Four spinning processes would take every core for 1.5 s; the quota allows half a core.
+        assert cpu_seconds <= 0.5 * wall_seconds * 1.2, result["stdout"]
+    finally:
+        server.stop()
 
 
 def test_fifty_concurrent_sessions(sandbox):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,11 +23,12 @@ STOP_GRACE_S = 15
 
 class KernelGateway:
     """`python -m kernel_gateway` on 127.0.0.1 in its own process group, so that stop() ends its kernels too.
-    It runs in `workdir` (default: a new temporary directory) and logs to workdir/gateway.log."""
+    It runs in `workdir` (default: a temporary directory, removed by stop()) and logs to workdir/gateway.log."""
 
     def __init__(self, port: int, workdir: str | None = None, token: str | None = None,
                  config: str | None = None) -> None:
         self.port = port  # the gateway cannot report a port it picked itself, so the caller picks a free one
+        self.owns_workdir = workdir is None  # then stop() removes it, log included
         self.workdir = workdir or tempfile.mkdtemp(prefix="codeact-gateway-")
         self.log_path = os.path.join(self.workdir, "gateway.log")
         self.token = token
@@ -69,6 +71,8 @@ class KernelGateway:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(5)
+        if self.owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> KernelGateway:
         return self.start()

@@ -10,6 +10,7 @@ import itertools
 import os
 import shutil
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -65,7 +66,9 @@ class Backend(Protocol):
 
     async def write_file(self, home: Home, kernel: Kernel, path: str, data: bytes) -> int: ...
 
-    async def read_file(self, home: Home, kernel: Kernel, path: str) -> bytes: ...
+    async def read_file(self, home: Home, kernel: Kernel, path: str) -> tuple[int, AsyncIterator[bytes]]:
+        """The file's size and its bytes in pieces, read as the caller iterates (so a large download never
+        sits whole in the server's memory); refused past --max-file."""
 
     async def list_files(self, home: Home, kernel: Kernel) -> list[dict]: ...
 
@@ -138,7 +141,7 @@ class LocalBackend:
     async def write_file(self, home: Home, kernel: object, path: str, data: bytes) -> int:
         return files.write(home.workdir, path, data, home.uid, self.config.max_file)
 
-    async def read_file(self, home: Home, kernel: object, path: str) -> bytes:
+    async def read_file(self, home: Home, kernel: object, path: str) -> tuple[int, AsyncIterator[bytes]]:
         return files.read(home.workdir, path, self.config.max_file)
 
     async def list_files(self, home: Home, kernel: object) -> list[dict]:

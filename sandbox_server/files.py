@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import AsyncIterator
 
 from .errors import BadRequest, NotFound, TooLarge
 
@@ -28,9 +29,17 @@ def resolve(workdir: str, relative: str) -> str:
     return resolved
 
 
+READ_CHUNK = 256 * 1024  # a download is sent in pieces this size, so it never sits whole in memory
+
+
+def check_size(relative: str, size: int, max_size: int) -> None:
+    """Refuse a file over --max-file, upload or download, local or through a remote kernel."""
+    if size > max_size:
+        raise TooLarge(f"{relative!r} is {size} bytes, over the {max_size}-byte limit (--max-file)")
+
+
 def write(workdir: str, relative: str, data: bytes, owner: int | None, max_size: int) -> int:
-    if len(data) > max_size:
-        raise TooLarge(f"file of {len(data)} bytes exceeds the {max_size}-byte limit (--max-file)")
+    check_size(relative, len(data), max_size)
     path = resolve(workdir, relative)
     parent = os.path.dirname(path)
     _make_parents(workdir, parent, owner)
@@ -80,12 +89,24 @@ def open_for_reading(workdir: str, relative: str):
     return os.fdopen(descriptor, "rb"), info.st_size
 
 
-def read(workdir: str, relative: str, max_size: int) -> bytes:
+def read(workdir: str, relative: str, max_size: int) -> tuple[int, AsyncIterator[bytes]]:
+    """The file's size and its bytes in READ_CHUNK pieces, at most `size` of them (the kernel may be
+    appending to it meanwhile); the file closes when the iterator is done or closed."""
     handle, size = open_for_reading(workdir, relative)
-    with handle:
-        if size > max_size:
-            raise TooLarge(f"{relative!r} is {size} bytes, over the {max_size}-byte limit (--max-file)")
-        return handle.read()
+    try:
+        check_size(relative, size, max_size)
+    except TooLarge:
+        handle.close()
+        raise
+
+    async def chunks() -> AsyncIterator[bytes]:
+        with handle:
+            left = size
+            while left > 0 and (chunk := handle.read(min(READ_CHUNK, left))):
+                left -= len(chunk)
+                yield chunk
+
+    return size, chunks()
 
 
 def delete(workdir: str, relative: str) -> None:

@@ -18,15 +18,16 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from tornado import httpclient, websocket
 from tornado.httputil import url_concat
 
+from . import files
 from .backend import Home, start_or_kill
 from .config import Config
-from .errors import BadRequest, NotFound, TooLarge, Unavailable
+from .errors import BadRequest, NotFound, Unavailable
 from .execution import DIED, OK, EventSink, Execution, OutputCollector
 from .kernel import KernelStartError, kernel_setup_code
 from .protocol import NOT_RUN, ExecuteState
@@ -288,20 +289,22 @@ class GatewayBackend:
     # -- files, through the kernel --------------------------------------------------------------------
 
     async def write_file(self, home: Home, kernel: GatewayKernel, path: str, data: bytes) -> int:
-        if len(data) > self.config.max_file:
-            raise TooLarge(f"file of {len(data)} bytes exceeds the {self.config.max_file}-byte limit (--max-file)")
+        files.check_size(path, len(data), self.config.max_file)
         for offset in range(0, max(len(data), 1), self.file_chunk):
             chunk = base64.b64encode(data[offset:offset + self.file_chunk]).decode()
             await self._file_call(kernel, "write", path, chunk, offset == 0)
         return len(data)
 
-    async def read_file(self, home: Home, kernel: GatewayKernel, path: str) -> bytes:
+    async def read_file(self, home: Home, kernel: GatewayKernel, path: str) -> tuple[int, AsyncIterator[bytes]]:
         size = int(await self._file_call(kernel, "size", path))
-        if size > self.config.max_file:
-            raise TooLarge(f"{path!r} is {size} bytes, over the {self.config.max_file}-byte limit (--max-file)")
-        parts = [base64.b64decode(await self._file_call(kernel, "read", path, offset, self.file_chunk))
-                 for offset in range(0, max(size, 1), self.file_chunk)]
-        return b"".join(parts)
+        files.check_size(path, size, self.config.max_file)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for offset in range(0, size, self.file_chunk):
+                yield base64.b64decode(await self._file_call(kernel, "read", path, offset,
+                                                             min(self.file_chunk, size - offset)))
+
+        return size, chunks()
 
     async def list_files(self, home: Home, kernel: GatewayKernel) -> list[dict]:
         return json.loads(await self._file_call(kernel, "list", "."))

@@ -217,9 +217,13 @@ class FileHandler(BaseHandler):
         self.send({"path": path, "size": size}, 201)
 
     async def get(self, session_id: str, path: str) -> None:
-        data = await self.manager.read_file(self.manager.get(session_id), path)
-        self.set_header("Content-Type", "application/octet-stream")
-        self.finish(data)
+        async with self.manager.reading_file(self.manager.get(session_id), path) as (size, chunks):
+            self.set_header("Content-Type", "application/octet-stream")
+            self.set_header("Content-Length", str(size))
+            async for chunk in chunks:
+                self.write(chunk)
+                await self.flush()
+        self.finish()
 
     async def delete(self, session_id: str, path: str) -> None:
         await self.manager.delete_file(self.manager.get(session_id), path)

@@ -13,6 +13,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from .backend import Backend, Home, Kernel
@@ -249,9 +250,16 @@ class SessionManager:
         async with self._file_access(session):
             return await self.backend.write_file(session.home, session.kernel, path, data)
 
-    async def read_file(self, session: Session, path: str) -> bytes:
+    @contextlib.asynccontextmanager
+    async def reading_file(self, session: Session, path: str) -> AsyncIterator[tuple[int, AsyncIterator[bytes]]]:
+        """The file's size and its pieces, for the length of the `async with` (a remote kernel's executes wait
+        for the download, as it waited for them)."""
         async with self._file_access(session):
-            return await self.backend.read_file(session.home, session.kernel, path)
+            size, chunks = await self.backend.read_file(session.home, session.kernel, path)
+            try:
+                yield size, chunks
+            finally:
+                await chunks.aclose()
 
     async def list_files(self, session: Session) -> list[dict]:
         async with self._file_access(session):

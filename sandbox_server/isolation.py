@@ -264,7 +264,7 @@ def process_exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # it exists, under another user
     return True
 
 
@@ -282,7 +282,7 @@ def probe_cgroup() -> tuple[str | None, str | None]:
     """Which cgroup hierarchy this process can create limited groups in, or why none."""
     if not sys.platform.startswith("linux"):
         return None, "cgroups (not Linux)"
-    v1 = [os.path.join(CGROUP_ROOT, c) for c in ("memory", "pids")]
+    v1 = cgroup_roots("v1", cpu=False)
     if all(os.access(p, os.W_OK) and os.path.exists(os.path.join(p, "cgroup.procs")) for p in v1):
         return "v1", None
     controllers = os.path.join(CGROUP_ROOT, "cgroup.controllers")

@@ -104,9 +104,7 @@ class SandboxClient:
         return self._call("POST", "/v1/sessions", json=body).json()["id"]
 
     def close_session(self, session_id: str) -> None:
-        socket = self.sockets.pop(session_id, None)
-        if socket is not None:
-            socket.close()
+        self._drop_socket(session_id)
         try:
             self._call("DELETE", f"/v1/sessions/{session_id}")
         except SandboxError as error:

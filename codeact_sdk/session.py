@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from . import events, protocol, transcript
 from .local_sandbox import LocalSandbox
@@ -20,6 +21,9 @@ from .model import Completion, ModelClient
 from .sandbox import Execution, SandboxClient
 from .settings import Settings, resolve
 from .tools import Tool, as_tool, describe, setup_code
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 ANSWERED = "answer"  # the model replied without code
 EXECUTION_LIMIT = "execution_limit"  # the model wanted to run code past max_executions
@@ -199,24 +203,11 @@ class Session:
             yield  # a generator either way, so `stream` composes both alike
         pieces = self.model.stream(self.messages, stop=protocol.STOP_SEQUENCES,
                                    temperature=self.settings.temperature, max_tokens=self.settings.max_tokens)
-        while True:
-            try:
-                piece = next(pieces)
-            except StopIteration as finished:
-                return finished.value
-            yield events.ModelDelta(piece)
+        return (yield from relay(pieces, events.ModelDelta))
 
     def _execute(self, code: str) -> Generator[events.Event, None, Execution]:
         raw = self._sandbox.execute_events(self._sandbox_session, code, self.settings.timeout, self.on_input)
-        while True:
-            try:
-                event = next(raw)
-            except StopIteration as finished:
-                return finished.value
-            if event["type"] in ("stdout", "stderr"):
-                yield events.Output(event["type"], event.get("text", ""))
-            elif event["type"] in ("result", "display"):
-                yield events.Result(event["type"], event.get("data", {}))
+        return (yield from relay(raw, output_event))
 
     # -- files and transcripts -------------------------------------------------------------------------
 
@@ -251,6 +242,28 @@ class Session:
         if self.transcript_path and self._transcript is None:
             self._transcript = transcript.TranscriptWriter(self.transcript_path, {"model": self.settings.model})
         return self._transcript
+
+
+def relay(source: Generator[T, None, R],
+          convert: Callable[[T], events.Event | None]) -> Generator[events.Event, None, R]:
+    """`yield from source` with each item converted to an event (None drops it); returns what source returns."""
+    while True:
+        try:
+            item = next(source)
+        except StopIteration as finished:
+            return finished.value
+        event = convert(item)
+        if event is not None:
+            yield event
+
+
+def output_event(event: dict) -> events.Event | None:
+    """A sandbox event as the session's typed event; the rest (errors, input requests) are not relayed."""
+    if event["type"] in ("stdout", "stderr"):
+        return events.Output(event["type"], event.get("text", ""))
+    if event["type"] in ("result", "display"):
+        return events.Result(event["type"], event.get("data", {}))
+    return None
 
 
 def turn_record(turn: Turn) -> dict:

@@ -49,6 +49,7 @@ class LocalSandbox:
         if not server_installed():
             raise ConfigError("no sandbox_url given and the sandbox server is not installed: pass sandbox_url= "
                               "(or set CODEACT_SANDBOX_URL), or install the extra: pip install 'codeact[server]'")
+        os.makedirs(self.workspace, exist_ok=True)  # again after a stop()
         port_file = os.path.join(self.workspace, "port")
         command = [sys.executable, "-m", "sandbox_server", "--port", "0", "--port-file", port_file,
                    "--pool-size", str(self.pool_size), *self.extra_args]
@@ -68,15 +69,19 @@ class LocalSandbox:
         deadline = time.monotonic() + self.start_timeout
         while not os.path.exists(port_file):
             if self.process.poll() is not None:
-                raise SandboxConnectionError(f"the private sandbox server exited at start-up:\n{self.log_tail()}")
+                raise self._start_failed("exited at start-up")
             if time.monotonic() > deadline:
-                self.stop()
-                raise SandboxConnectionError(f"the private sandbox server did not start within "
-                                             f"{self.start_timeout:g} s:\n{self.log_tail()}")
+                raise self._start_failed(f"did not start within {self.start_timeout:g} s")
             time.sleep(0.02)
         with open(port_file) as handle:
             self.url = f"http://127.0.0.1:{int(handle.read())}"
         return self
+
+    def _start_failed(self, what: str) -> SandboxConnectionError:
+        """Stop what started; the error keeps the log's last lines, which stop() removes."""
+        tail = self.log_tail()
+        self.stop()
+        return SandboxConnectionError(f"the private sandbox server {what}:\n{tail}")
 
     def wait_for_pool(self, count: int = 1, timeout: float = 60.0) -> None:
         """Block until `count` warm kernels are ready (benchmarks and tests measure warm paths)."""
@@ -95,7 +100,8 @@ class LocalSandbox:
             return ""
 
     def stop(self, timeout: float = 10.0) -> float:
-        """SIGTERM, then SIGKILL past `timeout`; returns the seconds the server took to exit."""
+        """SIGTERM, then SIGKILL past `timeout`; returns the seconds the server took to exit. Its log and
+        port file go with it."""
         started = time.monotonic()
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -104,6 +110,7 @@ class LocalSandbox:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
+        shutil.rmtree(self.workspace, ignore_errors=True)
         return time.monotonic() - started
 
     def __enter__(self) -> LocalSandbox:

@@ -280,6 +280,7 @@ def test_kernels_die_with_a_killed_server(tmp_path):
     while processes_mentioning(str(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert processes_mentioning(str(tmp_path)) == [], "kernels outlived a SIGKILLed server"
+    server.stop()  # its own files only: the process is gone
 
 
 def test_the_next_server_removes_a_killed_servers_cgroups(tmp_path, capabilities):
@@ -294,6 +295,7 @@ def test_the_next_server_removes_a_killed_servers_cgroups(tmp_path, capabilities
     assert left, "the server made no cgroups"
     killed.process.kill()
     killed.process.wait(10)
+    killed.stop()  # its own files only: the process is gone, its cgroups stay
     time.sleep(0.5)  # its kernels die with it (pdeathsig); their cgroups stay, empty
     assert all(os.path.isdir(path) for path in left)
     start_sandbox(str(tmp_path / "next"), pool_size=1).stop()

@@ -177,6 +177,8 @@ def test_without_a_sandbox_url_a_private_server_is_started_and_stopped(model, mo
     model.enqueue("<execute>print(1 + 1)</execute>", "two")
     s = Session(llm_url=model.url)
     assert s.chat("1+1?").turns[0].execution.stdout == "2\n"
-    process = s._local.process
+    process, workspace = s._local.process, s._local.workspace
+    assert os.path.exists(os.path.join(workspace, "server.log"))
     s.close()
     assert process.poll() is not None
+    assert not os.path.exists(workspace), "the private server's log and port file outlived it"

@@ -9,7 +9,6 @@ Usage:
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -221,11 +220,7 @@ class Session:
 
     def export(self, destination: str | None = None) -> dict:
         """The conversation in the ShareGPT `conversations` format of CodeActInstruct."""
-        data = transcript.to_sharegpt(self.messages)
-        if destination:
-            with open(destination, "w", encoding="utf-8") as handle:
-                json.dump(data, handle, ensure_ascii=False, indent=1)
-        return data
+        return transcript.to_sharegpt(self.messages, destination)
 
     def _append(self, role: str, content: str) -> None:
         self.messages.append({"role": role, "content": content})

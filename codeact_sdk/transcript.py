@@ -56,16 +56,16 @@ def read(path: str) -> tuple[dict[str, Any], list[dict[str, str]]]:
     return meta, messages
 
 
-def to_sharegpt(messages: list[dict[str, str]]) -> dict[str, Any]:
-    """The CodeActInstruct shape: {"conversations": [{"from": "system"|"human"|"gpt", "value": ...}]}."""
-    return {"conversations": [{"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]} for m in messages]}
-
-
-def export(path: str, destination: str | None = None) -> dict[str, Any]:
-    """Export a transcript to ShareGPT format; written as JSON to `destination` when given."""
-    _, messages = read(path)
-    data = to_sharegpt(messages)
+def to_sharegpt(messages: list[dict[str, str]], destination: str | None = None) -> dict[str, Any]:
+    """The CodeActInstruct shape: {"conversations": [{"from": "system"|"human"|"gpt", "value": ...}]}; written
+    as JSON to `destination` when given."""
+    data = {"conversations": [{"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]} for m in messages]}
     if destination:
         with open(destination, "w", encoding="utf-8") as handle:
             json.dump(data, handle, ensure_ascii=False, indent=1)
     return data
+
+
+def export(path: str, destination: str | None = None) -> dict[str, Any]:
+    """Export a transcript file to ShareGPT format; written as JSON to `destination` when given."""
+    return to_sharegpt(read(path)[1], destination)

@@ -4,7 +4,7 @@ reads the environment."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # Setting name -> environment variable.
 ENVIRONMENT = {
@@ -51,5 +51,5 @@ def resolve(environ: dict[str, str] | None = None, **explicit: object) -> Settin
         if name not in values and environ.get(variable):
             values[name] = environ[variable]
     settings = Settings(**values)
-    return Settings(**{**settings.__dict__, "llm_url": settings.llm_url.rstrip("/"),
-                       "sandbox_url": settings.sandbox_url.rstrip("/") if settings.sandbox_url else None})
+    return replace(settings, llm_url=settings.llm_url.rstrip("/"),
+                   sandbox_url=settings.sandbox_url.rstrip("/") if settings.sandbox_url else None)

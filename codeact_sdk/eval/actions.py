@@ -55,11 +55,11 @@ class Action:
 
 
 def system_prompt(mode: str, tools: list[Tool]) -> str:
-    descriptions = "\n\n".join(describe(tool) for tool in tools)
+    descriptions = [describe(tool) for tool in tools]
     if mode == CODE:
-        return protocol.system_prompt([describe(tool) for tool in tools], CODE_PROMPT)
+        return protocol.system_prompt(descriptions, CODE_PROMPT)
     template = JSON_PROMPT if mode == JSON else TEXT_PROMPT
-    return template.format(note=ANSWER_NOTE, tools=descriptions)
+    return template.format(note=ANSWER_NOTE, tools="\n\n".join(descriptions))
 
 
 JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)

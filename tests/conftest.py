@@ -61,6 +61,11 @@ class SandboxProcess:
     def kernel_pids(self) -> list[int]:
         return processes_mentioning(self.root_dir)
 
+    def memory_kb(self, field: str = "VmRSS") -> int:
+        """The server's memory now (VmRSS), or at its peak so far (VmHWM)."""
+        with open(f"/proc/{self.process.pid}/status") as handle:
+            return next(int(line.split()[1]) for line in handle if line.startswith(field + ":"))
+
     def stop(self, timeout: float = 10.0) -> float:
         """SIGTERM, and the seconds it took to exit; fails past `timeout`."""
         took = self.server.stop(timeout)

@@ -201,11 +201,6 @@ def test_file_size_cap(tmp_path):
         server.stop()
 
 
-def peak_rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as handle:
-        return next(int(line.split()[1]) for line in handle if line.startswith("VmHWM:"))
-
-
 def test_a_large_download_streams_without_holding_the_file_in_memory(tmp_path):
     server = start_sandbox(str(tmp_path), pool_size=1)
     try:
@@ -213,14 +208,14 @@ def test_a_large_download_streams_without_holding_the_file_in_memory(tmp_path):
         server.execute(session, "import os\nwith open('big.bin', 'wb') as f:\n    f.write(os.urandom(1 << 20) * 60)")
         expected = server.execute(session, "import hashlib\nprint(hashlib.sha256(open('big.bin', 'rb').read())"
                                            ".hexdigest())")["stdout"].strip()
-        before = peak_rss_kb(server.process.pid)
+        before = server.memory_kb("VmHWM")
         response = server.request("GET", f"/v1/sessions/{session}/files/big.bin", stream=True)
         digest, size = hashlib.sha256(), 0
         for chunk in response.iter_content(1 << 20):
             digest.update(chunk)
             size += len(chunk)
         assert (size, digest.hexdigest()) == (60 << 20, expected)
-        growth_mb = (peak_rss_kb(server.process.pid) - before) / 1024
+        growth_mb = (server.memory_kb("VmHWM") - before) / 1024
         assert growth_mb < 20, f"the server's peak memory grew {growth_mb:.0f} MB for a 60 MB download"
     finally:
         server.stop()

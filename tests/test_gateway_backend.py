@@ -17,7 +17,7 @@ from codeact_sdk.errors import SandboxConnectionError
 from codeact_sdk.local_sandbox import LocalSandbox
 from model_server.stack import free_port
 from sandbox_server.testing import KernelGateway
-from tests.conftest import SandboxProcess
+from tests.conftest import SandboxProcess, start_sandbox
 from tests.test_sandbox_api import compat
 
 TOKEN = "gateway-secret"
@@ -89,9 +89,7 @@ def gateway_sandbox(gateway: KernelGateway | CuttableProxy, tmp_path, *args: str
                "--max-output", "200000", *args]
     if gateway.token:
         options += ["--gateway-token", gateway.token]
-    server = LocalSandbox(*options, pool_size=2, token="", root_dir=str(tmp_path)).start()
-    server.wait_for_pool(1)
-    return SandboxProcess(server, str(tmp_path))
+    return start_sandbox(str(tmp_path), *options, pool_size=2)
 
 
 @pytest.fixture(scope="module")

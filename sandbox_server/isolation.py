@@ -14,6 +14,7 @@ Each piece degrades on its own, and the start-up report says which ones apply:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -181,6 +182,9 @@ class Isolation:
                 made.append(path)
             except OSError as error:
                 log.warning("cgroup %s not created: %s", path, error)
+        if self.cpu_limit:
+            for parent in self.cgroup_parents:
+                weigh_kernels(parent)
         return made
 
     @staticmethod
@@ -220,6 +224,22 @@ def write_cgroup_limits(path: str, memory: int, processes: int, cpu: float = 0.0
         if os.path.exists(target):
             with open(target, "w") as handle:
                 handle.write(str(value))
+
+
+CPU_WEIGHTS = (("cpu.shares", 1024, 262144), ("cpu.weight", 100, 10000))  # v1, v2: (file, one process, most)
+
+
+def weigh_kernels(parent: str) -> None:
+    """Give the server's cgroup the CPU weight of as many processes as it holds kernels. Left at the default,
+    all kernels together would weigh as much as one process beside the server's own: measured with 100
+    sessions, throughput fell from about 275 to 190 executes/s. Counted when a kernel is added; a kernel gone
+    since counts until the next one (each is held to its quota anyway)."""
+    kernels = sum(os.path.isdir(os.path.join(parent, name)) for name in os.listdir(parent))
+    for filename, one, most in CPU_WEIGHTS:
+        target = os.path.join(parent, filename)
+        if os.path.exists(target):
+            with contextlib.suppress(OSError), open(target, "w") as handle:
+                handle.write(str(min(most, one * max(kernels, 1))))
 
 
 def make_cgroup_parents(version: str, name: str, cpu: bool = False) -> list[str]:

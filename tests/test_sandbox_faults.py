@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -194,6 +195,31 @@ def test_busy_processes_together_get_no_more_than_the_cpu_quota(tmp_path, capabi
         cpu_seconds, wall_seconds = map(float, result["stdout"].split())
         # Four spinning processes would take every core for 1.5 s; the quota allows half a core.
         assert cpu_seconds <= 0.5 * wall_seconds * 1.2, result["stdout"]
+    finally:
+        server.stop()
+
+
+def test_kernels_together_weigh_as_many_processes_as_they_are(tmp_path, capabilities):
+    """Each kernel's cgroup sits in the server's; left at its default weight, that cgroup would give all the
+    kernels together the CPU share of one process."""
+    if not capabilities.cgroup_cpu:
+        pytest.skip("no cpu cgroup controller here: " + capabilities.report())
+    from sandbox_server.isolation import CPU_WEIGHTS, cgroup_roots
+
+    server = start_sandbox(str(tmp_path), pool_size=3)
+    try:
+        server.create()
+        server.server.wait_for_pool(3)
+        checked = 0
+        for root in cgroup_roots(capabilities.cgroup):
+            parent = os.path.join(root, f"codeact-{server.process.pid}")
+            kernels = sum(os.path.isdir(os.path.join(parent, name)) for name in os.listdir(parent))
+            for filename, one, _ in CPU_WEIGHTS:
+                if os.path.exists(os.path.join(parent, filename)):
+                    with open(os.path.join(parent, filename)) as handle:
+                        assert int(handle.read()) == one * kernels == one * 4, (filename, kernels)
+                    checked += 1
+        assert checked, "no cpu weight file in the server's cgroups"
     finally:
         server.stop()
 

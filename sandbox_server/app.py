@@ -106,4 +106,4 @@ class Server:
             self.http = None
         await self.manager.close_all()
         await self.pool.close()
-        self.backend.close()
+        await self.backend.close()

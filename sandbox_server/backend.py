@@ -6,10 +6,15 @@ The local backend runs confined ipykernel processes on this machine.
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import itertools
+import logging
 import os
-import shutil
+import secrets
+import stat
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -22,6 +27,11 @@ from .config import Config
 from .execution import EventSink, Execution
 from .isolation import Capabilities, Isolation
 from .kernel import LocalKernel, connection_info, write_connection_file
+from .uids import UidLeases
+
+log = logging.getLogger("sandbox_server.backend")
+
+RECEIVE_QUEUE = 8  # kernel messages a channel's socket holds before zmq stops reading (zmq's default: 1000)
 
 
 class Kernel(Protocol):
@@ -62,7 +72,7 @@ class Backend(Protocol):
 
     async def start_kernel(self, home: Home, network: bool = False) -> Kernel: ...
 
-    def remove_home(self, home: Home) -> None: ...
+    async def remove_home(self, home: Home) -> None: ...
 
     async def write_file(self, home: Home, kernel: Kernel, path: str, data: bytes) -> int: ...
 
@@ -70,11 +80,12 @@ class Backend(Protocol):
         """The file's size and its bytes in pieces, read as the caller iterates (so a large download never
         sits whole in the server's memory); refused past --max-file."""
 
-    async def list_files(self, home: Home, kernel: Kernel) -> list[dict]: ...
+    async def list_files(self, home: Home, kernel: Kernel) -> tuple[list[dict], bool]:
+        """The session's regular files, and whether the list was cut short (a huge tree)."""
 
     async def delete_file(self, home: Home, kernel: Kernel, path: str) -> None: ...
 
-    def close(self) -> None: ...
+    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -97,67 +108,144 @@ async def start_or_kill(kernel: KernelT, timeout: float) -> KernelT:
 
 
 class LocalBackend:
-    """Kernels as confined local processes; session directories under one private root."""
+    """Kernels as confined local processes. Each server has a root of its own, locked while it lives, with a
+    container per session (owned by root, mode 0711) holding the session's directory and its kernels'
+    runtime directories (owned by the session's uid, mode 0700):
+
+        <base>/codeact-XXXXXX/.lock
+        <base>/codeact-XXXXXX/sXXXXXX/work    the session's directory, the kernel's working directory
+        <base>/codeact-XXXXXX/sXXXXXX/kN      a kernel's connection file, sockets, IPython profile
+
+    Names are short because a kernel's sockets live in k-N and a socket path has at most 107 bytes.
+    """
 
     files_through_kernel = False  # the server reads and writes session directories itself
 
     def __init__(self, config: Config, capabilities: Capabilities) -> None:
         self.config = config
         self.capabilities = capabilities
-        self.root = config.root_dir or tempfile.mkdtemp(prefix="codeact-")
-        self.owns_root = config.root_dir is None
-        os.makedirs(self.root, exist_ok=True)
-        os.chmod(self.root, 0o711)  # kernels traverse to their own 0700 directories, list nothing
+        base = config.root_dir or tempfile.gettempdir()
+        os.makedirs(base, exist_ok=True)
+        stale = stale_roots(base)
+        self.root = make_new_dir(base, ROOT_PREFIX, 0o711)  # kernels traverse to their 0700 directories
+        longest = os.path.join(self.root, "s000000", "k9999999", "k-5")
+        if len(longest.encode()) > SOCKET_PATH_MAX:
+            os.rmdir(self.root)
+            raise ValueError(f"--root-dir {base!r} is too long: kernel sockets under it would pass the "
+                             f"{SOCKET_PATH_MAX}-byte limit of a socket path; choose a shorter directory")
+        self.root_lock = os.open(os.path.join(self.root, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self.root_lock, fcntl.LOCK_EX)  # held while this server lives; the sweep tests it
+        self.uids = UidLeases(config.kernel_uid_base) if capabilities.drop_uid else None
         self.isolation = Isolation(capabilities, config.memory_limit, config.file_size_limit,
                                    config.process_limit, config.cpu_limit)
-        # One context for every kernel client; its default MAXMSGSIZE bounds what one message can
-        # cost the server, whatever the kernel sends.
+        # One context for every kernel client. Its socket defaults bound what a kernel can make the server
+        # hold, whatever it sends: one message at most --max-message, and at most RECEIVE_QUEUE of them
+        # waiting per channel (a kernel that floods its iopub between executes queues the rest itself).
         self.context = zmq.asyncio.Context()
         self.context.setsockopt(zmq.MAXMSGSIZE, config.max_message)
+        self.context.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
         self.counter = itertools.count(1)
+        self.sweep = asyncio.get_running_loop().create_task(remove_trees(stale)) if stale else None
 
     def new_home(self) -> Home:
-        number = next(self.counter)
-        uid = self.config.kernel_uid_base + number if self.capabilities.drop_uid else None
-        workdir = os.path.join(self.root, f"home-{number}")
-        self._make_private_dir(workdir, uid)
-        return Home(name=f"home-{number}", workdir=workdir, uid=uid)
+        container = make_new_dir(self.root, "s", 0o711)  # never the name of an earlier session's directory
+        uid = self.uids.claim(container) if self.uids is not None else None
+        workdir = os.path.join(container, "work")
+        make_private_dir(workdir, uid)
+        return Home(name=os.path.basename(container), workdir=workdir, uid=uid)
 
     async def start_kernel(self, home: Home, network: bool = False) -> LocalKernel:
-        number = next(self.counter)
-        name = f"kernel-{number}"
-        runtime_dir = os.path.join(self.root, name)
-        self._make_private_dir(runtime_dir, home.uid)
+        name = f"k{next(self.counter)}"
+        runtime_dir = os.path.join(os.path.dirname(home.workdir), name)
+        make_private_dir(runtime_dir, home.uid)
         connection = connection_info(runtime_dir)
         connection_file = write_connection_file(runtime_dir, connection, home.uid)
         launch = self.isolation.launch(name, home.workdir, connection_file, home.uid, network)
-        kernel = LocalKernel(name, launch, runtime_dir, connection, self.context,
-                             self.config.max_output, self.config.max_results)
+        kernel = LocalKernel(name, launch, runtime_dir, connection, self.context, self.config)
         return await start_or_kill(kernel, self.config.kernel_start_timeout)
 
-    def remove_home(self, home: Home) -> None:
-        shutil.rmtree(home.workdir, ignore_errors=True)
+    async def remove_home(self, home: Home) -> None:
+        """Remove the session's container; its uid goes back only once that is done."""
+        gone = await files.remove_tree(os.path.dirname(home.workdir))
+        if home.uid is not None and self.uids is not None:
+            if gone:
+                self.uids.release(home.uid)
+            else:
+                log.warning("session directory %s not removed; its uid %d stays leased", home.workdir, home.uid)
 
     async def write_file(self, home: Home, kernel: object, path: str, data: bytes) -> int:
-        return files.write(home.workdir, path, data, home.uid, self.config.max_file)
+        return await asyncio.to_thread(files.write, home.workdir, path, data, home.uid, self.config.max_file)
 
     async def read_file(self, home: Home, kernel: object, path: str) -> tuple[int, AsyncIterator[bytes]]:
-        return files.read(home.workdir, path, self.config.max_file)
+        return await files.read(home.workdir, path, home.uid, self.config.max_file)
 
-    async def list_files(self, home: Home, kernel: object) -> list[dict]:
-        return files.listing(home.workdir)
+    async def list_files(self, home: Home, kernel: object) -> tuple[list[dict], bool]:
+        return await asyncio.to_thread(files.listing, home.workdir)
 
     async def delete_file(self, home: Home, kernel: object, path: str) -> None:
-        files.delete(home.workdir, path)
+        await asyncio.to_thread(files.delete, home.workdir, path)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        if self.sweep is not None:
+            await self.sweep
         self.isolation.close()
         self.context.destroy(linger=0)
-        if self.owns_root:
-            shutil.rmtree(self.root, ignore_errors=True)
+        await files.remove_tree(self.root)
+        os.close(self.root_lock)
+        if self.uids is not None:
+            self.uids.close()
 
-    @staticmethod
-    def _make_private_dir(path: str, uid: int | None) -> None:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        if uid is not None:
-            os.chown(path, uid, uid)
+
+ROOT_PREFIX = "codeact-"  # a server root is one of these holding a .lock
+SOCKET_PATH_MAX = 107  # bytes in sockaddr_un.sun_path, less the terminating NUL
+STALE_AFTER = 60.0  # seconds: a root younger than this may belong to a server that has not locked it yet
+
+
+def stale_roots(base: str) -> list[str]:
+    """The roots in `base` of servers that are gone (killed outright: SIGKILL, the OOM killer, a crash)."""
+    stale = []
+    for name in os.listdir(base):
+        path = os.path.join(base, name)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if (not name.startswith(ROOT_PREFIX) or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid()
+                or time.time() - info.st_mtime < STALE_AFTER):
+            continue
+        try:
+            lock = os.open(os.path.join(path, ".lock"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # not a server root of ours
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            stale.append(path)
+        except BlockingIOError:
+            pass  # its server is alive
+        finally:
+            os.close(lock)
+    return stale
+
+
+async def remove_trees(paths: list[str]) -> None:
+    for path in paths:
+        log.info("removing %s, left by a server that was killed", path)
+        await files.remove_tree(path)
+
+
+def make_new_dir(parent: str, prefix: str, mode: int) -> str:
+    """A directory with a new random name (mkdir fails on a name in use), short for the sake of socket paths."""
+    while True:
+        path = os.path.join(parent, prefix + secrets.token_hex(3))
+        try:
+            os.mkdir(path, mode)
+            os.chmod(path, mode)  # past the umask
+            return path
+        except FileExistsError:
+            continue
+
+
+def make_private_dir(path: str, uid: int | None) -> None:
+    os.mkdir(path, 0o700)
+    if uid is not None:
+        os.chown(path, uid, uid)

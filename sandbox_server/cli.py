@@ -33,7 +33,8 @@ HELP = {
     "setup_timeout": "seconds a session's setup code may run",
     "max_output": "characters of stdout+stderr kept per execute (head and tail; the middle is dropped)",
     "max_results": "bytes of results and displays (images) kept per execute",
-    "max_message": "largest kernel message accepted, in bytes; larger ones are dropped",
+    "max_message": "largest kernel message, in bytes: kernels cut larger ones (with a marker); the server drops "
+                   "any that still arrive",
     "max_body": "largest JSON request body, in bytes",
     "max_file": "largest uploaded file, in bytes",
     "compat_timeout": "seconds per execute on the original /execute route",
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"codeact-sandbox: {error}")
     try:
         asyncio.run(serve(config))
-    except GatewayUnavailable as error:
+    except (GatewayUnavailable, ValueError) as error:  # ValueError: a setting that cannot work here
         sys.exit(f"codeact-sandbox: {error}")
 
 

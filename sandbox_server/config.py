@@ -40,7 +40,9 @@ class Config:
     # Output: capped while it streams, head and tail kept.
     max_output: int = 4 * 1024 * 1024  # characters of stdout+stderr text per execute
     max_results: int = 32 * 1024 * 1024  # bytes of MIME bundles (images) per execute
-    max_message: int = 64 * 1024 * 1024  # hard bound on one kernel message; larger ones are dropped
+    # Hard bound on one kernel message (kernels cut theirs to fit; zmq drops a larger one). Decoding costs the
+    # event loop up to ~11 ns a byte (JSON escapes), so this also bounds how long one message can hold it.
+    max_message: int = 8 * 1024 * 1024
 
     # Requests and files.
     max_body: int = 1024 * 1024  # JSON request bodies

@@ -1,9 +1,17 @@
-"""The kernel launcher: confine this process, then become the kernel.
+"""The kernel launcher: confine this process, then become the kernel (and, in a pid namespace, its init).
 
-Run as `python -m sandbox_server.confine SPEC_JSON`, as root inside the kernel's namespaces when the
-server has them. In order: join the kernel's cgroups, make the interpreter reachable for the kernel's
-uid, set rlimits, drop to the uid, ask to die with the parent, exec the kernel with a clean environment.
-Imports only the standard library, and little of it: this runs once per kernel start.
+Run as `python -E -s -S .../sandbox_server/confine.py SPEC_JSON`, as root inside the kernel's namespaces
+when the server has them. A script, not `-m`: the package's `__init__` would import tornado and zmq into
+every launch. In order:
+1. join the kernel's cgroups;
+2. shape the mount namespace (when it has one): the interpreter reachable, the whole host read-only, a
+   private /tmp and /dev/shm (tmpfs, sized, charged to the kernel's memory cgroup, gone with the kernel),
+   and only the session's own directories writable;
+3. set rlimits; in a pid namespace, fork: this process stays as PID 1, reaping orphans (an ipykernel as
+   PID 1 never does, and ~100 `cmd &` would exhaust the process limit with zombies) and passing SIGINT on;
+4. drop to the kernel's uid, ask to die with the parent, set no_new_privs and the seccomp filter, exec
+   the kernel with a clean environment.
+Imports only the standard library, and little of it.
 """
 
 from __future__ import annotations
@@ -15,7 +23,15 @@ import resource
 import signal
 import sys
 
-MS_NOSUID, MS_NODEV, MS_BIND, MS_REC = 2, 4, 4096, 16384
+try:
+    from . import seccomp
+except ImportError:  # run as a script, as the launch does
+    import seccomp
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC = 32, 4096, 16384
+MOUNT_OPTIONS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC}
+LEFT_WRITABLE = {"proc", "devpts", "mqueue"}  # kernel interfaces, not storage (writes to /dev nodes work anyway)
 PR_SET_PDEATHSIG = 1
 
 
@@ -23,7 +39,7 @@ def libc():
     return ctypes.CDLL(None, use_errno=True)
 
 
-def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
     encode = lambda text: text.encode() if text is not None else None  # noqa: E731
     if libc().mount(encode(source), encode(target), encode(fstype), flags, encode(data)) != 0:
         errno = ctypes.get_errno()
@@ -55,6 +71,43 @@ def open_closed_directories(closed: dict[str, list[str]]) -> None:
         os.close(handle)
 
 
+def mounts() -> list[tuple[str, str, int]]:
+    """(mount point, filesystem type, per-mount flags to keep) for every mount of this namespace."""
+    found = []
+    with open("/proc/self/mountinfo") as handle:
+        for line in handle:
+            fields = line.split()
+            separator = fields.index("-")
+            point = fields[4].encode().decode("unicode_escape")  # mountinfo writes a space as \040
+            flags = 0
+            for option in fields[5].split(","):
+                flags |= MOUNT_OPTIONS.get(option, 0)
+            found.append((point, fields[separator + 1], flags))
+    return found
+
+
+def shape_mounts(writable: list[str], private: dict[str, int], closed: dict[str, list[str]]) -> None:
+    """The kernel's view: the host read-only, private tmpfs mounts, and its own directories writable."""
+    handles = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in writable}
+    open_closed_directories(closed)
+    for path, size in private.items():
+        if os.path.isdir(path):
+            mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={size}")
+    for point, fstype, flags in mounts():
+        if fstype in LEFT_WRITABLE or point in private:
+            continue
+        try:
+            mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags)
+        except OSError:
+            if point == "/":
+                raise  # a writable host is not a degradation to accept silently
+    for path, handle in handles.items():
+        os.makedirs(path, exist_ok=True)  # a mount point (inside a private /tmp the path is new)
+        mount(f"/proc/self/fd/{handle}", path, None, MS_BIND)
+        mount(None, path, None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)  # a bind keeps its source's ro
+        os.close(handle)
+
+
 def set_rlimits(limits: dict[str, int]) -> None:
     for name, value in limits.items():
         resource.setrlimit(getattr(resource, name), (value, value))
@@ -66,21 +119,36 @@ def drop_privileges(uid: int) -> None:
     os.setuid(uid)
 
 
+def be_init(kernel: int) -> None:
+    """PID 1 of the kernel's pid namespace: reap every child, pass interrupts on, exit as the kernel did.
+    When this exits, the kernel's pid namespace ends and every process left in it is killed."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, lambda received, frame: os.kill(kernel, received))
+    while True:
+        pid, status = os.wait()
+        if pid == kernel:
+            os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+
+
 def main(argv: list[str]) -> None:
     spec = json.loads(argv[1])
     join_cgroups(spec["cgroups"])
-    open_closed_directories(spec["closed"])
+    if spec["namespaced"]:
+        shape_mounts(spec["writable"], spec["private"], spec["closed"])
     os.chdir(spec["workdir"])
     set_rlimits(spec["rlimits"])
     env = dict(spec["env"])
+    env.update(HOME=spec["workdir"], **({"USER": "codeact"} if spec["uid"] is not None else {}))
+    kernel = os.fork() if spec["namespaced"] else 0
     if spec["uid"] is not None:
         drop_privileges(spec["uid"])
-        env.update(HOME=spec["workdir"], USER="codeact")
-    else:
-        env.setdefault("HOME", spec["workdir"])
     if sys.platform.startswith("linux"):
-        # After the uid change, which clears it: the kernel dies with its parent, never orphaned.
+        # After the uid change, which clears it: die with the parent, never orphaned.
         libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if spec["seccomp"]:
+        seccomp.install()
+    if kernel:
+        be_init(kernel)
     os.execve(spec["argv"][0], spec["argv"], env)
 
 

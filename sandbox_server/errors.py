@@ -24,6 +24,10 @@ class Unauthorized(SandboxError, PermissionError):
     status, code = 401, "unauthorized"
 
 
+class Forbidden(SandboxError, PermissionError):
+    status, code = 403, "forbidden"
+
+
 class NotFound(SandboxError, LookupError):
     status, code = 404, "not_found"
 

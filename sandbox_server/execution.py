@@ -12,7 +12,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07")
+# CSI sequences, and OSC sequences ended by BEL or ST. An OSC body never holds an ESC, so every match attempt
+# stops at the next ESC and stripping stays linear (`[^\x07]*` made `'\x1b]' * 100000` quadratic: a 15 s stall).
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)")
 
 # The marker left where output was dropped. The kernel-side hook (kernel_hooks.py) writes the same
 # marker, so a truncation that happened in the kernel is recognised here too.
@@ -21,8 +23,8 @@ TRUNCATION_PATTERN = re.compile(r"\n\[\.\.\. output truncated: \d+ characters om
 
 NO_OUTPUT = "[Code executed successfully with no output]"
 
-# Statuses an execute can end with.
-OK, ERROR, TIMEOUT, RESTARTED, DIED = "ok", "error", "timeout", "restarted", "died"
+# Statuses an execute can end with. CLOSED: the session was deleted while the code ran.
+OK, ERROR, TIMEOUT, RESTARTED, DIED, CLOSED = "ok", "error", "timeout", "restarted", "died", "closed"
 
 Event = dict[str, Any]
 EventSink = Callable[[Event], None]
@@ -130,9 +132,9 @@ class OutputCollector:
         if self.sink is not None:
             self.sink(event)
 
+    # Text arrives with ANSI codes already stripped (protocol.clean, which keeps the event loop free meanwhile).
     def on_stream(self, name: str, text: str) -> None:
         stream = self.streams.get(name, self.streams["stderr"])
-        text = strip_ansi(text)
         if TRUNCATION_PATTERN.search(text):
             self.execution.truncated = True
         live = stream.append(text)
@@ -147,14 +149,12 @@ class OutputCollector:
             self.execution.truncated = True
             return
         self.results_size += size
-        if "text/plain" in data:
-            data = {**data, "text/plain": strip_ansi(data["text/plain"])}
         result = {"type": kind, "data": data, "metadata": metadata}
         self.execution.results.append(result)
         self.emit(result)
 
     def on_error(self, name: str, value: str, traceback: list[str]) -> None:
-        error = {"name": name, "value": strip_ansi(value), "traceback": [strip_ansi(t) for t in traceback]}
+        error = {"name": name, "value": value, "traceback": traceback}
         self.execution.error = error
         self.emit({"type": "error", **error})
 
@@ -208,7 +208,7 @@ def render_original(events: list[Event], execution: Execution, timeout: float) -
                 parts.append(f"\n![image](data:image/png;base64,{data['image/png']})\n")
         elif kind == "error":
             parts.append("\n".join(event["traceback"]))
-    text = strip_ansi("".join(parts))
+    text = "".join(parts)  # events carry text already stripped of ANSI codes
     if execution.status == DIED and execution.message:
         text += ("\n" if text else "") + f"[{execution.message}]"
     return text if text.strip() else NO_OUTPUT

@@ -1,35 +1,112 @@
 """A session's files: upload, download, list and delete, confined to the session's own directory.
 
-The server runs as root and the directory belongs to the kernel, which can plant symlinks in it, so
-every path is resolved and checked after resolution, and final components are opened without following
-links.
+The server runs as root and the directory belongs to the kernel, which may swap any directory in it for a
+symlink at any moment. So no path is ever checked and then opened by name: every operation starts from a
+handle on the session directory and resolves each component relative to the handle before it, never
+following a link (`openat2` with RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS where the kernel has it, else one
+`openat(O_NOFOLLOW)` per component). Whatever the kernel does meanwhile, the worst it gets is an error.
+What is opened is checked by type after opening, without blocking: a FIFO or socket is refused, not read.
+
+These functions block (disk, large trees): the backend runs them in a worker thread, off the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ctypes
+import errno
 import os
+import secrets
 import stat
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Iterator
 
-from .errors import BadRequest, NotFound, TooLarge
+from .errors import BadRequest, Forbidden, NotFound, TooLarge
+
+READ_CHUNK = 256 * 1024  # a download is sent in pieces this size, so it never sits whole in memory
+LIST_LIMIT = 10_000  # files listed at most
+SCAN_LIMIT = 200_000  # directory entries looked at, at most, for one listing
+DIRECTORY = os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+# openat2(2), Linux 5.6+: resolve a whole path beneath a directory handle, refusing every link, in one call.
+SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437}.get(os.uname().machine) if sys.platform.startswith("linux") else None
+RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_BENEATH = 0x02, 0x04, 0x08
 
 
-def resolve(workdir: str, relative: str) -> str:
-    """The absolute path of `relative` inside `workdir`; refuses absolute paths, `..` and escaping links."""
+class OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True) if SYS_OPENAT2 else None
+_openat2_works = SYS_OPENAT2 is not None
+
+
+def split(relative: str) -> list[str]:
+    """The components of a client's path; refuses absolute paths, `..`, empty components and NUL."""
     if not relative or relative.startswith("/") or "\x00" in relative:
         raise BadRequest(f"file path {relative!r} must be relative to the session directory")
     parts = relative.split("/")
-    if any(part in ("..", "") for part in parts[:-1]) or parts[-1] in ("..", ""):
-        raise BadRequest(f"file path {relative!r} may not contain '..' or empty components")
-    root = os.path.realpath(workdir)
-    candidate = os.path.join(root, *parts)
-    resolved = os.path.realpath(candidate)
-    if resolved != root and not resolved.startswith(root + os.sep):
-        raise BadRequest(f"file path {relative!r} leaves the session directory (through a symlink)")
-    return resolved
+    if any(part in ("", ".", "..") for part in parts):
+        raise BadRequest(f"file path {relative!r} may not contain '.', '..' or empty components")
+    return parts
 
 
-READ_CHUNK = 256 * 1024  # a download is sent in pieces this size, so it never sits whole in memory
+def open_beneath(directory: int, parts: list[str], flags: int, mode: int = 0) -> int:
+    """Open `parts` below the `directory` handle, never following a link and never leaving it."""
+    global _openat2_works
+    flags |= os.O_CLOEXEC | os.O_NOFOLLOW
+    if _openat2_works:
+        how = OpenHow(flags, mode if flags & os.O_CREAT else 0,
+                      RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+        path = "/".join(parts).encode()
+        descriptor = _libc.syscall(SYS_OPENAT2, directory, path, ctypes.byref(how), ctypes.sizeof(how))
+        if descriptor >= 0:
+            return descriptor
+        number = ctypes.get_errno()
+        if number not in (errno.ENOSYS, errno.EPERM):  # EPERM: a seccomp policy that forbids openat2
+            raise OSError(number, os.strerror(number), "/".join(parts))
+        _openat2_works = False
+    return open_by_components(directory, parts, flags, mode)
+
+
+def open_by_components(directory: int, parts: list[str], flags: int, mode: int = 0) -> int:
+    """The fallback: one `openat(O_NOFOLLOW)` per component, each relative to the handle before it."""
+    current = os.dup(directory)
+    try:
+        for part in parts[:-1]:
+            following = os.open(part, os.O_PATH | DIRECTORY, dir_fd=current)
+            os.close(current)
+            current = following
+        return os.open(parts[-1], flags | os.O_CLOEXEC | os.O_NOFOLLOW, mode, dir_fd=current)
+    finally:
+        os.close(current)
+
+
+@contextlib.contextmanager
+def session_directory(workdir: str) -> Iterator[int]:
+    """A handle on the session directory. Its path is safe to open by name: its parent belongs to the
+    server, so the kernel cannot replace it."""
+    descriptor = os.open(workdir, os.O_RDONLY | DIRECTORY)
+    try:
+        yield descriptor
+    finally:
+        os.close(descriptor)
+
+
+def refusal(relative: str, error: OSError) -> Exception:
+    """The client's error for a failed open: links and non-directories in the path are refused, not followed."""
+    if error.errno == errno.ENOENT:
+        return NotFound(f"no file {relative!r} in the session directory")
+    if error.errno in (errno.ELOOP, errno.EXDEV):
+        return BadRequest(f"{relative!r} is or passes through a symbolic link; the files API never follows links")
+    if error.errno == errno.ENOTDIR:
+        return BadRequest(f"a parent of {relative!r} is not a directory")
+    if error.errno == errno.EISDIR:
+        return BadRequest(f"{relative!r} is a directory")
+    if error.errno == errno.ENXIO:
+        return BadRequest(f"{relative!r} is not a regular file")
+    return BadRequest(f"cannot open {relative!r}: {error.strerror}")
 
 
 def check_size(relative: str, size: int, max_size: int) -> None:
@@ -38,71 +115,98 @@ def check_size(relative: str, size: int, max_size: int) -> None:
         raise TooLarge(f"{relative!r} is {size} bytes, over the {max_size}-byte limit (--max-file)")
 
 
+def check_regular(relative: str, descriptor: int, owner: int | None) -> os.stat_result:
+    info = os.fstat(descriptor)
+    if not stat.S_ISREG(info.st_mode):
+        raise BadRequest(f"{relative!r} is not a regular file (a FIFO, socket or device is never read or written)")
+    if owner is not None and info.st_uid != owner:
+        # A hard link the kernel made to a file of another user: not the session's to hand out.
+        raise Forbidden(f"{relative!r} does not belong to the session")
+    return info
+
+
 def write(workdir: str, relative: str, data: bytes, owner: int | None, max_size: int) -> int:
+    """Write a file whole: to a new file beside it, then renamed over the name, which replaces a link or a
+    file there without following it, and never leaves a half-written file."""
     check_size(relative, len(data), max_size)
-    path = resolve(workdir, relative)
-    parent = os.path.dirname(path)
-    _make_parents(workdir, parent, owner)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-    descriptor = os.open(path, flags, 0o644)
-    try:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise BadRequest(f"{relative!r} is not a regular file")
-        if owner is not None:
-            os.fchown(descriptor, owner, owner)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(descriptor, view) :]
-    finally:
-        os.close(descriptor)
+    parts = split(relative)
+    with session_directory(workdir) as root:
+        parent = make_parents(root, relative, parts[:-1], owner)
+        temporary = f".codeact-upload-{secrets.token_hex(8)}"
+        try:
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 0o644, dir_fd=parent)
+            try:
+                if owner is not None:
+                    os.fchown(descriptor, owner, owner)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(descriptor, view):]
+            finally:
+                os.close(descriptor)
+            try:
+                os.rename(temporary, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
+            except OSError as error:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary, dir_fd=parent)
+                raise refusal(relative, error) from None
+        finally:
+            os.close(parent)
     return len(data)
 
 
-def _make_parents(workdir: str, parent: str, owner: int | None) -> None:
-    root = os.path.realpath(workdir)
-    missing = []
-    current = parent
-    while current != root and not os.path.exists(current):
-        missing.append(current)
-        current = os.path.dirname(current)
-    for directory in reversed(missing):
-        os.mkdir(directory, 0o755)
-        if owner is not None:
-            os.chown(directory, owner, owner)
-    if not os.path.isdir(parent):
-        raise BadRequest("a parent of the file path is not a directory")
-
-
-def open_for_reading(workdir: str, relative: str):
-    """A binary file object and its size; refuses directories and links."""
-    path = resolve(workdir, relative)
+def make_parents(root: int, relative: str, parts: list[str], owner: int | None) -> int:
+    """A handle on the directory `parts` names below `root`, creating what is missing (owned by `owner`)."""
+    current = os.dup(root)
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise NotFound(f"no file {relative!r} in the session directory")
-    except OSError as error:
-        raise BadRequest(f"cannot read {relative!r}: {error.strerror}")
-    info = os.fstat(descriptor)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(descriptor)
-        raise BadRequest(f"{relative!r} is not a regular file")
-    return os.fdopen(descriptor, "rb"), info.st_size
-
-
-def read(workdir: str, relative: str, max_size: int) -> tuple[int, AsyncIterator[bytes]]:
-    """The file's size and its bytes in READ_CHUNK pieces, at most `size` of them (the kernel may be
-    appending to it meanwhile); the file closes when the iterator is done or closed."""
-    handle, size = open_for_reading(workdir, relative)
-    try:
-        check_size(relative, size, max_size)
-    except TooLarge:
-        handle.close()
+        for part in parts:
+            try:
+                following = os.open(part, os.O_RDONLY | DIRECTORY, dir_fd=current)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=current)
+                try:
+                    following = os.open(part, os.O_RDONLY | DIRECTORY, dir_fd=current)
+                except OSError as error:
+                    raise refusal(relative, error) from None
+                if owner is not None:
+                    os.fchown(following, owner, owner)
+            except OSError as error:
+                raise refusal(relative, error) from None
+            os.close(current)
+            current = following
+    except BaseException:
+        os.close(current)
         raise
+    return current
+
+
+def open_for_reading(workdir: str, relative: str, owner: int | None, max_size: int):
+    """A binary file object and its size. Opened non-blocking, so a FIFO cannot stall the open."""
+    parts = split(relative)
+    with session_directory(workdir) as root:
+        try:
+            descriptor = open_beneath(root, parts, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError as error:
+            raise refusal(relative, error) from None
+    try:
+        size = check_regular(relative, descriptor, owner).st_size
+        check_size(relative, size, max_size)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return os.fdopen(descriptor, "rb", buffering=0), size
+
+
+async def read(workdir: str, relative: str, owner: int | None, max_size: int) -> tuple[int, AsyncIterator[bytes]]:
+    """The file's size and its bytes in READ_CHUNK pieces, at most `size` of them (the kernel may be
+    appending meanwhile), each read in a worker thread; the file closes when the iterator is done or closed."""
+    handle, size = await asyncio.to_thread(open_for_reading, workdir, relative, owner, max_size)
 
     async def chunks() -> AsyncIterator[bytes]:
         with handle:
             left = size
-            while left > 0 and (chunk := handle.read(min(READ_CHUNK, left))):
+            while left > 0 and (chunk := await asyncio.to_thread(handle.read, min(READ_CHUNK, left))):
                 left -= len(chunk)
                 yield chunk
 
@@ -110,30 +214,85 @@ def read(workdir: str, relative: str, max_size: int) -> tuple[int, AsyncIterator
 
 
 def delete(workdir: str, relative: str) -> None:
-    path = resolve(workdir, relative)
-    try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            raise BadRequest(f"{relative!r} is a directory; delete the files in it")
-        os.unlink(path)
-    except FileNotFoundError:
-        raise NotFound(f"no file {relative!r} in the session directory")
+    """Remove one name (a file, a link, a FIFO: never what a link points to); directories are refused."""
+    parts = split(relative)
+    with session_directory(workdir) as root:
+        try:
+            parent = open_beneath(root, parts[:-1], os.O_PATH | os.O_DIRECTORY) if parts[:-1] else os.dup(root)
+        except OSError as error:
+            raise refusal(relative, error) from None
+        try:
+            os.unlink(parts[-1], dir_fd=parent)
+        except OSError as error:
+            if error.errno in (errno.EISDIR, errno.EPERM) and stat.S_ISDIR(
+                    os.stat(parts[-1], dir_fd=parent, follow_symlinks=False).st_mode):
+                raise BadRequest(f"{relative!r} is a directory; delete the files in it") from None
+            raise refusal(relative, error) from None
+        finally:
+            os.close(parent)
 
 
-def listing(workdir: str, limit: int = 10000) -> list[dict]:
-    """Regular files under the directory (links are not followed), with sizes and modification times."""
-    root = os.path.realpath(workdir)
-    entries = []
-    for directory, subdirectories, filenames in os.walk(root, followlinks=False):
-        subdirectories.sort()
-        for filename in sorted(filenames):
-            path = os.path.join(directory, filename)
+def listing(workdir: str, limit: int = LIST_LIMIT, scan_limit: int = SCAN_LIMIT) -> tuple[list[dict], bool]:
+    """Regular files under the directory, with sizes and modification times, and whether the list was cut.
+
+    Iterative (a tree ten thousand levels deep is no recursion error), links never followed, and bounded:
+    at most `limit` files listed and `scan_limit` entries looked at, whatever the kernel made.
+    """
+    entries: list[dict] = []
+    scanned = 0
+    pending = [""]  # directories still to read, relative to the session directory
+    with session_directory(workdir) as root:
+        while pending:
+            relative = pending.pop()
             try:
-                info = os.lstat(path)
+                descriptor = open_beneath(root, relative.split("/"), os.O_RDONLY | os.O_DIRECTORY) \
+                    if relative else os.dup(root)
             except OSError:
-                continue
-            if stat.S_ISREG(info.st_mode):
-                entries.append({"path": os.path.relpath(path, root), "size": info.st_size,
-                                "modified": info.st_mtime})
-            if len(entries) >= limit:
-                return entries
-    return entries
+                continue  # replaced or removed since it was seen, or too deep for a path
+            with os.scandir(descriptor) as found:
+                children = []
+                for entry in found:
+                    scanned += 1
+                    if scanned > scan_limit:
+                        os.close(descriptor)
+                        return entries, True
+                    path = f"{relative}/{entry.name}" if relative else entry.name
+                    try:
+                        info = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if stat.S_ISDIR(info.st_mode):
+                        children.append(path)
+                    elif stat.S_ISREG(info.st_mode):
+                        entries.append({"path": path, "size": info.st_size, "modified": info.st_mtime})
+                        if len(entries) >= limit:
+                            os.close(descriptor)
+                            return entries, True
+            os.close(descriptor)
+            pending.extend(sorted(children, reverse=True))
+    return entries, False
+
+
+REMOVE_DEADLINE = 300.0  # seconds a tree's removal may take before it is abandoned (and logged)
+
+
+async def remove_tree(path: str, deadline: float = REMOVE_DEADLINE) -> bool:
+    """Remove a directory tree in a child process: rm(1) never follows links, has no recursion limit, and
+    a session's 200,000 files cost the event loop nothing. Whether the tree is gone."""
+    if not os.path.lexists(path):
+        return True
+    command = ["rm", "-rf", "--one-file-system", "--", path] if sys.platform.startswith("linux") \
+        else ["rm", "-rf", "--", path]
+    process = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.DEVNULL,
+                                                   stdout=asyncio.subprocess.DEVNULL,
+                                                   stderr=asyncio.subprocess.DEVNULL)
+    try:
+        await asyncio.wait_for(process.wait(), deadline)
+    except asyncio.TimeoutError:
+        process.kill()
+        await process.wait()
+    except asyncio.CancelledError:
+        process.kill()
+        await process.wait()
+        raise
+    return not os.path.lexists(path)

@@ -30,7 +30,7 @@ from .config import Config
 from .errors import BadRequest, NotFound, Unavailable
 from .execution import DIED, OK, EventSink, Execution, OutputCollector
 from .kernel import KernelStartError, kernel_setup_code
-from .protocol import NOT_RUN, ExecuteState
+from .protocol import NOT_RUN, ExecuteState, clean
 
 log = logging.getLogger("sandbox_server.gateway")
 
@@ -103,7 +103,7 @@ class GatewayKernel:
                 iopub_ready = iopub_ready or (message.get("channel") == "iopub" and kind == "status")
                 if shell_ready and iopub_ready:
                     break
-        execution = await self.execute(kernel_setup_code(self.backend.config.max_output),
+        execution = await self.execute(kernel_setup_code(self.backend.config),
                                        max(deadline - time.monotonic(), 1.0), silent=True)
         if execution.status != OK:
             raise KernelStartError(f"gateway kernel {self.kernel_id} setup failed: {execution.text[-500:]}")
@@ -184,7 +184,8 @@ class GatewayKernel:
                 self.mark_gone("the kernel died and the gateway restarted it, state lost")
                 status = DIED
                 break
-            state.on_message(message.get("channel", ""), message)
+            state.on_message(message.get("channel", ""), await clean(message))
+            await asyncio.sleep(0)  # a flood of queued messages must not hold the loop
         return collector.finish(status, state.execution_count, (time.monotonic() - started) * 1000)
 
     async def recover(self) -> str | None:
@@ -280,10 +281,10 @@ class GatewayBackend:
         kernel = GatewayKernel(self, created["id"], f"gateway-{created['id'][:8]}")
         return await start_or_kill(kernel, self.config.kernel_start_timeout)
 
-    def remove_home(self, home: Home) -> None:
+    async def remove_home(self, home: Home) -> None:
         pass  # a remote kernel's files go with the kernel
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.client.close()
 
     # -- files, through the kernel --------------------------------------------------------------------
@@ -306,8 +307,8 @@ class GatewayBackend:
 
         return size, chunks()
 
-    async def list_files(self, home: Home, kernel: GatewayKernel) -> list[dict]:
-        return json.loads(await self._file_call(kernel, "list", "."))
+    async def list_files(self, home: Home, kernel: GatewayKernel) -> tuple[list[dict], bool]:
+        return json.loads(await self._file_call(kernel, "list", ".")), False
 
     async def delete_file(self, home: Home, kernel: GatewayKernel, path: str) -> None:
         await self._file_call(kernel, "delete", path)

@@ -6,29 +6,40 @@ Dependencies arrive through `initialize`; every error leaves through `write_erro
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from typing import Any
 
 from tornado import web, websocket
 
+from . import access
 from .config import Config
-from .errors import BadRequest, Conflict, NotFound, SandboxError, TooLarge, Unauthorized
-from .execution import done_event, render_original
+from .errors import BadRequest, Conflict, NotFound, SandboxError, TooLarge
+from .execution import CLOSED, done_event, render_original
 from .metrics import Metrics
 from .sessions import SessionManager
 
 log = logging.getLogger("sandbox_server.handlers")
 
 
-def token_matches(expected: str | None, authorization: str | None, query_token: str | None = None) -> bool:
-    if not expected:
-        return True
-    offered = query_token or ""
-    if authorization and authorization.startswith("Bearer "):
-        offered = authorization[len("Bearer ") :]
-    return hmac.compare_digest(offered.encode(), expected.encode())
+def parse_object(raw: bytes | str, what: str = "body") -> dict:
+    """A JSON object from a client, or BadRequest: never a 500 for text a client controls (deep nesting,
+    lone surrogates such as "\\ud800", which no kernel message could carry)."""
+    try:
+        value = json.loads(raw)
+        if not isinstance(value, dict):
+            raise BadRequest(f"{what} must be a JSON object")
+        json.dumps(value, ensure_ascii=False).encode()
+    except RecursionError:
+        raise BadRequest(f"{what} is nested too deeply") from None
+    except UnicodeError as error:
+        raise BadRequest(f"{what} is not valid Unicode text ({error.reason}): lone surrogates such as "
+                         "\\ud800 are refused") from None
+    except ValueError as error:
+        if isinstance(error, BadRequest):
+            raise
+        raise BadRequest(f"{what} is not valid JSON: {error}") from None
+    return value
 
 
 def field(body: dict, name: str, kinds: type | tuple, required: bool = False, default: Any = None) -> Any:
@@ -72,9 +83,7 @@ class BaseHandler(web.RequestHandler):
         return getattr(self.config, self.body_limit_name)
 
     def prepare(self) -> None:
-        if not self.public and not token_matches(self.config.token, self.request.headers.get("Authorization")):
-            raise Unauthorized("missing or wrong token: send 'Authorization: Bearer <token>' with the "
-                               "server's --token / CODEACT_SANDBOX_TOKEN")
+        access.check(self.config.token, self.request.headers, public=self.public)
         length = self.request.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > self.body_limit:
             raise TooLarge(f"request body of {length} bytes exceeds the {self.body_limit}-byte limit "
@@ -97,15 +106,7 @@ class BaseHandler(web.RequestHandler):
     def json_body(self) -> dict:
         """The body as a JSON object, whatever the Content-Type (the original clients send none)."""
         raw = self.body
-        if not raw.strip():
-            return {}
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as error:
-            raise BadRequest(f"body is not valid JSON: {error}")
-        if not isinstance(body, dict):
-            raise BadRequest("body must be a JSON object")
-        return body
+        return parse_object(raw) if raw.strip() else {}
 
     def send(self, payload: Any, status: int = 200) -> None:
         self.set_status(status)
@@ -206,7 +207,8 @@ class RestartHandler(BaseHandler):
 
 class FilesHandler(BaseHandler):
     async def get(self, session_id: str) -> None:
-        self.send({"files": await self.manager.list_files(self.manager.get(session_id))})
+        found, truncated = await self.manager.list_files(self.manager.get(session_id))
+        self.send({"files": found, "truncated": truncated})
 
 
 class FileHandler(BaseHandler):
@@ -268,9 +270,11 @@ class StreamHandler(websocket.WebSocketHandler):
         self.session = None
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
-        token = self.get_query_argument("token", None)
-        if not token_matches(self.config.token, self.request.headers.get("Authorization"), token):
-            self.refuse(Unauthorized("missing or wrong token: send 'Authorization: Bearer <token>' or ?token="))
+        try:
+            access.check(self.config.token, self.request.headers,
+                         query_token=self.get_query_argument("token", None))
+        except SandboxError as error:
+            self.refuse(error)
             return
         session_id = args[0]
         if session_id not in self.manager.sessions:
@@ -285,7 +289,7 @@ class StreamHandler(websocket.WebSocketHandler):
         self.finish(json.dumps({"error": error.code, "message": error.message}))
 
     def check_origin(self, origin: str) -> bool:
-        return True  # token auth, not cookies: a cross-origin page gains nothing
+        return True  # decided in get() by access.check, with the same rule as every other route
 
     def open(self, session_id: str) -> None:
         # Tornado leaves Nagle's algorithm on after the upgrade: 40+ ms per small message without this.
@@ -295,9 +299,7 @@ class StreamHandler(websocket.WebSocketHandler):
 
     def on_message(self, raw: str | bytes) -> None:
         try:
-            message = json.loads(raw)
-            if not isinstance(message, dict):
-                raise ValueError("a message must be a JSON object")
+            message = parse_object(raw, "a message")
             kind = message.get("type")
             if kind == "execute":
                 code = field(message, "code", str, required=True)
@@ -308,8 +310,8 @@ class StreamHandler(websocket.WebSocketHandler):
                 asyncio.get_running_loop().create_task(self.manager.interrupt(self.session))
             else:
                 raise BadRequest(f"unknown message type {kind!r}: use execute, input_reply or interrupt")
-        except (ValueError, SandboxError) as error:
-            self.send_event({"type": "protocol_error", "error": "bad_request", "message": str(error)})
+        except SandboxError as error:
+            self.send_event({"type": "protocol_error", "error": error.code, "message": error.message})
 
     async def _run_queue(self) -> None:
         while True:
@@ -319,11 +321,18 @@ class StreamHandler(websocket.WebSocketHandler):
                 execution = await asyncio.shield(self.manager.execute(
                     self.session, code, timeout, sink=self.send_event, allow_stdin=True))
                 self.send_event(done_event(execution))
+                if execution.status == CLOSED:
+                    self.close()
+                    return
             except SandboxError as error:
                 self.send_event({"type": "protocol_error", "error": error.code, "message": error.message})
                 if isinstance(error, NotFound | Conflict):
                     self.close()
                     return
+            except Exception:  # a bug must not leave the client waiting for a `done` that never comes
+                log.exception("execute on session %s failed", self.session.id)
+                self.send_event({"type": "protocol_error", "error": "internal",
+                                 "message": "internal server error; the server log has the details"})
 
     def send_event(self, event: dict) -> None:
         try:

@@ -3,9 +3,13 @@
 Each piece degrades on its own, and the start-up report says which ones apply:
 - namespaces (`unshare`, root on Linux): no network, own pid space (the server's pid does not exist
   there, so a kernel cannot signal it), own /proc; the kernel talks over the IPC transport.
-- an unprivileged uid per kernel when the server is root, so sessions cannot read each other's files;
-  an interpreter under a 0700 directory (pyenv under /root) is made reachable inside the kernel's
-  mount namespace rather than by loosening the host's permissions.
+- a mount namespace: the host read-only, a private /tmp and /dev/shm, only the session's directories
+  writable; an interpreter under a 0700 directory (pyenv under /root) is made reachable there rather
+  than by loosening the host's permissions; ipc and uts namespaces too.
+- an unprivileged uid per kernel when the server is root, unique on the host (uids.py), so sessions
+  cannot read each other's files or share a process limit.
+- a tiny init as PID 1 of the pid namespace, reaping orphans.
+- no_new_privs and a seccomp filter (seccomp.py).
 - rlimits: address space, file size, open files; process count when the kernel is not root.
 - cgroups (v1 or v2, where a hierarchy is writable): memory and pids limits, and a CPU quota where the cpu
   controller is writable too, so a session's processes together cannot take more than their share.
@@ -21,11 +25,14 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from . import seccomp
 
 log = logging.getLogger("sandbox_server.isolation")
 
 # Variables a kernel inherits from the server; everything else (tokens, keys) stays out.
+CONFINE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confine.py")
 KEPT_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM", "PYTHONHASHSEED")
 CGROUP_ROOT = "/sys/fs/cgroup"
 
@@ -39,16 +46,19 @@ class Capabilities:
     cgroup: str | None = None  # "v1", "v2" or None
     cgroup_cpu: bool = False  # the cpu controller is usable too
     rlimit_nproc: bool = False
+    seccomp: bool = False
     notes: tuple[str, ...] = ()
 
     def report(self, cpu_limit: float = 0.0) -> str:
         applied = ["working directory", "scrubbed environment", "rlimits (address space, file size)"]
         if self.namespaces:
-            applied.append("network+pid+mount namespaces")
+            applied.append("network+pid+mount+ipc namespaces (read-only host, private /tmp and /dev/shm, init)")
         if self.drop_uid:
             applied.append("unprivileged uid per kernel")
         if self.rlimit_nproc:
             applied.append("process rlimit")
+        if self.seccomp:
+            applied.append("no_new_privs + seccomp filter")
         if self.cgroup:
             quota = f"+cpu (--cpu-limit {cpu_limit:g})" if self.cgroup_cpu and cpu_limit else ""
             applied.append(f"cgroup {self.cgroup} memory+pids{quota}")
@@ -120,7 +130,7 @@ class Isolation:
         self.process_limit = process_limit
         self.cpu_limit = cpu_limit if capabilities.cgroup_cpu else 0.0
         self.cgroup_parents: list[str] = []
-        self._closed: dict[str, dict[str, list[str]]] = {}
+        self._closed: dict[str, list[str]] | None = None
         self.setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
         if capabilities.cgroup:
             remove_stale_cgroups(capabilities.cgroup)
@@ -132,9 +142,17 @@ class Isolation:
         caps = self.capabilities
         uid = uid if caps.drop_uid else None
         cgroups = self.make_kernel_cgroups(kernel_name)
+        runtime_dir = os.path.dirname(connection_file)
         spec = {
             "workdir": workdir,
             "uid": uid,
+            "namespaced": caps.namespaces,
+            # What the kernel may write: its directory and its runtime directory (sockets, IPython profile),
+            # and its own /tmp and /dev/shm, each at most the memory it may use (tmpfs pages are charged to
+            # its memory cgroup too). The rest of the host is read-only to it.
+            "writable": [workdir, runtime_dir],
+            "private": {"/tmp": self.memory_limit, "/dev/shm": self.memory_limit},
+            "seccomp": caps.seccomp,
             "rlimits": {
                 "RLIMIT_AS": self.memory_limit,
                 "RLIMIT_FSIZE": self.file_size_limit,
@@ -150,9 +168,9 @@ class Isolation:
             "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", connection_file,
                      "--HistoryManager.hist_file=:memory:"],
         }
-        confine = [sys.executable, "-m", "sandbox_server.confine", json.dumps(spec)]
+        confine = [sys.executable, "-E", "-s", "-S", CONFINE_SCRIPT, json.dumps(spec)]
         if caps.namespaces:
-            flags = ["--pid", "--fork", "--kill-child", "--mount-proc"]
+            flags = ["--pid", "--fork", "--kill-child", "--mount-proc", "--ipc", "--uts"]
             if not network:
                 flags.insert(0, "--net")
             argv = ["unshare", *flags, "--", *confine]
@@ -166,11 +184,11 @@ class Isolation:
                             dies_with_server=self.setpriv is not None)
 
     def closed_directories(self, workdir: str) -> dict[str, list[str]]:
-        """What to open in the kernel's mount namespace: its interpreter and the directory of homes."""
-        key = os.path.dirname(workdir)
-        if key not in self._closed:
-            self._closed[key] = closed_ancestors([*kernel_python_paths(), key])
-        return self._closed[key]
+        """What to open in the kernel's mount namespace: its interpreter and the server's root (two levels
+        above every session directory, so computed once)."""
+        if self._closed is None:
+            self._closed = closed_ancestors([*kernel_python_paths(), os.path.dirname(os.path.dirname(workdir))])
+        return self._closed
 
     def make_kernel_cgroups(self, kernel_name: str) -> list[str]:
         made = []
@@ -317,7 +335,7 @@ def probe_cgroup() -> tuple[str | None, str | None]:
 def probe(isolate: bool = True, uid_base: int = 200000, timeout: float = 20.0) -> Capabilities:
     """Find what applies here by trying it: a real confined interpreter must import ipykernel."""
     if not isolate:
-        return Capabilities(notes=("namespaces, uid drop, cgroups (--no-isolate)",))
+        return Capabilities(notes=("namespaces, uid drop, cgroups, seccomp (--no-isolate)",))
     notes = []
     linux = sys.platform.startswith("linux")
     root = linux and os.geteuid() == 0
@@ -332,35 +350,52 @@ def probe(isolate: bool = True, uid_base: int = 200000, timeout: float = 20.0) -
     cgroup_cpu = cgroup is not None and probe_cgroup_cpu(cgroup)
     if cgroup and not cgroup_cpu:
         notes.append("CPU quota (no writable cpu cgroup controller)")
-    candidate = Capabilities(namespaces=namespaces, drop_uid=root, cgroup=None, rlimit_nproc=root)
+    filtering = linux and seccomp.supported()
+    if linux and not filtering:
+        notes.append(f"seccomp (no filter for the {os.uname().machine} architecture)")
+    elif not linux:
+        notes.append("seccomp (not Linux)")
+    candidate = Capabilities(namespaces=namespaces, drop_uid=root, rlimit_nproc=root, seccomp=filtering)
+    if filtering and not try_launch(candidate, uid_base, timeout):
+        candidate = replace(candidate, seccomp=False)
+        if try_launch(candidate, uid_base, timeout):
+            notes.append("seccomp (the OS refused the filter)")
+        else:
+            candidate = replace(candidate, seccomp=filtering)
     if namespaces and not try_launch(candidate, uid_base, timeout):
         notes.append("namespaces (a confined test kernel did not start)")
-        candidate = Capabilities(namespaces=False, drop_uid=root, rlimit_nproc=root)
+        candidate = replace(candidate, namespaces=False)
     if candidate.drop_uid and not try_launch(candidate, uid_base, timeout):
         notes.append(f"uid drop (uid {uid_base} cannot run {sys.executable}; kernels run as root)")
-        candidate = Capabilities(namespaces=candidate.namespaces, drop_uid=False)
-    return Capabilities(
-        namespaces=candidate.namespaces,
-        drop_uid=candidate.drop_uid,
-        cgroup=cgroup,
-        cgroup_cpu=cgroup_cpu,
-        rlimit_nproc=candidate.drop_uid,
-        notes=tuple(notes),
-    )
+        candidate = replace(candidate, namespaces=False, drop_uid=False, rlimit_nproc=False)
+    return replace(candidate, cgroup=cgroup, cgroup_cpu=cgroup_cpu, notes=tuple(notes))
 
 
-def try_launch(capabilities: Capabilities, uid: int, timeout: float) -> bool:
+def try_launch(capabilities: Capabilities, uid_base: int, timeout: float) -> bool:
+    """Whether a kernel launched with these capabilities gets as far as importing ipykernel."""
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="codeact-probe-") as workdir:
-        if capabilities.drop_uid:
-            os.chown(workdir, uid, uid)
-        isolation = Isolation(capabilities, 2**31, 2**20, 64)
-        launch = isolation.launch("probe", workdir, "unused", uid, network=False)
-        spec = json.loads(launch.argv[-1])
-        spec["argv"] = [sys.executable, "-c", "import ipykernel"]
-        argv = [*launch.argv[:-1], json.dumps(spec)]
+    from .uids import UidLeases
+
+    leases = UidLeases(uid_base) if capabilities.drop_uid else None
+    with tempfile.TemporaryDirectory(prefix="codeact-probe-") as container:
+        uid = leases.claim(container) if leases else None
         try:
-            return subprocess.run(argv, timeout=timeout, capture_output=True).returncode == 0
-        except (OSError, subprocess.TimeoutExpired):
-            return False
+            workdir, runtime = os.path.join(container, "work"), os.path.join(container, "kernel")
+            for path in (workdir, runtime):
+                os.mkdir(path, 0o700)
+                if uid is not None:
+                    os.chown(path, uid, uid)
+            isolation = Isolation(capabilities, 2**31, 2**20, 64)
+            launch = isolation.launch("probe", workdir, os.path.join(runtime, "unused"), uid, network=False)
+            spec = json.loads(launch.argv[-1])
+            spec["argv"] = [sys.executable, "-c", "import ipykernel"]
+            argv = [*launch.argv[:-1], json.dumps(spec)]
+            try:
+                return subprocess.run(argv, timeout=timeout, capture_output=True).returncode == 0
+            except (OSError, subprocess.TimeoutExpired):
+                return False
+        finally:
+            if leases:
+                leases.release(uid)
+                leases.close()

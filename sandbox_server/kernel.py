@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,10 +24,11 @@ import zmq
 import zmq.asyncio
 from jupyter_client.asynchronous import AsyncKernelClient
 
-from . import kernel_hooks
+from . import files, kernel_hooks
+from .config import Config
 from .execution import DIED, OK, EventSink, Execution, OutputCollector
 from .isolation import Isolation, KernelLaunch
-from .protocol import ExecuteState
+from .protocol import ExecuteState, clean
 
 log = logging.getLogger("sandbox_server.kernel")
 
@@ -51,7 +51,7 @@ def connection_info(runtime_dir: str) -> dict:
     """IPC transport: unix sockets cross network namespaces, where a kernel has no usable TCP."""
     return {
         "transport": "ipc",
-        "ip": os.path.join(runtime_dir, "kernel"),
+        "ip": os.path.join(runtime_dir, "k"),  # short: a socket path holds at most 107 bytes
         "shell_port": 1,
         "iopub_port": 2,
         "stdin_port": 3,
@@ -67,14 +67,13 @@ class LocalKernel:
     """A confined ipykernel process reached over IPC sockets."""
 
     def __init__(self, name: str, launch: KernelLaunch, runtime_dir: str, connection: dict,
-                 context: zmq.asyncio.Context, max_output: int, max_results: int) -> None:
+                 context: zmq.asyncio.Context, config: Config) -> None:
         self.name = name
         self.launch = launch
         self.runtime_dir = runtime_dir
         self.connection = connection
         self.context = context
-        self.max_output = max_output
-        self.max_results = max_results
+        self.config = config
         self.process: subprocess.Popen | None = None
         self.client: AsyncKernelClient | None = None
         self._kernel_pid: int | None = None
@@ -96,6 +95,15 @@ class LocalKernel:
             )
         finally:
             log_file.close()
+        await self._connect(deadline, timeout)
+        await self.drain()
+        execution = await self.execute(kernel_setup_code(self.config), max(deadline - time.monotonic(), 1.0),
+                                       silent=True)
+        if execution.status != OK:
+            raise KernelStartError(f"kernel {self.name} setup failed: {execution.text[-500:]}")
+
+    async def _connect(self, deadline: float, timeout: float) -> None:
+        """Open the channels and wait until the kernel answers on shell and publishes on iopub."""
         client = AsyncKernelClient(context=self.context)
         client.load_connection_info(self.connection)
         client.start_channels()
@@ -112,11 +120,14 @@ class LocalKernel:
             client.kernel_info()
             shell_ready = shell_ready or await self._receive(client.shell_channel, "kernel_info_reply", 0.2)
             iopub_ready = iopub_ready or await self._receive(client.iopub_channel, "status", 0.05)
+
+    async def reconnect(self, timeout: float = 10.0) -> None:
+        """New channels to the same kernel. A message over --max-message makes zmq drop the connection it came
+        on, and zmq never reconnects after that: without this the session would get no output again."""
+        if self.client is not None:
+            self.client.stop_channels()
+        await self._connect(time.monotonic() + timeout, timeout)
         await self.drain()
-        execution = await self.execute(kernel_setup_code(self.max_output), max(deadline - time.monotonic(), 1.0),
-                                       silent=True)
-        if execution.status != OK:
-            raise KernelStartError(f"kernel {self.name} setup failed: {execution.text[-500:]}")
 
     @property
     def alive(self) -> bool:
@@ -193,7 +204,7 @@ class LocalKernel:
             if not any(os.path.isdir(path) for path in self.launch.cgroups):
                 break
             await asyncio.sleep(0.02)
-        _remove_tree(self.runtime_dir)
+        await files.remove_tree(self.runtime_dir)
 
     # -- messaging ---------------------------------------------------------------------------------
 
@@ -226,7 +237,7 @@ class LocalKernel:
         replaces the kernel). Outputs gathered before a timeout or a death are kept.
         """
         started = time.monotonic()
-        collector = OutputCollector(self.max_output, self.max_results, sink)
+        collector = OutputCollector(self.config.max_output, self.config.max_results, sink)
         if not self.alive or self.client is None:
             return collector.finish(DIED, None, 0.0)
         client = self.client
@@ -240,28 +251,35 @@ class LocalKernel:
         for name, channel in channels.items():
             poller.register(channel.socket, zmq.POLLIN)
             sockets[channel.socket] = name
-        while (status := await state.verdict(time.monotonic(), self.interrupt)) is None:
-            ready = dict(await poller.poll(timeout=state.wait(time.monotonic(), POLL_INTERVAL) * 1000))
-            if not ready:
-                if not self.alive:
-                    status = DIED
-                    break
-                continue
-            for socket in ready:
-                name = sockets[socket]
-                channel = channels[name]
-                while await channel.msg_ready():
-                    state.on_message(name, await channel.get_msg(timeout=0))
+        try:
+            while (status := await state.verdict(time.monotonic(), self.interrupt)) is None:
+                ready = dict(await poller.poll(timeout=state.wait(time.monotonic(), POLL_INTERVAL) * 1000))
+                if not ready:
+                    if not self.alive:
+                        status = DIED
+                        break
+                    continue
+                for socket in ready:
+                    name = sockets[socket]
+                    channel = channels[name]
+                    while await channel.msg_ready():
+                        state.on_message(name, await clean(await channel.get_msg(timeout=0)))
+                        await asyncio.sleep(0)  # a flood of queued messages must not hold the loop
+        except (asyncio.CancelledError, zmq.ZMQError):
+            if self.client is client:
+                raise
+            status = DIED  # killed under us (DELETE, /restart): its channels were closed mid-wait
+        if state.lost_idle and self.alive and self.client is client:
+            with contextlib.suppress(KernelStartError):
+                await self.reconnect()
         return collector.finish(status, state.execution_count, (time.monotonic() - started) * 1000)
 
 
-def kernel_setup_code(max_output: int) -> str:
-    """What every kernel runs when it starts, local or remote: the hooks' source, then the output cap."""
-    return f"{inspect.getsource(kernel_hooks)}\ninstall_output_cap({max_output // 2})\ndel install_output_cap\n"
-
-
-def _remove_tree(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+def kernel_setup_code(config: Config) -> str:
+    """What every kernel runs when it starts, local or remote: the hooks' source, then the output and message
+    caps (the message cap leaves room for the message's header frames)."""
+    return (f"{inspect.getsource(kernel_hooks)}\ninstall_output_cap({config.max_output // 2})\n"
+            f"install_message_cap({config.max_message - 64 * 1024})\ndel install_output_cap, install_message_cap\n")
 
 
 def write_connection_file(runtime_dir: str, connection: dict, uid: int | None) -> str:

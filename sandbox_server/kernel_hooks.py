@@ -5,6 +5,10 @@ as one 200 MB message. This hook caps each stream per execution inside the kerne
 a bounded tail, so the server never receives the flood. The server still caps on its side (user code can
 undo this hook in its own kernel) and bounds the size of any one message.
 
+Every message the kernel sends is also held under the server's --max-message: a larger one (a 70 MB
+string as a cell's value) would make zmq drop the connection it came on. `install_message_cap` cuts such
+a message's text with the same marker, so the session keeps working and the client sees what was cut.
+
 Self-contained on purpose: the gateway backend ships this file's source to kernels that cannot import
 this package.
 """
@@ -97,6 +101,43 @@ def install_output_cap(limit):
     shell = get_ipython()  # noqa: F821 - defined in every IPython kernel
     shell.events.register("pre_execute", before_execute)
     shell.events.register("post_execute", after_execute)
+
+
+def install_message_cap(limit):
+    """Cut any message the kernel sends whose content would pass `limit` bytes, marking where."""
+    import json
+
+    marker = "\n[... output truncated: {count} characters omitted ...]\n"
+    session = get_ipython().kernel.session  # noqa: F821 - defined in every IPython kernel
+    original = session.serialize
+
+    def shrink(value, room):
+        """The value with every string over `room` characters cut to its head and tail around the marker."""
+        if isinstance(value, str) and len(value) > room:
+            half = max(room // 2, 1)
+            return value[:half] + marker.format(count=len(value) - 2 * half) + value[-half:]
+        if isinstance(value, dict):
+            return {key: shrink(item, room) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [shrink(item, room) for item in value]
+        return value
+
+    def serialize(msg, ident=None):
+        frames = original(msg, ident)
+        if len(frames[-1]) <= limit:  # the content frame, the only one user code can make large
+            return frames
+        content = msg["content"]
+        room = limit // 4  # bytes per character are at most 4 in UTF-8 (and 6 once JSON-escaped)
+        while room > 64:
+            content = shrink(msg["content"], room)
+            if len(json.dumps(content, ensure_ascii=False).encode(errors="replace")) <= limit:
+                break
+            room //= 4
+        else:
+            content = {"name": "stderr", "text": marker.format(count=len(frames[-1]))}
+        return original({**msg, "content": content}, ident)
+
+    session.serialize = serialize
 
 
 def _codeact_file_operation(operation, path, *args):

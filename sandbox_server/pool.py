@@ -46,7 +46,7 @@ class KernelPool:
 
     async def _discard(self, kernel, home) -> None:
         await kernel.kill()
-        self.backend.remove_home(home)
+        await self.backend.remove_home(home)
 
     async def _refill_forever(self) -> None:
         while not self._closed:
@@ -62,7 +62,7 @@ class KernelPool:
                     kernel = await self.backend.start_kernel(home)
                 except Exception as error:  # a start failure is logged and retried, never fatal
                     self.failures += 1
-                    self.backend.remove_home(home)
+                    await self.backend.remove_home(home)
                     log.warning("warm kernel failed to start: %s", error)
                     await asyncio.sleep(RETRY_DELAY)
                     continue

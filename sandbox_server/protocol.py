@@ -7,11 +7,12 @@ the interrupt and its grace behave the same on both.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .execution import ERROR, OK, TIMEOUT, OutputCollector
+from .execution import ERROR, OK, TIMEOUT, OutputCollector, strip_ansi
 
 Message = dict[str, Any]
 
@@ -20,6 +21,7 @@ Message = dict[str, Any]
 UNRESPONSIVE = "unresponsive"
 NOT_RUN = "not_run"
 
+STRIP_SLICE = 64 * 1024  # characters stripped of ANSI codes between two returns to the event loop
 IDLE_AFTER_REPLY = 2.0  # after the reply, how long to wait for the idle status (lost if a message was dropped)
 
 
@@ -36,6 +38,7 @@ class ExecuteState:
     started: bool = False  # any message answering this request arrived: the kernel received the code
     interrupted: bool = False
     replied_at: float | None = None
+    lost_idle: bool = False  # settled by the reply alone: a message was lost, the iopub connection may be too
 
     async def verdict(self, now: float, interrupt: Callable[[], Awaitable[None]]) -> str | None:
         """The execute's status once it is settled, else None. Settled: complete (reply and idle); or replied
@@ -48,6 +51,7 @@ class ExecuteState:
                 self.replied_at = now
             elif now - self.replied_at > IDLE_AFTER_REPLY:
                 self.collector.execution.truncated = True
+                self.lost_idle = True
                 return self.outcome
         if await self.enforce_deadline(now, interrupt):
             return UNRESPONSIVE
@@ -109,3 +113,52 @@ class ExecuteState:
     @property
     def failed(self) -> bool:
         return bool(self.reply and self.reply.get("status") != "ok") or self.collector.execution.error is not None
+
+
+async def clean(message: Message) -> Message:
+    """Strip ANSI codes from the text a client will see (streams, text results, errors), in place.
+
+    The kernel controls this text: a message of escape codes costs the regex about 0.4 us a code, so a large
+    one is stripped in slices with a return to the event loop after each, and other sessions never wait for
+    more than one slice.
+    """
+    content = message.get("content")
+    if not isinstance(content, dict):
+        return message
+    kind = message.get("header", {}).get("msg_type")
+    if kind == "stream" and isinstance(content.get("text"), str):
+        content["text"] = await strip_yielding(content["text"])
+    elif kind in ("execute_result", "display_data") and isinstance(content.get("data"), dict):
+        if isinstance(content["data"].get("text/plain"), str):
+            content["data"]["text/plain"] = await strip_yielding(content["data"]["text/plain"])
+    elif kind == "error":
+        content["evalue"] = await strip_yielding(str(content.get("evalue", "")))
+        lines, since_yield = [], 0
+        for line in content.get("traceback") if isinstance(content.get("traceback"), list) else []:
+            line = str(line)
+            lines.append(await strip_yielding(line))
+            since_yield += len(line)
+            if since_yield > STRIP_SLICE:  # a million short lines must not hold the loop either
+                since_yield = 0
+                await asyncio.sleep(0)
+        content["traceback"] = lines
+    return message
+
+
+async def strip_yielding(text: str) -> str:
+    if "\x1b" not in text:
+        return text
+    if len(text) <= STRIP_SLICE:
+        return strip_ansi(text)
+    pieces = []
+    start = 0
+    while start < len(text):
+        end = start + STRIP_SLICE
+        if end < len(text):
+            # Cut just before an ESC, so that no code straddles two slices.
+            cut = text.rfind("\x1b", start + 1, end)
+            end = cut if cut > start else end
+        pieces.append(strip_ansi(text[start:end]))
+        start = end
+        await asyncio.sleep(0)
+    return "".join(pieces)

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 from .backend import Backend, Home, Kernel
 from .config import Config
-from .errors import AtCapacity, BadRequest, NotFound, Unavailable
-from .execution import DIED, OK, RESTARTED, TIMEOUT, EventSink, Execution
+from .errors import AtCapacity, BadRequest, Forbidden, NotFound, Unavailable
+from .execution import CLOSED, DIED, OK, RESTARTED, TIMEOUT, EventSink, Execution
 from .kernel import KernelStartError
 from .metrics import Metrics
 from .pool import KernelPool
@@ -45,6 +45,7 @@ class Session:
     generation: int = 0  # bumped on every kernel replacement
     executions: int = 0
     closed: bool = False
+    restart_requested: bool = False  # a /restart killed the kernel: an execute in flight says so
 
     def describe(self) -> dict:
         now = time.monotonic()
@@ -80,6 +81,11 @@ class SessionManager:
 
     async def create(self, setup: str = "", env: dict[str, str] | None = None, timeout: float | None = None,
                      network: bool = False) -> Session:
+        if network and not self.config.token:
+            # Kernels without the network live in their own network namespace and cannot reach this server;
+            # one with the network could call its API, which only a token closes.
+            raise Forbidden("network sessions need a server token (--token / CODEACT_SANDBOX_TOKEN): code with "
+                            "the network could otherwise call this server's API and reach other sessions")
         if len(self.sessions) + self.creating >= self.config.max_sessions:
             self.metrics.rejected += 1
             raise AtCapacity(
@@ -100,7 +106,7 @@ class SessionManager:
                 await self._prepare(session)
             except BaseException:
                 await kernel.kill()
-                self.backend.remove_home(home)
+                await self.backend.remove_home(home)
                 raise
         finally:
             self.creating -= 1
@@ -144,7 +150,7 @@ class SessionManager:
                 del self.conversations[convid]
         session.closed = True
         await session.kernel.kill()
-        self.backend.remove_home(session.home)
+        await self.backend.remove_home(session.home)
 
     async def close_all(self) -> None:
         if self._reaper is not None:
@@ -187,6 +193,10 @@ class SessionManager:
                 replaced_before = True
             execution = await session.kernel.execute(code, timeout, sink, allow_stdin=allow_stdin,
                                                      grace=self.config.interrupt_grace)
+            if session.closed:
+                execution.status = CLOSED
+                execution.message = "The session was closed while this code ran; its kernel and files are gone"
+                return execution
             if execution.status == NOT_RUN:
                 await self._replace_kernel(session)
                 replaced_before = True
@@ -197,6 +207,10 @@ class SessionManager:
                 execution.message = (
                     f"Execution timed out after {timeout:g} s and the kernel ignored the interrupt; it was "
                     "restarted and all variables and imports were lost (the session's files remain)")
+                await self._replace_kernel(session)
+            elif execution.status == DIED and session.restart_requested:
+                execution.message = ("The kernel was restarted (a restart request) while this code ran; all "
+                                     "variables and imports were lost (the session's files remain)")
                 await self._replace_kernel(session)
             elif execution.status == DIED:
                 execution.message = (
@@ -229,8 +243,12 @@ class SessionManager:
     async def restart(self, session: Session) -> None:
         """Kill now (an execute in flight ends as `died`), then make sure a fresh kernel is in place."""
         generation = session.generation
+        session.restart_requested = True
         await session.kernel.kill()
         async with session.lock:
+            session.restart_requested = False
+            if session.closed:
+                raise NotFound(f"session {session.id} was closed during the restart")
             if session.generation == generation:
                 await self._replace_kernel(session)
             session.last_used = time.monotonic()
@@ -261,7 +279,7 @@ class SessionManager:
             finally:
                 await chunks.aclose()
 
-    async def list_files(self, session: Session) -> list[dict]:
+    async def list_files(self, session: Session) -> tuple[list[dict], bool]:
         async with self._file_access(session):
             return await self.backend.list_files(session.home, session.kernel)
 

@@ -130,18 +130,23 @@ def test_huge_file_write_is_refused_by_the_file_size_limit(sandbox):
     sandbox.close(session)
 
 
-def test_network_is_unreachable_unless_the_session_asks(sandbox, capabilities):
+def test_network_is_unreachable_unless_the_session_asks(tmp_path, capabilities):
     if not capabilities.namespaces:
         pytest.skip("network namespaces unavailable here: " + capabilities.report())
-    session = sandbox.create()
-    port = int(sandbox.url.rsplit(":", 1)[1])
-    code = (f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
-            "    print('connected')\nexcept OSError as error:\n    print('blocked', error.errno)")
-    assert sandbox.execute(session, code)["stdout"].startswith("blocked")
-    sandbox.close(session)
-    open_session = sandbox.create(network=True)
-    assert sandbox.execute(open_session, code)["stdout"] == "connected\n"
-    sandbox.close(open_session)
+    server = start_sandbox(str(tmp_path), token="secret-token")  # a token-less server refuses network sessions
+    try:
+        port = int(server.url.rsplit(":", 1)[1])
+        code = (f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+                "    print('connected')\nexcept OSError as error:\n    print('blocked', error.errno)")
+        assert server.execute(server.create(), code)["stdout"].startswith("blocked")
+        open_session = server.create(network=True)
+        assert server.execute(open_session, code)["stdout"] == "connected\n"
+        # Connected, but the API wants the token, which never reaches a kernel.
+        call = (f"import urllib.request, urllib.error\ntry:\n    urllib.request.urlopen('{server.url}/v1/sessions')"
+                "\nexcept urllib.error.HTTPError as error:\n    print(error.code)")
+        assert server.execute(open_session, call)["stdout"] == "401\n"
+    finally:
+        server.stop()
 
 
 def test_a_session_cannot_read_another_sessions_files(sandbox, capabilities):

@@ -149,6 +149,9 @@ class OutputCollector:
             self.execution.truncated = True
             return
         self.results_size += size
+        text = data.get("text/plain")
+        if isinstance(text, str) and TRUNCATION_PATTERN.search(text):  # cut in the kernel (the message cap)
+            self.execution.truncated = True
         result = {"type": kind, "data": data, "metadata": metadata}
         self.execution.results.append(result)
         self.emit(result)

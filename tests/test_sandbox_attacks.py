@@ -1,0 +1,479 @@
+"""The attacks of the hardening issue, performed for real: a real server process, real kernels, hostile code
+that adapts. Each test bounds its load (count and time) and cleans up; one that needs root skips without."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import threading
+import time
+
+import pytest
+import requests
+import websocket
+
+from tests.conftest import start_sandbox
+
+ROOT_ONLY = os.geteuid() == 0
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A token-less server (as `make serve` runs it) with room for the attacks' loads."""
+    server = start_sandbox(str(tmp_path_factory.mktemp("attacks")), "--memory-limit", str(1 << 30),
+                           "--max-output", "200000", "--interrupt-grace", "0.5", pool_size=2)
+    yield server
+    server.stop()
+    assert server.kernel_pids() == [], "kernels outlived the server"
+
+
+@pytest.fixture(autouse=True)
+def server_stays_up(server):
+    yield
+    assert server.process.poll() is None, "the server died"
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+
+
+class LatencyProbe:
+    """Polls /health from a thread while an attack runs; `worst` is the slowest answer, in seconds."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.worst = 0.0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                requests.get(self.url + "/health", timeout=30)
+            except requests.RequestException:
+                pass
+            self.worst = max(self.worst, time.monotonic() - started)
+            time.sleep(0.02)
+
+    def __enter__(self) -> LatencyProbe:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop.set()
+        self.thread.join(35)
+
+
+def workdir(server, session: str) -> str:
+    return server.request("GET", f"/v1/sessions/{session}").json()["workdir"]
+
+
+# -- 1. the files API against a kernel that swaps directories for links --------------------------------
+
+SWAPPER = """
+import os, threading
+os.makedirs('real', exist_ok=True)
+open('real/f', 'w').write('inside')
+open('real/victim', 'w').write('mine')
+os.symlink({outside!r}, 'link')
+stop_swapping = threading.Event()
+def swap():
+    while not stop_swapping.is_set():
+        for name in ('real', 'link'):
+            try:
+                os.rename(name, 'd')
+                os.rename('d', name)
+            except OSError:
+                pass
+threading.Thread(target=swap, daemon=True).start()
+"""
+
+
+@pytest.mark.skipif(not ROOT_ONLY, reason="the attack targets root-only files; needs a root server")
+def test_files_api_never_leaves_the_session_directory_while_the_kernel_swaps_links(server, tmp_path):
+    outside = tmp_path / "root-only"
+    outside.mkdir(mode=0o700)
+    (outside / "f").write_text("root secret")
+    (outside / "victim").write_text("keep me")
+    session = server.create()
+    assert server.execute(session, SWAPPER.format(outside=str(outside)))["status"] == "ok"
+    base = f"/v1/sessions/{session}/files/d/"
+    deadline = time.monotonic() + 20
+    for attempt in range(150):
+        if time.monotonic() > deadline:
+            break
+        read = server.request("GET", base + "f", timeout=10)
+        assert read.content != b"root secret", f"read a root-only file on attempt {attempt}"
+        server.request("PUT", base + f"planted-{attempt}", data=b"x", timeout=10)
+        server.request("DELETE", base + "victim", timeout=10)
+        assert not [p for p in os.listdir(outside) if p.startswith("planted")], f"created outside ({attempt})"
+        assert (outside / "victim").exists(), f"deleted outside on attempt {attempt}"
+    server.execute(session, "stop_swapping.set()")
+    assert (outside / "f").read_text() == "root secret"
+    server.close(session)
+
+
+def test_fifos_and_sockets_are_refused_without_blocking_anyone(server):
+    session = server.create()
+    made = server.execute(session, "import os, socket\nos.mkfifo('pipe')\n"
+                                   "s = socket.socket(socket.AF_UNIX)\ns.bind('sock')")
+    assert made["status"] == "ok", made
+    with LatencyProbe(server.url) as probe:
+        for name in ("pipe", "sock"):
+            response = server.request("GET", f"/v1/sessions/{session}/files/{name}", timeout=10)
+            assert response.status_code == 400, response.text
+            assert "not a regular file" in response.json()["message"]
+    assert probe.worst < 1.0, f"/health waited {probe.worst:.2f} s"
+    listed = server.request("GET", f"/v1/sessions/{session}/files").json()
+    assert [entry["path"] for entry in listed["files"]] == []
+    assert server.request("DELETE", f"/v1/sessions/{session}/files/pipe").status_code == 204
+    server.close(session)
+
+
+DEEP_AND_WIDE = """
+import os
+home = os.getcwd()
+os.mkdir('wide')
+for i in range(12000):
+    open(f'wide/{i}', 'w').close()
+for _ in range(3000):
+    os.mkdir('d')
+    os.chdir('d')
+open('bottom.txt', 'w').write('deep')
+os.chdir(home)
+print('built')
+"""
+
+
+def test_huge_and_deep_trees_are_listed_and_deleted(server):
+    session = server.create()
+    container = os.path.dirname(workdir(server, session))
+    assert server.execute(session, DEEP_AND_WIDE, timeout=60)["stdout"] == "built\n"
+    listed = server.request("GET", f"/v1/sessions/{session}/files", timeout=60)
+    assert listed.status_code == 200, listed.text
+    assert len(listed.json()["files"]) == 10_000 and listed.json()["truncated"] is True
+    with LatencyProbe(server.url) as probe:
+        assert server.request("DELETE", f"/v1/sessions/{session}", timeout=60).status_code == 204
+    assert probe.worst < 1.0, f"/health waited {probe.worst:.2f} s during the delete"
+    assert not os.path.exists(container), "the session's tree outlived it"
+
+
+# -- 2. identities unique across servers; a killed server's files out of reach ----------------------------
+
+UID = "import os\nprint(os.getuid())"
+
+
+@pytest.mark.skipif(not ROOT_ONLY, reason="kernels get uids of their own only under a root server")
+def test_kernel_uids_are_unique_across_servers_and_a_killed_servers_files_stay_out_of_reach(tmp_path):
+    first = start_sandbox(str(tmp_path / "a"), pool_size=2)
+    second = start_sandbox(str(tmp_path / "b"), pool_size=2)
+    try:
+        uids = [int(server.execute(server.create(), UID)["stdout"]) for server in (first, second) for _ in range(3)]
+        assert len(set(uids)) == 6, f"uids shared across servers: {uids}"
+        owner = first.create()
+        first.execute(owner, "open('secret.txt', 'w').write('first server')")
+        secret = os.path.join(workdir(first, owner), "secret.txt")
+        first.process.kill()  # SIGKILL: no clean-up runs
+        first.process.wait(10)
+        thieves = [second.create() for _ in range(4)]
+        for thief in thieves:
+            stolen = second.execute(thief, f"print(open({secret!r}).read())")
+            assert stolen["status"] == "error", f"a session read a killed server's file: {stolen}"
+            assert stolen["error"]["name"] in ("PermissionError", "FileNotFoundError")
+        third = start_sandbox(str(tmp_path / "a"), pool_size=1)
+        third.stop()
+    finally:
+        second.stop()
+        first.stop()
+
+
+def test_a_uid_reused_after_its_holder_died_first_seals_what_was_left(tmp_path):
+    """The lease of a killed server: the next claimant of the uid makes its directory root's, mode 000."""
+    if not ROOT_ONLY:
+        pytest.skip("sealing changes ownership: needs root")
+    import subprocess
+    import sys
+
+    from sandbox_server.uids import UidLeases
+
+    registry, home = str(tmp_path / "registry"), tmp_path / "left-behind"
+    home.mkdir(mode=0o711)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom sandbox_server.uids import UidLeases\n"
+        f"print(UidLeases(300000, {registry!r}, span=1).claim({str(home)!r}), flush=True)\ntime.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert int(holder.stdout.readline()) == 300000
+        leases = UidLeases(300000, registry, span=1)
+        with pytest.raises(RuntimeError, match="in use"):
+            leases.claim("/elsewhere")  # the live holder keeps it
+    finally:
+        holder.kill()
+        holder.wait(10)
+    assert leases.claim("/elsewhere") == 300000  # the kernel dropped the dead holder's lock
+    info = os.stat(home)
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (0, 0)
+    leases.close()
+
+
+# -- 3. nothing a kernel makes stalls the event loop ------------------------------------------------------
+
+def test_escape_floods_are_processed_in_linear_time_without_stalling_others(server):
+    bystander = server.create()
+    session = server.create()
+    with LatencyProbe(server.url) as probe:
+        result = server.execute(session, "print('\\x1b]' * 100_000)\nprint('\\x1b[31m' * 100_000)", timeout=60)
+        assert server.execute(bystander, "print('fine')")["stdout"] == "fine\n"
+    assert result["status"] == "ok"
+    assert probe.worst < 1.0, f"/health waited {probe.worst:.2f} s"
+    server.close(session)
+    server.close(bystander)
+
+
+# -- 4. /tmp and /dev/shm private, sized, gone with the session --------------------------------------------
+
+@pytest.mark.skipif(not ROOT_ONLY, reason="private mounts need namespaces (root)")
+def test_tmp_and_shm_are_private_counted_and_gone_with_the_session(server, capabilities):
+    if not capabilities.namespaces:
+        pytest.skip("no namespaces here: " + capabilities.report())
+    marker = f"codeact-test-{os.getpid()}"
+    session, other = server.create(), server.create()
+    wrote = server.execute(session, f"open('/tmp/{marker}', 'w').write('t')\nopen('/dev/shm/{marker}', 'w').write('s')")
+    assert wrote["status"] == "ok", wrote
+    assert not os.path.exists(f"/tmp/{marker}") and not os.path.exists(f"/dev/shm/{marker}"), "reached the host"
+    paths = (f"/tmp/{marker}", f"/dev/shm/{marker}")
+    peek = server.execute(other, f"import os\nprint(*(os.path.exists(path) for path in {paths!r}))")
+    assert peek["stdout"] == "False False\n"
+    # More shared memory than the session may use: refused or the kernel is stopped, never pinned on the host.
+    hog = server.execute(session, "import os\nwith open('/dev/shm/hog', 'wb') as f:\n"
+                                  "    for _ in range(1200):\n        f.write(b'z' * (1 << 20))", timeout=60)
+    assert hog["status"] in ("error", "died"), hog
+    server.close(session)
+    server.close(other)
+
+
+# -- 5. ordinary code that broke sessions for good ----------------------------------------------------------
+
+ORPHANS = """
+import os, subprocess, time
+for _ in range(150):
+    subprocess.run('sleep 0.01 &', shell=True, check=True)
+time.sleep(0.5)
+zombies = 0
+for pid in os.listdir('/proc'):
+    if pid.isdigit():
+        try:
+            zombies += open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[0] == 'Z'
+        except OSError:
+            pass
+print(zombies, subprocess.run(['true']).returncode)
+"""
+
+
+def test_orphaned_children_are_reaped_and_the_session_can_still_fork(server, capabilities):
+    if not capabilities.namespaces:
+        pytest.skip("no pid namespace here: orphans go to the host's init")
+    session = server.create()
+    result = server.execute(session, ORPHANS, timeout=60)
+    assert result["status"] == "ok", result
+    assert result["stdout"] == "0 0\n", result["stdout"]
+    server.close(session)
+
+
+def test_a_value_over_the_message_limit_is_cut_with_a_marker_and_the_session_keeps_working(server):
+    session = server.create()
+    result = server.execute(session, "'x' * (70 << 20)", timeout=60)
+    assert result["status"] == "ok" and result["truncated"] is True
+    text = result["results"][0]["data"]["text/plain"]
+    assert "output truncated" in text and len(text) < 9 << 20
+    assert server.execute(session, "print('still here')")["stdout"] == "still here\n"
+    server.close(session)
+
+
+HOSTILE_FLOOD = """
+import threading
+kernel = get_ipython().kernel
+del kernel.session.serialize  # the kernel-side message cap, removed
+def flood():
+    for _ in range(60):
+        kernel.session.send(kernel.iopub_socket, 'stream', {'name': 'stdout', 'text': 'y' * (7 << 20)})
+threading.Thread(target=flood).start()
+"""
+
+
+def test_server_memory_stays_bounded_when_the_kernel_removes_its_caps(server):
+    session = server.create()
+    server.execute(session, "print('warm')")
+    before = server.memory_kb("VmRSS")
+    with LatencyProbe(server.url) as probe:
+        assert server.execute(session, HOSTILE_FLOOD)["status"] == "ok"
+        time.sleep(3)  # 420 MB offered while no execute reads
+        after_flood = server.execute(session, "print('after')", timeout=60)
+    growth_mb = (server.memory_kb("VmHWM") - before) / 1024
+    assert after_flood["stdout"].endswith("after\n"), after_flood
+    assert growth_mb < 250, f"the server grew {growth_mb:.0f} MB"
+    assert probe.worst < 1.0, f"/health waited {probe.worst:.2f} s"
+    server.close(session)
+
+
+# -- 6. lifecycle races ---------------------------------------------------------------------------------------
+
+def run_in_thread(function, *args, **kwargs):
+    box = {}
+    thread = threading.Thread(target=lambda: box.setdefault("value", function(*args, **kwargs)))
+    thread.start()
+    return thread, box
+
+
+def test_delete_or_restart_during_an_execute_ends_it_with_a_clear_status(server):
+    for action, status in (("DELETE", "closed"), ("restart", "died")):
+        session = server.create()
+        thread, box = run_in_thread(server.request, "POST", f"/v1/sessions/{session}/execute",
+                                    json={"code": "import time\ntime.sleep(20)"})
+        time.sleep(0.5)
+        if action == "DELETE":
+            assert server.request("DELETE", f"/v1/sessions/{session}").status_code == 204
+        else:
+            assert server.request("POST", f"/v1/sessions/{session}/restart").status_code == 200
+        thread.join(30)
+        response = box["value"]
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == status and response.json()["message"]
+        if action == "restart":
+            assert server.execute(session, "print('fresh')")["stdout"] == "fresh\n"
+            server.close(session)
+
+
+def test_the_websocket_gets_done_when_its_session_is_deleted_mid_execute(server):
+    session = server.create()
+    ws = websocket.create_connection(server.url.replace("http", "ws") + f"/v1/sessions/{session}/ws", timeout=30)
+    ws.send(json.dumps({"type": "execute", "code": "import time\ntime.sleep(20)"}))
+    time.sleep(0.5)
+    assert server.request("DELETE", f"/v1/sessions/{session}").status_code == 204
+    event = json.loads(ws.recv())
+    assert event["type"] == "done" and event["status"] == "closed", event
+    ws.close()
+
+
+# -- 7. a token-less server and web pages ---------------------------------------------------------------------
+
+def test_a_token_less_server_refuses_foreign_hosts_cross_origin_pages_and_network_sessions(server):
+    port = server.url.rsplit(":", 1)[1]
+    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.nip.io:{port}"):
+        response = requests.get(server.url + "/v1/sessions", headers={"Host": host}, timeout=10)
+        assert response.status_code == 403 and response.json()["error"] == "forbidden", host
+    # The cross-site form post a page can make without a preflight.
+    forged = requests.post(server.url + "/execute", data='{"convid": "x", "code": "open(\'pwned\', \'w\')"}',
+                           headers={"Content-Type": "text/plain", "Origin": "https://evil.example"}, timeout=10)
+    assert forged.status_code == 403
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        websocket.create_connection(server.url.replace("http", "ws") + f"/v1/sessions/{server.create()}/ws",
+                                    origin="https://evil.example", timeout=10)
+    assert refused.value.status_code == 403
+    # What must keep working: the original clients (no Origin) and same-origin requests on loopback names.
+    assert requests.post(server.url + "/execute", data='{"convid": "ok", "code": "print(1)"}',
+                         timeout=30).json()["result"] == "1\n"
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}"):
+        assert requests.get(server.url + "/health", headers={"Host": host, "Origin": f"http://{host}"},
+                            timeout=10).status_code == 200
+    network = server.request("POST", "/v1/sessions", json={"network": True})
+    assert network.status_code == 403 and "token" in network.json()["message"]
+
+
+# -- 8. malformed JSON ------------------------------------------------------------------------------------------
+
+def test_lone_surrogates_and_deep_nesting_are_client_errors_and_the_websocket_stays_open(server):
+    session = server.create()
+    bodies = [b'{"code": "\\ud800"}', b"[" * 100_000 + b"]" * 100_000, b'{"code": ' + b"[" * 5000 + b"]" * 5000 + b"}"]
+    for path in (f"/v1/sessions/{session}/execute", "/execute", "/v1/sessions"):
+        for body in bodies:
+            response = server.request("POST", path, data=body, timeout=10)
+            assert response.status_code == 400 and response.json()["error"] == "bad_request", (path, response.text)
+    ws = websocket.create_connection(server.url.replace("http", "ws") + f"/v1/sessions/{session}/ws", timeout=30)
+    for raw in ('{"type": "execute", "code": "\\ud800"}', "[" * 100_000, '{"type": "input_reply", "value": "\\udfff"}'):
+        ws.send(raw)
+        assert json.loads(ws.recv())["type"] == "protocol_error"
+    ws.send(json.dumps({"type": "execute", "code": "print('open')"}))
+    events = [json.loads(ws.recv()) for _ in range(2)]
+    assert events[0] == {"type": "stdout", "text": "open\n"} and events[1]["type"] == "done"
+    ws.close()
+    server.close(session)
+
+
+# -- 9. defence in depth ----------------------------------------------------------------------------------------
+
+DENIED_CALLS = """
+import ctypes, errno, os
+libc = ctypes.CDLL(None, use_errno=True)
+def outcome(result):
+    return 'ok' if result == 0 else errno.errorcode[ctypes.get_errno()]
+print('unshare', outcome(libc.unshare(0x10000000)))
+print('mount', outcome(libc.mount(b'none', b'/mnt', b'tmpfs', 0, None)))
+print('ptrace', outcome(libc.ptrace(16, 1, 0, 0)))
+print('bpf', outcome(libc.syscall({bpf}, 0, 0, 0)))
+print('io_uring', outcome(libc.syscall(425, 1, 0)))
+print('keyctl', outcome(libc.syscall({keyctl}, 0, 0)))
+print([line for line in open('/proc/self/status') if line.startswith('NoNewPrivs')][0].split()[1])
+import multiprocessing
+queue = multiprocessing.Queue()
+process = multiprocessing.Process(target=queue.put, args=('children still start',))
+process.start()
+print(queue.get(timeout=20))
+process.join()
+"""
+
+
+def test_kernels_run_with_no_new_privs_and_the_seccomp_filter(server, capabilities):
+    if not capabilities.seccomp:
+        pytest.skip("no seccomp here: " + capabilities.report())
+    from sandbox_server.seccomp import DENIED
+
+    column = 0 if os.uname().machine == "x86_64" else 1
+    code = DENIED_CALLS.format(bpf=DENIED["bpf"][column], keyctl=DENIED["keyctl"][column])
+    session = server.create()
+    lines = server.execute(session, code)["stdout"].splitlines()
+    assert lines == ["unshare EPERM", "mount EPERM", "ptrace EPERM", "bpf EPERM", "io_uring EPERM",
+                     "keyctl EPERM", "1", "children still start"], lines
+    server.close(session)
+
+
+def test_a_kernel_cannot_signal_its_init_away_or_reach_the_host_through_it(server, capabilities):
+    if not capabilities.namespaces:
+        pytest.skip("no pid namespace here")
+    session = server.create()
+    result = server.execute(session, "import os, signal\nos.kill(1, signal.SIGKILL)\nprint(os.getppid())")
+    assert result["status"] == "ok" and result["stdout"] == "1\n", result
+    server.close(session)
+
+
+def test_the_server_port_is_closed_to_kernels_without_the_network(server, capabilities):
+    if not capabilities.namespaces:
+        pytest.skip("no network namespace here")
+    port = int(server.url.rsplit(":", 1)[1])
+    session = server.create()
+    code = (f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n    print('open')\n"
+            "except OSError:\n    print('closed')")
+    assert server.execute(session, code)["stdout"] == "closed\n"
+    server.close(session)
+
+
+def test_a_killed_servers_leftovers_are_removed_by_the_next_server(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    killed = start_sandbox(str(base), pool_size=1)
+    killed.execute(killed.create(), "open('left.txt', 'w').write('x')")
+    killed.process.send_signal(signal.SIGKILL)
+    killed.process.wait(10)
+    roots = [entry for entry in os.listdir(base) if entry.startswith("codeact-")]
+    assert len(roots) == 1
+    old = time.time() - 3600
+    os.utime(base / roots[0], (old, old))  # the sweep leaves roots younger than a minute alone
+    successor = start_sandbox(str(base), pool_size=1)
+    try:
+        deadline = time.monotonic() + 30
+        while (base / roots[0]).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not (base / roots[0]).exists(), "a killed server's root outlived the next start"
+    finally:
+        successor.stop()
+        killed.stop()

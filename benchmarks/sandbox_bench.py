@@ -4,7 +4,9 @@
    here (the floor) and stock `jupyter kernelgateway` over its websocket (the original engine);
 2. create session + first execute, with the warm pool refilled between samples;
 3. 100 concurrent sessions x 20 executes: errors, throughput, p99;
-4. memory: RSS per idle session, server peak RSS growth during a 200 MB print.
+4. memory: RSS per idle session, server peak RSS growth during a 200 MB print;
+5. event-loop stalls: /health latency while a session prints escape floods and while a kernel that removed
+   its caps sends 8 MB messages of JSON-escaped text (the worst decoding case).
 """
 
 from __future__ import annotations
@@ -125,8 +127,10 @@ def concurrency(sandbox: LocalSandbox, sessions: int = 100, executes: int = 20) 
 
     with ThreadPoolExecutor(8) as executor:
         ids = list(executor.map(create, range(sessions)))
-    kernels = [pid for pid in kernel_processes(sandbox.root_dir)]
+    kernels = kernel_processes(sandbox.root_dir)
     kernel_rss_mb = sum(rss_kb(pid) for pid in kernels) / 1024
+    inits = kernel_processes(sandbox.root_dir, b"confine.py")
+    init_private_mb = sum(private_kb(pid) for pid in inits) / 1024
 
     def run(session_id: str) -> tuple[list[float], int]:
         http = requests.Session()
@@ -155,11 +159,13 @@ def concurrency(sandbox: LocalSandbox, sessions: int = 100, executes: int = 20) 
         "throughput": len(latencies) / elapsed,
         "rss_per_idle_session_mb": kernel_rss_mb / max(len(kernels), 1),
         "kernels": len(kernels),
+        "init_private_mb": init_private_mb / max(len(inits), 1),
     }
 
 
-def kernel_processes(root_dir: str) -> list[int]:
-    """The ipykernel interpreters of a server (their command lines name their connection files)."""
+def kernel_processes(root_dir: str, program: bytes = b"ipykernel_launcher") -> list[int]:
+    """A server's processes running `program`: the ipykernel interpreters, or with b"confine.py" the inits
+    (their command lines name their connection files)."""
     found = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -167,9 +173,54 @@ def kernel_processes(root_dir: str) -> list[int]:
                 argv = handle.read().split(b"\0")
         except OSError:
             continue
-        if b"ipykernel_launcher" in argv and any(root_dir.encode() in part for part in argv):
+        if any(program in part for part in argv[:6]) and any(root_dir.encode() in part for part in argv):
             found.append(int(entry))
     return found
+
+
+def private_kb(pid: int) -> int:
+    """Memory only this process holds (USS): what one more session costs."""
+    with open(f"/proc/{pid}/smaps_rollup") as handle:
+        return sum(int(line.split()[1]) for line in handle if line.startswith(("Private_Clean", "Private_Dirty")))
+
+
+ESCAPE_FLOOD = "print('\\x1b]' * 1_000_000)\nprint('\\x1b[31mA' * 500_000)"
+UNCAPPED_MESSAGES = """
+kernel = get_ipython().kernel
+kernel.session.__dict__.pop("serialize", None)  # the kernel-side message cap, removed
+for _ in range(20):
+    kernel.session.send(kernel.iopub_socket, 'stream', {'name': 'stdout', 'text': '\\x01' * 1_300_000},
+                        parent=kernel.get_parent())
+"""
+
+
+def loop_stalls(sandbox: LocalSandbox) -> dict[str, list[float]]:
+    """/health answer times, sampled every 10 ms, while a hostile session runs each attack."""
+    import threading
+
+    headers = {"Authorization": f"Bearer {sandbox.token}"}
+
+    def probe(latencies: list[float], done: threading.Event) -> None:
+        while not done.is_set():
+            started = time.perf_counter()
+            requests.get(sandbox.url + "/health", timeout=30)
+            latencies.append(time.perf_counter() - started)
+            time.sleep(0.01)
+
+    results = {}
+    for name, code in (("escape floods", ESCAPE_FLOOD), ("uncapped 8 MB messages", UNCAPPED_MESSAGES)):
+        session_id = requests.post(sandbox.url + "/v1/sessions", json={}, headers=headers, timeout=60).json()["id"]
+        latencies, done = [], threading.Event()
+        thread = threading.Thread(target=probe, args=(latencies, done))
+        thread.start()
+        for _ in range(3):
+            requests.post(f"{sandbox.url}/v1/sessions/{session_id}/execute", json={"code": code}, headers=headers,
+                          timeout=120)
+        done.set()
+        thread.join()
+        requests.delete(f"{sandbox.url}/v1/sessions/{session_id}", headers=headers, timeout=30)
+        results[name] = latencies
+    return results
 
 
 def flood_memory(sandbox: LocalSandbox) -> float:
@@ -205,6 +256,7 @@ def main() -> str:
         measured = ours(sandbox)
         loaded = concurrency(sandbox)
         growth = flood_memory(sandbox)
+        stalls = loop_stalls(sandbox)
     floor_median = summary(floor)["median_ms"]
 
     def ratio(samples: list[float]) -> str:
@@ -241,7 +293,12 @@ def main() -> str:
     ])
     report += (f"\n### Memory\n\n- RSS per idle session (kernel process): {loaded['rss_per_idle_session_mb']:.1f} MB "
                f"over {loaded['kernels']} kernels\n"
+               f"- the init (PID 1 of each kernel's pid namespace): {loaded['init_private_mb']:.1f} MB private "
+               "memory per session\n"
                f"- server peak RSS growth during a 200 MB print and a 200 MB os.write: {growth:.1f} MB\n")
+    report += "\n" + table("Event loop under hostile output: /health answer time, same run", [
+        (f"during {name}", summary(samples), f"worst {max(samples) * 1000:.0f} ms")
+        for name, samples in stalls.items()])
     return report
 
 

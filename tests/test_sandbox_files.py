@@ -3,6 +3,7 @@ fallback the server uses where the kernel lacks openat2) raced by a thread swapp
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -81,13 +82,19 @@ def test_paths_that_could_leave_are_refused_before_any_open(tmp_path):
 
 
 def test_listing_is_bounded_and_deep_trees_are_no_recursion_error(tmp_path):
-    deep = tmp_path
+    tree = tmp_path / "tree"
+    deep = tree
+    os.mkdir(tree)
     for _ in range(1500):  # deeper than the interpreter's recursion limit
         deep = deep / "d"
-        os.mkdir(deep)  # one level at a time: the whole path is longer than PATH_MAX
+        os.mkdir(deep)
     for number in range(30):
-        (tmp_path / f"file-{number}").write_text("x")
-    found, truncated = files.listing(str(tmp_path), limit=10)
-    assert len(found) == 10 and truncated
-    found, truncated = files.listing(str(tmp_path))
-    assert len(found) == 30 and not truncated
+        (tree / f"file-{number}").write_text("x")
+    try:
+        found, truncated = files.listing(str(tree), limit=10)
+        assert len(found) == 10 and truncated
+        found, truncated = files.listing(str(tree))
+        assert len(found) == 30 and not truncated
+    finally:
+        # pytest's own clean-up of old temporary directories recurses: a tree this deep would crash it.
+        assert asyncio.run(files.remove_tree(str(tree)))

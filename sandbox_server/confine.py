@@ -86,13 +86,25 @@ def mounts() -> list[tuple[str, str, int]]:
     return found
 
 
-def shape_mounts(writable: list[str], private: dict[str, int], closed: dict[str, list[str]]) -> None:
-    """The kernel's view: the host read-only, private tmpfs mounts, and its own directories writable."""
-    handles = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in writable}
+def beneath(path: str, parents) -> bool:
+    return any(path.startswith(parent.rstrip("/") + "/") for parent in parents)
+
+
+def shape_mounts(writable: list[str], private: dict[str, int], closed: dict[str, list[str]],
+                 interpreter: list[str]) -> None:
+    """The kernel's view: the host read-only, private tmpfs mounts, and its own directories writable.
+    The interpreter's directories that a private mount covers (a virtual environment under /tmp) are bound
+    back, read-only like the rest."""
+    covered = [path for path in interpreter if beneath(path, private) and not beneath(path, interpreter)]
+    # Handles first: once a directory is covered, what was beneath it is out of reach by path.
+    handles = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in [*writable, *covered]}
     open_closed_directories(closed)
     for path, size in private.items():
         if os.path.isdir(path):
             mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={size}")
+    for path in covered:
+        os.makedirs(path, exist_ok=True)
+        mount(f"/proc/self/fd/{handles.pop(path)}", path, None, MS_BIND | MS_REC)
     for point, fstype, flags in mounts():
         if fstype in LEFT_WRITABLE or point in private:
             continue
@@ -134,7 +146,7 @@ def main(argv: list[str]) -> None:
     spec = json.loads(argv[1])
     join_cgroups(spec["cgroups"])
     if spec["namespaced"]:
-        shape_mounts(spec["writable"], spec["private"], spec["closed"])
+        shape_mounts(spec["writable"], spec["private"], spec["closed"], spec["interpreter"])
     os.chdir(spec["workdir"])
     set_rlimits(spec["rlimits"])
     env = dict(spec["env"])

@@ -131,6 +131,7 @@ class Isolation:
         self.cpu_limit = cpu_limit if capabilities.cgroup_cpu else 0.0
         self.cgroup_parents: list[str] = []
         self._closed: dict[str, list[str]] | None = None
+        self.interpreter_paths = kernel_python_paths()
         self.setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
         if capabilities.cgroup:
             remove_stale_cgroups(capabilities.cgroup)
@@ -152,6 +153,7 @@ class Isolation:
             # its memory cgroup too). The rest of the host is read-only to it.
             "writable": [workdir, runtime_dir],
             "private": {"/tmp": self.memory_limit, "/dev/shm": self.memory_limit},
+            "interpreter": self.interpreter_paths,
             "seccomp": caps.seccomp,
             "rlimits": {
                 "RLIMIT_AS": self.memory_limit,
@@ -187,7 +189,7 @@ class Isolation:
         """What to open in the kernel's mount namespace: its interpreter and the server's root (two levels
         above every session directory, so computed once)."""
         if self._closed is None:
-            self._closed = closed_ancestors([*kernel_python_paths(), os.path.dirname(os.path.dirname(workdir))])
+            self._closed = closed_ancestors([*self.interpreter_paths, os.path.dirname(os.path.dirname(workdir))])
         return self._closed
 
     def make_kernel_cgroups(self, kernel_name: str) -> list[str]:

@@ -159,8 +159,9 @@ def test_huge_and_deep_trees_are_listed_and_deleted(server):
 UID = "import os\nprint(os.getuid())"
 
 
-@pytest.mark.skipif(not ROOT_ONLY, reason="kernels get uids of their own only under a root server")
-def test_kernel_uids_are_unique_across_servers_and_a_killed_servers_files_stay_out_of_reach(tmp_path):
+def test_kernel_uids_are_unique_across_servers_and_a_killed_servers_files_stay_out_of_reach(tmp_path, capabilities):
+    if not capabilities.drop_uid:
+        pytest.skip("kernels get uids of their own only under a root server: " + capabilities.report())
     first = start_sandbox(str(tmp_path / "a"), pool_size=2)
     second = start_sandbox(str(tmp_path / "b"), pool_size=2)
     try:
@@ -244,6 +245,32 @@ def test_tmp_and_shm_are_private_counted_and_gone_with_the_session(server, capab
     assert hog["status"] in ("error", "died"), hog
     server.close(session)
     server.close(other)
+
+
+def test_an_interpreter_under_tmp_stays_visible_and_read_only_inside_the_private_tmp(tmp_path, capabilities):
+    """A virtual environment under /tmp (a clone in /tmp, as CI makes) must survive the private /tmp."""
+    if not capabilities.namespaces:
+        pytest.skip("no namespaces here: " + capabilities.report())
+    import subprocess
+    import sys
+    import tempfile
+
+    from sandbox_server.isolation import Isolation
+
+    with tempfile.TemporaryDirectory(prefix="codeact-venv-", dir="/tmp") as venv:
+        with open(os.path.join(venv, "marker"), "w") as handle:
+            handle.write("visible")
+        work, runtime = tmp_path / "work", tmp_path / "k1"
+        work.mkdir()
+        runtime.mkdir()
+        isolation = Isolation(capabilities, 1 << 31, 1 << 20, 64)
+        launch = isolation.launch("probe", str(work), str(runtime / "connection.json"), None, network=False)
+        spec = json.loads(launch.argv[-1])
+        spec["interpreter"] = [*spec["interpreter"], venv]
+        spec["argv"] = [sys.executable, "-c", f"print(open({venv + '/marker'!r}).read())\n"
+                        f"try:\n    open({venv + '/new'!r}, 'w')\nexcept OSError as error:\n    print(error.strerror)"]
+        done = subprocess.run([*launch.argv[:-1], json.dumps(spec)], capture_output=True, text=True, timeout=30)
+        assert done.stdout.split("\n")[:2] == ["visible", "Read-only file system"], done.stdout + done.stderr
 
 
 # -- 5. ordinary code that broke sessions for good ----------------------------------------------------------

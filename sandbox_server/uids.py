@@ -1,10 +1,10 @@
 """Kernel uids unique on the host: leases that every server on the machine takes from one directory.
 
 A uid is what separates one kernel's files and processes from another's, so two live kernels must never
-share one, whichever servers started them. Each uid is a file in REGISTRY; a server holds an exclusive
-`flock` on it for as long as the uid's session lives. The kernel releases a lock when its holder dies, even
-by SIGKILL, so a lease is never leaked, and no pid or clock is trusted. (systemd's DynamicUser hands out
-uids the same way, with lock files under /run/systemd/dynamic-uid.)
+share one, whichever servers started them. Each uid in use is a file in REGISTRY; a server holds an
+exclusive `flock` on it for as long as the uid's session lives, and removes it on release. The kernel
+releases a lock when its holder dies, even by SIGKILL, so a lease is never leaked, and no pid or clock is
+trusted. (systemd's DynamicUser hands out uids the same way, with lock files under /run/systemd/dynamic-uid.)
 
 Reuse is made rare and safe:
 - claims go round a shared cursor through SPAN uids, so a uid comes back only after SPAN others;
@@ -65,11 +65,8 @@ class UidLeases:
                 uid = self.base + offset
                 if uid in self.held:
                     continue
-                lease = self._open(str(uid))
-                try:
-                    fcntl.flock(lease, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    os.close(lease)
+                lease = self._lock(str(uid))
+                if lease is None:
                     continue
                 seal_leftovers(lease)
                 record = json.dumps({"home": home, "server": os.getpid()}).encode()
@@ -83,12 +80,29 @@ class UidLeases:
             os.close(cursor)  # closing drops the lock
         raise NoFreeUid(f"all {self.span} kernel uids from {self.base} are in use")
 
+    def _lock(self, name: str) -> int | None:
+        """The lease file `name`, opened and locked, or None when a live holder has it. A holder removes the
+        file on release, so the lock taken must be on the file that has the name now, or it means nothing."""
+        while True:
+            lease = self._open(name)
+            try:
+                fcntl.flock(lease, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(lease)
+                return None
+            try:
+                if os.stat(name, dir_fd=self.directory, follow_symlinks=False).st_ino == os.fstat(lease).st_ino:
+                    return lease
+            except FileNotFoundError:
+                pass
+            os.close(lease)  # removed or replaced by its holder while we waited: open the name again
+
     def release(self, uid: int) -> None:
-        """Give the uid back, once its session directory is gone (a killed server never gets here: then the
-        next claimant seals what the record names)."""
+        """Give the uid back, once its session directory is gone: its lease file goes (a killed server never
+        gets here: its file stays, and the next claimant seals what the record names)."""
         lease = self.held.pop(uid, None)
         if lease is not None:
-            os.ftruncate(lease, 0)
+            os.unlink(str(uid), dir_fd=self.directory)  # while still locked: see _lock
             os.close(lease)
 
     def close(self) -> None:

@@ -208,6 +208,8 @@ def test_a_uid_reused_after_its_holder_died_first_seals_what_was_left(tmp_path):
     assert leases.claim("/elsewhere") == 300000  # the kernel dropped the dead holder's lock
     info = os.stat(home)
     assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (0, 0)
+    leases.release(300000)
+    assert os.listdir(registry) == ["cursor"], "a released lease left its file (the registry would only grow)"
     leases.close()
 
 

@@ -173,7 +173,8 @@ def kernel_processes(root_dir: str, program: bytes = b"ipykernel_launcher") -> l
                 argv = handle.read().split(b"\0")
         except OSError:
             continue
-        if any(program in part for part in argv[:6]) and any(root_dir.encode() in part for part in argv):
+        if any(part == program or part.endswith(b"/" + program) for part in argv[:6]) \
+                and any(root_dir.encode() in part for part in argv):
             found.append(int(entry))
     return found
 

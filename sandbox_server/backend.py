@@ -7,6 +7,7 @@ The local backend runs confined ipykernel processes on this machine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import itertools
 import logging
@@ -186,8 +187,10 @@ class LocalBackend:
         await asyncio.to_thread(files.delete, home.workdir, path)
 
     async def close(self) -> None:
-        if self.sweep is not None:
-            await self.sweep
+        if self.sweep is not None:  # unfinished, it is the next server's to do again
+            self.sweep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.sweep
         self.isolation.close()
         self.context.destroy(linger=0)
         await files.remove_tree(self.root)

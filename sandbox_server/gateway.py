@@ -30,7 +30,7 @@ from .config import Config
 from .errors import BadRequest, NotFound, Unavailable
 from .execution import DIED, OK, EventSink, Execution, OutputCollector
 from .kernel import KernelStartError, kernel_setup_code
-from .protocol import NOT_RUN, ExecuteState, clean
+from .protocol import NOT_RUN, ExecuteState, clean, pace
 
 log = logging.getLogger("sandbox_server.gateway")
 
@@ -53,6 +53,7 @@ class GatewayKernel:
         self.connection: websocket.WebSocketClientConnection | None = None
         self.session_id = uuid.uuid4().hex
         self.gone = False  # the gateway no longer has this kernel (it died, or the gateway restarted)
+        self.received_at = 0.0  # when the last message arrived, before it was decoded
         self.gone_reason = ""
 
     @property
@@ -135,6 +136,7 @@ class GatewayKernel:
         if TCP_QUICKACK is not None and self.connection.stream is not None:
             with contextlib.suppress(OSError):
                 self.connection.stream.socket.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
+        self.received_at = time.monotonic()  # what follows is this message's cost to the loop (see pace)
         return json.loads(raw)
 
     def send_input(self, text: str) -> None:
@@ -185,7 +187,7 @@ class GatewayKernel:
                 status = DIED
                 break
             state.on_message(message.get("channel", ""), await clean(message))
-            await asyncio.sleep(0)  # a flood of queued messages must not hold the loop
+            await pace(self.received_at)
         return collector.finish(status, state.execution_count, (time.monotonic() - started) * 1000)
 
     async def recover(self) -> str | None:

@@ -28,7 +28,7 @@ from . import files, kernel_hooks
 from .config import Config
 from .execution import DIED, OK, EventSink, Execution, OutputCollector
 from .isolation import Isolation, KernelLaunch
-from .protocol import ExecuteState, clean
+from .protocol import ExecuteState, clean, pace
 
 log = logging.getLogger("sandbox_server.kernel")
 
@@ -263,8 +263,9 @@ class LocalKernel:
                     name = sockets[socket]
                     channel = channels[name]
                     while await channel.msg_ready():
+                        received = time.monotonic()
                         state.on_message(name, await clean(await channel.get_msg(timeout=0)))
-                        await asyncio.sleep(0)  # a flood of queued messages must not hold the loop
+                        await pace(received)
         except (asyncio.CancelledError, zmq.ZMQError):
             if self.client is client:
                 raise

@@ -8,6 +8,7 @@ the interrupt and its grace behave the same on both.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ UNRESPONSIVE = "unresponsive"
 NOT_RUN = "not_run"
 
 STRIP_SLICE = 64 * 1024  # characters stripped of ANSI codes between two returns to the event loop
+EXPENSIVE = 0.002  # seconds: a message that cost the loop more than this is paced (see `pace`)
 IDLE_AFTER_REPLY = 2.0  # after the reply, how long to wait for the idle status (lost if a message was dropped)
 
 
@@ -113,6 +115,14 @@ class ExecuteState:
     @property
     def failed(self) -> bool:
         return bool(self.reply and self.reply.get("status") != "ok") or self.collector.execution.error is not None
+
+
+async def pace(started: float) -> None:
+    """Return to the event loop after a message. After an expensive one (a kernel flooding large messages)
+    stay away as long as it cost: a flooding kernel gets at most half of the loop, and a request of another
+    session finishes between two of its messages instead of advancing one step per message."""
+    cost = time.monotonic() - started
+    await asyncio.sleep(cost if cost > EXPENSIVE else 0)
 
 
 async def clean(message: Message) -> Message:

@@ -30,7 +30,8 @@ SCAN_LIMIT = 200_000  # directory entries looked at, at most, for one listing
 DIRECTORY = os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # openat2(2), Linux 5.6+: resolve a whole path beneath a directory handle, refusing every link, in one call.
-SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437}.get(os.uname().machine) if sys.platform.startswith("linux") else None
+# Its number is 437 on every architecture (it came after the system call tables were unified).
+SYS_OPENAT2 = 437 if sys.platform.startswith("linux") else None
 RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_BENEATH = 0x02, 0x04, 0x08
 
 
@@ -117,6 +118,8 @@ def check_size(relative: str, size: int, max_size: int) -> None:
 
 def check_regular(relative: str, descriptor: int, owner: int | None) -> os.stat_result:
     info = os.fstat(descriptor)
+    if stat.S_ISDIR(info.st_mode):
+        raise BadRequest(f"{relative!r} is a directory")
     if not stat.S_ISREG(info.st_mode):
         raise BadRequest(f"{relative!r} is not a regular file (a FIFO, socket or device is never read or written)")
     if owner is not None and info.st_uid != owner:
@@ -223,10 +226,9 @@ def delete(workdir: str, relative: str) -> None:
             raise refusal(relative, error) from None
         try:
             os.unlink(parts[-1], dir_fd=parent)
+        except IsADirectoryError:
+            raise BadRequest(f"{relative!r} is a directory; delete the files in it") from None
         except OSError as error:
-            if error.errno in (errno.EISDIR, errno.EPERM) and stat.S_ISDIR(
-                    os.stat(parts[-1], dir_fd=parent, follow_symlinks=False).st_mode):
-                raise BadRequest(f"{relative!r} is a directory; delete the files in it") from None
             raise refusal(relative, error) from None
         finally:
             os.close(parent)

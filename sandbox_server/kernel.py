@@ -138,7 +138,8 @@ class LocalKernel:
 
     @property
     def kernel_pid(self) -> int | None:
-        """The interpreter's pid as the server sees it (under `unshare`, the child of the process we ran)."""
+        """The pid to signal, as the server sees it: the interpreter, or under `unshare` the child of the
+        process we ran, the namespace's init, which passes SIGINT on to the interpreter."""
         if self._kernel_pid is None and self.alive:
             if not self.launch.namespaced:
                 self._kernel_pid = self.process.pid

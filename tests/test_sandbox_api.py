@@ -167,6 +167,9 @@ def test_files_upload_list_download_delete(sandbox):
     assert sandbox.request("GET", base + "/out.txt").content == b"made in the kernel"
     assert sandbox.request("DELETE", base + "/out.txt").status_code == 204
     assert sandbox.request("GET", base + "/out.txt").status_code == 404
+    for method, data in (("DELETE", None), ("PUT", b"x"), ("GET", None)):  # `data` is a directory
+        response = sandbox.request(method, base + "/data", data=data)
+        assert response.status_code == 400 and "directory" in response.json()["message"], (method, response.text)
     sandbox.close(session)
 
 

@@ -30,7 +30,7 @@ from .config import Config
 from .errors import BadRequest, NotFound, Unavailable
 from .execution import DIED, OK, EventSink, Execution, OutputCollector
 from .kernel import KernelStartError, kernel_setup_code
-from .protocol import NOT_RUN, ExecuteState, clean, pace
+from .protocol import NOT_RUN, ExecuteState, Pacer, clean
 
 log = logging.getLogger("sandbox_server.gateway")
 
@@ -169,6 +169,7 @@ class GatewayKernel:
             self.mark_gone(f"the gateway could not be reached ({error})")
             return collector.finish(NOT_RUN, None, 0.0)
         state = ExecuteState(msg_id, collector, deadline=started + timeout, grace=grace)
+        pacer = Pacer()
         while (status := await state.verdict(time.monotonic(), self.interrupt)) is None:
             try:
                 message = await self.receive(state.wait(time.monotonic(), POLL_INTERVAL))
@@ -187,7 +188,7 @@ class GatewayKernel:
                 status = DIED
                 break
             state.on_message(message.get("channel", ""), await clean(message))
-            await pace(self.received_at)
+            await pacer.step(self.received_at)
         return collector.finish(status, state.execution_count, (time.monotonic() - started) * 1000)
 
     async def recover(self) -> str | None:

@@ -28,7 +28,7 @@ from . import files, kernel_hooks
 from .config import Config
 from .execution import DIED, OK, EventSink, Execution, OutputCollector
 from .isolation import Isolation, KernelLaunch
-from .protocol import ExecuteState, clean, pace
+from .protocol import ExecuteState, Pacer, clean
 
 log = logging.getLogger("sandbox_server.kernel")
 
@@ -252,6 +252,7 @@ class LocalKernel:
         for name, channel in channels.items():
             poller.register(channel.socket, zmq.POLLIN)
             sockets[channel.socket] = name
+        pacer = Pacer()
         try:
             while (status := await state.verdict(time.monotonic(), self.interrupt)) is None:
                 ready = dict(await poller.poll(timeout=state.wait(time.monotonic(), POLL_INTERVAL) * 1000))
@@ -266,7 +267,7 @@ class LocalKernel:
                     while await channel.msg_ready():
                         received = time.monotonic()
                         state.on_message(name, await clean(await channel.get_msg(timeout=0)))
-                        await pace(received)
+                        await pacer.step(received)
         except (asyncio.CancelledError, zmq.ZMQError):
             if self.client is client:
                 raise

@@ -22,7 +22,7 @@ import stat
 import sys
 from collections.abc import AsyncIterator, Iterator
 
-from .errors import BadRequest, Forbidden, NotFound, TooLarge
+from .errors import BadRequest, Forbidden, NotFound, TooLarge, Unavailable
 
 READ_CHUNK = 256 * 1024  # a download is sent in pieces this size, so it never sits whole in memory
 LIST_LIMIT = 10_000  # files listed at most
@@ -137,14 +137,21 @@ def write(workdir: str, relative: str, data: bytes, owner: int | None, max_size:
         parent = make_parents(root, relative, parts[:-1], owner)
         temporary = f".codeact-upload-{secrets.token_hex(8)}"
         try:
-            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                 0o644, dir_fd=parent)
+            try:
+                descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                     0o644, dir_fd=parent)
+            except OSError as error:  # e.g. the kernel removed the directory meanwhile
+                raise refusal(relative, error) from None
             try:
                 if owner is not None:
                     os.fchown(descriptor, owner, owner)
                 view = memoryview(data)
                 while view:
                     view = view[os.write(descriptor, view):]
+            except OSError as error:  # the disk is full, or a quota
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary, dir_fd=parent)
+                raise Unavailable(f"cannot write {relative!r}: {error.strerror}") from None
             finally:
                 os.close(descriptor)
             try:
@@ -166,9 +173,9 @@ def make_parents(root: int, relative: str, parts: list[str], owner: int | None) 
             try:
                 following = os.open(part, os.O_RDONLY | DIRECTORY, dir_fd=current)
             except FileNotFoundError:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(part, 0o755, dir_fd=current)
                 try:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o755, dir_fd=current)
                     following = os.open(part, os.O_RDONLY | DIRECTORY, dir_fd=current)
                 except OSError as error:
                     raise refusal(relative, error) from None

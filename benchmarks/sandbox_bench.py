@@ -240,18 +240,23 @@ def flood_memory(sandbox: LocalSandbox) -> float:
 def main() -> str:
     import tempfile
 
+    with tempfile.TemporaryDirectory(prefix="codeact-bench-") as gateway_root, \
+            tempfile.TemporaryDirectory(prefix="codeact-bench-") as root:
+        return measure_all(gateway_root, root)
+
+
+def measure_all(gateway_root: str, root: str) -> str:
     floor = floor_jupyter_client()
     with KernelGateway(free_port()) as stock:
         gateway_executes, gateway_creates = stock_kernel_gateway(stock)
         quickack_executes, _ = stock_kernel_gateway(stock, quickack=True)
         with LocalSandbox("--backend", "gateway", "--gateway-url", stock.url, pool_size=2,
-                          root_dir=tempfile.mkdtemp(prefix="codeact-bench-")) as through_gateway:
+                          root_dir=gateway_root) as through_gateway:
             through_gateway.wait_for_pool(2)
             via_gateway = ours(through_gateway, creates=10)
     tuned_config = os.path.join(os.path.dirname(__file__), "..", "deploy", "kernel_gateway_config.py")
     with KernelGateway(free_port(), config=tuned_config) as tuned:
         tuned_executes, _ = stock_kernel_gateway(tuned)
-    root = tempfile.mkdtemp(prefix="codeact-bench-")
     with LocalSandbox("--max-sessions", "150", pool_size=4, root_dir=root) as sandbox:
         sandbox.wait_for_pool(4)
         measured = ours(sandbox)

@@ -25,7 +25,8 @@ FAKES = os.path.join(os.path.dirname(__file__), "fakes")
 def fake_env(tmp_path):
     """PATH with the fakes first; two idle 80 GB GPUs unless a test says otherwise."""
     return {**os.environ, "PATH": FAKES + os.pathsep + os.environ["PATH"], "FAKE_GPUS": "0:0:81920,1:10:81920",
-            "FAKE_VLLM_RECORD": str(tmp_path / "record.jsonl")}
+            "FAKE_VLLM_RECORD": str(tmp_path / "record.jsonl"),
+            "TMPDIR": str(tmp_path)}  # the launcher's default log directory goes with the test's files
 
 
 def model_server(env: dict, *args: str, **kwargs) -> subprocess.CompletedProcess:

@@ -3,6 +3,7 @@ that adapts. Each test bounds its load (count and time) and cleans up; one that 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -180,6 +181,13 @@ def test_kernel_uids_are_unique_across_servers_and_a_killed_servers_files_stay_o
     finally:
         second.stop()
         first.stop()
+        deadline = time.monotonic() + 10
+        while first.kernel_pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if capabilities.cgroup:  # what the next server to start would do for the killed one
+            from sandbox_server.isolation import remove_stale_cgroups
+
+            remove_stale_cgroups(capabilities.cgroup)
 
 
 def test_a_uid_reused_after_its_holder_died_first_seals_what_was_left(tmp_path):
@@ -265,7 +273,7 @@ def test_an_interpreter_under_tmp_stays_visible_and_read_only_inside_the_private
         work, runtime = tmp_path / "work", tmp_path / "k1"
         work.mkdir()
         runtime.mkdir()
-        isolation = Isolation(capabilities, 1 << 31, 1 << 20, 64)
+        isolation = Isolation(dataclasses.replace(capabilities, cgroup=None), 1 << 31, 1 << 20, 64)
         launch = isolation.launch("probe", str(work), str(runtime / "connection.json"), None, network=False)
         spec = json.loads(launch.argv[-1])
         spec["interpreter"] = [*spec["interpreter"], venv]
@@ -487,6 +495,9 @@ def test_a_killed_servers_leftovers_are_removed_by_the_next_server(tmp_path):
     killed.execute(killed.create(), "open('left.txt', 'w').write('x')")
     killed.process.send_signal(signal.SIGKILL)
     killed.process.wait(10)
+    deadline = time.monotonic() + 10
+    while killed.kernel_pids() and time.monotonic() < deadline:  # dying with it (pdeathsig); then its cgroups
+        time.sleep(0.05)                                          # are empty and the successor removes them too
     roots = [entry for entry in os.listdir(base) if entry.startswith("codeact-")]
     assert len(roots) == 1
     old = time.time() - 3600

@@ -33,6 +33,8 @@ MS_REMOUNT, MS_BIND, MS_REC = 32, 4096, 16384
 MOUNT_OPTIONS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC}
 LEFT_WRITABLE = {"proc", "devpts", "mqueue"}  # kernel interfaces, not storage (writes to /dev nodes work anyway)
 PR_SET_PDEATHSIG = 1
+# How /proc/self/mountinfo writes these four in a path; the backslash last, so "\134040" stays "\040".
+MOUNTINFO_ESCAPES = (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\"))
 
 
 def libc():
@@ -78,7 +80,9 @@ def mounts() -> list[tuple[str, str, int]]:
         for line in handle:
             fields = line.split()
             separator = fields.index("-")
-            point = fields[4].encode().decode("unicode_escape")  # mountinfo writes a space as \040
+            point = fields[4]
+            for escape, character in MOUNTINFO_ESCAPES:
+                point = point.replace(escape, character)
             flags = 0
             for option in fields[5].split(","):
                 flags |= MOUNT_OPTIONS.get(option, 0)

@@ -127,6 +127,8 @@ class GatewayKernel:
 
     async def receive(self, timeout: float) -> dict | None:
         """The next message, or None after `timeout`; raises ConnectionError when the socket closed."""
+        if self.connection is None:
+            raise ConnectionError("websocket closed")
         try:
             raw = await asyncio.wait_for(self.connection.read_message(), max(timeout, 0.001))
         except asyncio.TimeoutError:
@@ -174,7 +176,8 @@ class GatewayKernel:
             try:
                 message = await self.receive(state.wait(time.monotonic(), POLL_INTERVAL))
             except ConnectionError:
-                status = await self.recover()
+                # Gone: we killed it (DELETE, /restart), and must not reconnect to a kernel being deleted.
+                status = DIED if self.gone else await self.recover()
                 if status is None:
                     continue  # reconnected: the gateway replays what the kernel sent meanwhile
                 if status == DIED and not state.started:

@@ -197,6 +197,28 @@ def test_files_travel_through_the_kernel(sandbox):
     sandbox.close(session)
 
 
+def test_delete_or_restart_mid_execute_ends_it_at_once(sandbox):
+    """Killing a gateway kernel closes our websocket; the execute must end then, not reconnect to a kernel
+    the gateway is still shutting down (which held it about 30 s)."""
+    for action, status in (("DELETE", "closed"), ("restart", "died")):
+        session = sandbox.create()
+        with ThreadPoolExecutor(1) as executor:
+            running = executor.submit(sandbox.request, "POST", f"/v1/sessions/{session}/execute",
+                                      json={"code": "import time\ntime.sleep(30)"})
+            time.sleep(1)
+            started = time.monotonic()
+            if action == "DELETE":
+                sandbox.request("DELETE", f"/v1/sessions/{session}")
+            else:
+                sandbox.request("POST", f"/v1/sessions/{session}/restart")
+            response = running.result(60)
+        took = time.monotonic() - started
+        assert took < 10, f"the execute outlived the {action} by {took:.0f} s"
+        assert response.json()["status"] == status
+        if action == "restart":
+            sandbox.close(session)
+
+
 def test_gateway_down_at_start_is_a_clear_error(tmp_path):
     with pytest.raises(SandboxConnectionError) as caught:
         LocalSandbox("--backend", "gateway", "--gateway-url", f"http://127.0.0.1:{free_port()}",

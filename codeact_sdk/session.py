@@ -74,7 +74,8 @@ class Session:
                  system_prompt: str | None = None, transcript_path: str | None = None,
                  timeout: float | None = None, request_timeout: float | None = None,
                  max_executions: int | None = None, settings: Settings | None = None,
-                 on_input: Callable[[str], str] | None = None) -> None:
+                 on_input: Callable[[str], str] | None = None, network: bool = False,
+                 env: dict[str, str] | None = None) -> None:
         self.settings = settings or resolve(
             model=model, llm_url=llm_url, sandbox_url=sandbox_url, api_key=api_key, sandbox_token=sandbox_token,
             timeout=timeout, request_timeout=request_timeout, max_executions=max_executions)
@@ -86,6 +87,8 @@ class Session:
         self.model = ModelClient(self.settings.llm_url, self.settings.model, self.settings.api_key,
                                  self.settings.request_timeout, self.settings.max_retries)
         self.on_input = on_input
+        self.network = network  # the kernel gets the network (the sandbox server must have a token)
+        self.env = dict(env or {})  # environment variables set in the kernel before its first code
         self.transcript_path = transcript_path
         self._transcript: transcript.TranscriptWriter | None = None
         self._local: LocalSandbox | None = None
@@ -105,8 +108,12 @@ class Session:
             self._local = LocalSandbox(pool_size=1).start()
             url, token = self._local.url, self._local.token
         self._sandbox = SandboxClient(url, token, self.settings.request_timeout)
-        self._sandbox_session = self._sandbox.create_session(setup=self.setup, timeout=self.settings.timeout)
+        self._sandbox_session = self._create_sandbox_session()
         return self
+
+    def _create_sandbox_session(self) -> str:
+        return self._sandbox.create_session(setup=self.setup, env=self.env, timeout=self.settings.timeout,
+                                            network=self.network)
 
     def close(self) -> None:
         if self._sandbox is not None:
@@ -134,7 +141,7 @@ class Session:
         """Forget the conversation and start a fresh kernel; the transcript file keeps the old messages."""
         if self._sandbox is not None and self._sandbox_session is not None:
             self._sandbox.close_session(self._sandbox_session)
-            self._sandbox_session = self._sandbox.create_session(setup=self.setup, timeout=self.settings.timeout)
+            self._sandbox_session = self._create_sandbox_session()
         self.messages = []
         self._kernel_note_pending = False
         self._append("system", self.system_prompt)

@@ -182,3 +182,16 @@ def test_without_a_sandbox_url_a_private_server_is_started_and_stopped(model, mo
     s.close()
     assert process.poll() is not None
     assert not os.path.exists(workspace), "the private server's log and port file outlived it"
+
+
+def test_network_and_env_reach_the_kernel_only_when_asked(model, local_sandbox, capabilities):
+    if not capabilities.namespaces:
+        pytest.skip("kernels share the host's network here: " + capabilities.report())
+    port = model.url.split(":")[-1].split("/")[0]
+    probe = (f"import os, socket\nprint(os.environ.get('DATASET'))\ntry:\n    socket.create_connection(("
+             f"'127.0.0.1', {port}), timeout=2)\n    print('connected')\nexcept OSError:\n    print('blocked')")
+    for options, expected in (({}, "None\nblocked\n"),
+                              ({"network": True, "env": {"DATASET": "sales.csv"}}, "sales.csv\nconnected\n")):
+        model.enqueue(f"<execute>{probe}</execute>", "done")
+        with session(model, local_sandbox, **options) as s:
+            assert s.chat("go").turns[0].execution.stdout == expected, options

@@ -22,7 +22,7 @@ import requests
 import websocket
 
 from codeact_sdk.local_sandbox import LocalSandbox
-from sandbox_server.testing import KernelGateway
+from sandbox_server.testing import HealthProbe, KernelGateway
 
 from .measure import free_port, rss_kb, sample, summary, table
 
@@ -197,30 +197,16 @@ for _ in range(20):
 
 def loop_stalls(sandbox: LocalSandbox) -> dict[str, list[float]]:
     """/health answer times, sampled every 10 ms, while a hostile session runs each attack."""
-    import threading
-
     headers = {"Authorization": f"Bearer {sandbox.token}"}
-
-    def probe(latencies: list[float], done: threading.Event) -> None:
-        while not done.is_set():
-            started = time.perf_counter()
-            requests.get(sandbox.url + "/health", timeout=30)
-            latencies.append(time.perf_counter() - started)
-            time.sleep(0.01)
-
     results = {}
     for name, code in (("escape floods", ESCAPE_FLOOD), ("uncapped 8 MB messages", UNCAPPED_MESSAGES)):
         session_id = requests.post(sandbox.url + "/v1/sessions", json={}, headers=headers, timeout=60).json()["id"]
-        latencies, done = [], threading.Event()
-        thread = threading.Thread(target=probe, args=(latencies, done))
-        thread.start()
-        for _ in range(3):
-            requests.post(f"{sandbox.url}/v1/sessions/{session_id}/execute", json={"code": code}, headers=headers,
-                          timeout=120)
-        done.set()
-        thread.join()
+        with HealthProbe(sandbox.url) as probe:
+            for _ in range(3):
+                requests.post(f"{sandbox.url}/v1/sessions/{session_id}/execute", json={"code": code},
+                              headers=headers, timeout=120)
         requests.delete(f"{sandbox.url}/v1/sessions/{session_id}", headers=headers, timeout=30)
-        results[name] = latencies
+        results[name] = probe.samples
     return results
 
 

@@ -117,7 +117,7 @@ class LocalBackend:
         <base>/codeact-XXXXXX/sXXXXXX/work    the session's directory, the kernel's working directory
         <base>/codeact-XXXXXX/sXXXXXX/kN      a kernel's connection file, sockets, IPython profile
 
-    Names are short because a kernel's sockets live in k-N and a socket path has at most 107 bytes.
+    Names are short because a kernel's sockets live in kN and a socket path has at most 107 bytes.
     """
 
     files_through_kernel = False  # the server reads and writes session directories itself

@@ -143,23 +143,24 @@ def write(workdir: str, relative: str, data: bytes, owner: int | None, max_size:
             except OSError as error:  # e.g. the kernel removed the directory meanwhile
                 raise refusal(relative, error) from None
             try:
-                if owner is not None:
-                    os.fchown(descriptor, owner, owner)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(descriptor, view):]
-            except OSError as error:  # the disk is full, or a quota
+                try:
+                    if owner is not None:
+                        os.fchown(descriptor, owner, owner)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(descriptor, view):]
+                except OSError as error:  # the disk is full, or a quota
+                    raise Unavailable(f"cannot write {relative!r}: {error.strerror}") from None
+                finally:
+                    os.close(descriptor)
+                try:
+                    os.rename(temporary, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
+                except OSError as error:
+                    raise refusal(relative, error) from None
+            except Exception:  # nothing half-written stays behind
                 with contextlib.suppress(OSError):
                     os.unlink(temporary, dir_fd=parent)
-                raise Unavailable(f"cannot write {relative!r}: {error.strerror}") from None
-            finally:
-                os.close(descriptor)
-            try:
-                os.rename(temporary, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
-            except OSError as error:
-                with contextlib.suppress(OSError):
-                    os.unlink(temporary, dir_fd=parent)
-                raise refusal(relative, error) from None
+                raise
         finally:
             os.close(parent)
     return len(data)
@@ -258,26 +259,26 @@ def listing(workdir: str, limit: int = LIST_LIMIT, scan_limit: int = SCAN_LIMIT)
                     if relative else os.dup(root)
             except OSError:
                 continue  # replaced or removed since it was seen, or too deep for a path
-            with os.scandir(descriptor) as found:
-                children = []
-                for entry in found:
-                    scanned += 1
-                    if scanned > scan_limit:
-                        os.close(descriptor)
-                        return entries, True
-                    path = f"{relative}/{entry.name}" if relative else entry.name
-                    try:
-                        info = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    if stat.S_ISDIR(info.st_mode):
-                        children.append(path)
-                    elif stat.S_ISREG(info.st_mode):
-                        entries.append({"path": path, "size": info.st_size, "modified": info.st_mtime})
-                        if len(entries) >= limit:
-                            os.close(descriptor)
+            children = []
+            try:
+                with os.scandir(descriptor) as found:  # reads through a copy of the descriptor
+                    for entry in found:
+                        scanned += 1
+                        if scanned > scan_limit:
                             return entries, True
-            os.close(descriptor)
+                        path = f"{relative}/{entry.name}" if relative else entry.name
+                        try:
+                            info = entry.stat(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        if stat.S_ISDIR(info.st_mode):
+                            children.append(path)
+                        elif stat.S_ISREG(info.st_mode):
+                            entries.append({"path": path, "size": info.st_size, "modified": info.st_mtime})
+                            if len(entries) >= limit:
+                                return entries, True
+            finally:
+                os.close(descriptor)
             pending.extend(sorted(children, reverse=True))
     return entries, False
 
@@ -298,10 +299,9 @@ async def remove_tree(path: str, deadline: float = REMOVE_DEADLINE) -> bool:
     try:
         await asyncio.wait_for(process.wait(), deadline)
     except asyncio.TimeoutError:
-        process.kill()
-        await process.wait()
-    except asyncio.CancelledError:
-        process.kill()
-        await process.wait()
-        raise
+        pass  # abandoned: the caller sees the tree still there
+    finally:
+        if process.returncode is None:  # past the deadline, or cancelled: rm does not outlive the wait
+            process.kill()
+            await process.wait()
     return not os.path.lexists(path)

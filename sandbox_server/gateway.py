@@ -138,7 +138,7 @@ class GatewayKernel:
         if TCP_QUICKACK is not None and self.connection.stream is not None:
             with contextlib.suppress(OSError):
                 self.connection.stream.socket.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
-        self.received_at = time.monotonic()  # what follows is this message's cost to the loop (see pace)
+        self.received_at = time.monotonic()  # what follows is this message's cost to the loop (see Pacer)
         return json.loads(raw)
 
     def send_input(self, text: str) -> None:
@@ -176,8 +176,7 @@ class GatewayKernel:
             try:
                 message = await self.receive(state.wait(time.monotonic(), POLL_INTERVAL))
             except ConnectionError:
-                # Gone: we killed it (DELETE, /restart), and must not reconnect to a kernel being deleted.
-                status = DIED if self.gone else await self.recover()
+                status = await self.recover()
                 if status is None:
                     continue  # reconnected: the gateway replays what the kernel sent meanwhile
                 if status == DIED and not state.started:
@@ -196,6 +195,8 @@ class GatewayKernel:
 
     async def recover(self) -> str | None:
         """After the websocket dropped: reconnect if the kernel still exists, else report it dead."""
+        if self.gone:
+            return DIED  # we killed it (DELETE, /restart): never reconnect to a kernel being deleted
         if not await self.backend.kernel_exists(self.kernel_id):
             self.mark_gone("the gateway no longer has this kernel (it died or the gateway restarted)")
             return DIED

@@ -27,8 +27,6 @@ def parse_object(raw: bytes | str, what: str = "body") -> dict:
     lone surrogates such as "\\ud800", which no kernel message could carry)."""
     try:
         value = json.loads(raw)
-        if not isinstance(value, dict):
-            raise BadRequest(f"{what} must be a JSON object")
         json.dumps(value, ensure_ascii=False).encode()
     except RecursionError:
         raise BadRequest(f"{what} is nested too deeply") from None
@@ -36,9 +34,9 @@ def parse_object(raw: bytes | str, what: str = "body") -> dict:
         raise BadRequest(f"{what} is not valid Unicode text ({error.reason}): lone surrogates such as "
                          "\\ud800 are refused") from None
     except ValueError as error:
-        if isinstance(error, BadRequest):
-            raise
         raise BadRequest(f"{what} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"{what} must be a JSON object")
     return value
 
 

@@ -126,7 +126,6 @@ def install_message_cap(limit):
         frames = original(msg, ident)
         if len(frames[-1]) <= limit:  # the content frame, the only one user code can make large
             return frames
-        content = msg["content"]
         room = limit // 4  # bytes per character are at most 4 in UTF-8 (and 6 once JSON-escaped)
         while room > 64:
             content = shrink(msg["content"], room)

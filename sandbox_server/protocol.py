@@ -23,7 +23,7 @@ UNRESPONSIVE = "unresponsive"
 NOT_RUN = "not_run"
 
 STRIP_SLICE = 64 * 1024  # characters stripped of ANSI codes between two returns to the event loop
-EXPENSIVE = 0.002  # seconds: a message that cost the loop more than this is paced (see `pace`)
+EXPENSIVE = 0.002  # seconds: a message that cost the loop more than this is paced (see Pacer)
 IDLE_AFTER_REPLY = 2.0  # after the reply, how long to wait for the idle status (lost if a message was dropped)
 
 

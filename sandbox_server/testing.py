@@ -1,4 +1,5 @@
-"""A stock Kernel Gateway process for tests and benchmarks of the gateway backend.
+"""Helpers for the tests and benchmarks: a stock Kernel Gateway process for the gateway backend, and a
+probe of a server's /health while something runs.
 
     with KernelGateway(port, workdir, token="secret") as gateway:
         ... --backend gateway --gateway-url {gateway.url} --gateway-token secret ...
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import requests
@@ -79,3 +81,40 @@ class KernelGateway:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class HealthProbe:
+    """Polls a server's /health from a thread while the block runs; `samples` are the answer times in
+    seconds, `worst` the slowest. Usage:
+
+        with HealthProbe(url) as probe:
+            ...  # an attack
+        assert probe.worst < 1.0
+    """
+
+    def __init__(self, url: str, interval: float = 0.01) -> None:
+        self.url = url
+        self.interval = interval
+        self.samples: list[float] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def worst(self) -> float:
+        return max(self.samples, default=0.0)
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            started = time.monotonic()
+            with contextlib.suppress(requests.RequestException):
+                requests.get(self.url + "/health", timeout=30)
+            self.samples.append(time.monotonic() - started)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> HealthProbe:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.done.set()
+        self.thread.join(35)

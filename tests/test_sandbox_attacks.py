@@ -8,13 +8,14 @@ import json
 import os
 import signal
 import stat
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 import websocket
 
+from sandbox_server.testing import HealthProbe
 from tests.conftest import start_sandbox
 
 ROOT_ONLY = os.geteuid() == 0
@@ -35,34 +36,6 @@ def server_stays_up(server):
     yield
     assert server.process.poll() is None, "the server died"
     assert requests.get(server.url + "/health", timeout=10).status_code == 200
-
-
-class LatencyProbe:
-    """Polls /health from a thread while an attack runs; `worst` is the slowest answer, in seconds."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.worst = 0.0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            started = time.monotonic()
-            try:
-                requests.get(self.url + "/health", timeout=30)
-            except requests.RequestException:
-                pass
-            self.worst = max(self.worst, time.monotonic() - started)
-            time.sleep(0.02)
-
-    def __enter__(self) -> LatencyProbe:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop.set()
-        self.thread.join(35)
 
 
 def workdir(server, session: str) -> str:
@@ -115,7 +88,7 @@ def test_fifos_and_sockets_are_refused_without_blocking_anyone(server):
     made = server.execute(session, "import os, socket\nos.mkfifo('pipe')\n"
                                    "s = socket.socket(socket.AF_UNIX)\ns.bind('sock')")
     assert made["status"] == "ok", made
-    with LatencyProbe(server.url) as probe:
+    with HealthProbe(server.url) as probe:
         for name in ("pipe", "sock"):
             response = server.request("GET", f"/v1/sessions/{session}/files/{name}", timeout=10)
             assert response.status_code == 400, response.text
@@ -149,7 +122,7 @@ def test_huge_and_deep_trees_are_listed_and_deleted(server):
     listed = server.request("GET", f"/v1/sessions/{session}/files", timeout=60)
     assert listed.status_code == 200, listed.text
     assert len(listed.json()["files"]) == 10_000 and listed.json()["truncated"] is True
-    with LatencyProbe(server.url) as probe:
+    with HealthProbe(server.url) as probe:
         assert server.request("DELETE", f"/v1/sessions/{session}", timeout=60).status_code == 204
     assert probe.worst < 1.0, f"/health waited {probe.worst:.2f} s during the delete"
     assert not os.path.exists(container), "the session's tree outlived it"
@@ -226,7 +199,7 @@ def test_a_uid_reused_after_its_holder_died_first_seals_what_was_left(tmp_path):
 def test_escape_floods_are_processed_in_linear_time_without_stalling_others(server):
     bystander = server.create()
     session = server.create()
-    with LatencyProbe(server.url) as probe:
+    with HealthProbe(server.url) as probe:
         result = server.execute(session, "print('\\x1b]' * 100_000)\nprint('\\x1b[31m' * 100_000)", timeout=60)
         assert server.execute(bystander, "print('fine')")["stdout"] == "fine\n"
     assert result["status"] == "ok"
@@ -336,7 +309,7 @@ def test_server_memory_stays_bounded_when_the_kernel_removes_its_caps(server):
     session = server.create()
     server.execute(session, "print('warm')")
     before = server.memory_kb("VmRSS")
-    with LatencyProbe(server.url) as probe:
+    with HealthProbe(server.url) as probe:
         assert server.execute(session, HOSTILE_FLOOD)["status"] == "ok"
         time.sleep(3)  # 420 MB offered while no execute reads
         after_flood = server.execute(session, "print('after')", timeout=60)
@@ -349,25 +322,18 @@ def test_server_memory_stays_bounded_when_the_kernel_removes_its_caps(server):
 
 # -- 6. lifecycle races ---------------------------------------------------------------------------------------
 
-def run_in_thread(function, *args, **kwargs):
-    box = {}
-    thread = threading.Thread(target=lambda: box.setdefault("value", function(*args, **kwargs)))
-    thread.start()
-    return thread, box
-
-
 def test_delete_or_restart_during_an_execute_ends_it_with_a_clear_status(server):
     for action, status in (("DELETE", "closed"), ("restart", "died")):
         session = server.create()
-        thread, box = run_in_thread(server.request, "POST", f"/v1/sessions/{session}/execute",
-                                    json={"code": "import time\ntime.sleep(20)"})
-        time.sleep(0.5)
-        if action == "DELETE":
-            assert server.request("DELETE", f"/v1/sessions/{session}").status_code == 204
-        else:
-            assert server.request("POST", f"/v1/sessions/{session}/restart").status_code == 200
-        thread.join(30)
-        response = box["value"]
+        with ThreadPoolExecutor(1) as executor:
+            running = executor.submit(server.request, "POST", f"/v1/sessions/{session}/execute",
+                                      json={"code": "import time\ntime.sleep(20)"})
+            time.sleep(0.5)
+            if action == "DELETE":
+                assert server.request("DELETE", f"/v1/sessions/{session}").status_code == 204
+            else:
+                assert server.request("POST", f"/v1/sessions/{session}/restart").status_code == 200
+            response = running.result(30)
         assert response.status_code == 200, response.text
         assert response.json()["status"] == status and response.json()["message"]
         if action == "restart":

@@ -10,7 +10,7 @@ import os
 from tornado import netutil, web
 from tornado.httpserver import HTTPServer
 
-from . import handlers, isolation
+from . import handlers, isolation, kernel_env
 from .backend import LocalBackend
 from .config import Config
 from .gateway import GatewayBackend
@@ -56,10 +56,12 @@ class Server:
         await server.stop()
     """
 
-    def __init__(self, config: Config, capabilities: isolation.Capabilities | None = None) -> None:
+    def __init__(self, config: Config, capabilities: isolation.Capabilities | None = None,
+                 environment: kernel_env.KernelEnvironment | None = None) -> None:
         config.check()
         self.config = config
         self.capabilities = capabilities
+        self.environment = environment
         self.http: HTTPServer | None = None
         self.port: int | None = None
 
@@ -70,10 +72,13 @@ class Server:
             log.info("kernels on the gateway at %s (kernelspec %s)", self.config.gateway_url,
                      self.config.gateway_kernel)
         else:
+            if self.environment is None:
+                self.environment = kernel_env.inspect(self.config.kernel_python)
+            log.info("%s", self.environment.report())
             if self.capabilities is None:
-                self.capabilities = isolation.probe(self.config.isolate, self.config.kernel_uid_base)
+                self.capabilities = isolation.probe(self.environment, self.config.isolate, self.config.kernel_uid_base)
             log.info("%s", self.capabilities.report(self.config.cpu_limit))
-            backend = LocalBackend(self.config, self.capabilities)
+            backend = LocalBackend(self.config, self.capabilities, self.environment)
         if not self.config.token:
             log.warning("no token set (--token / CODEACT_SANDBOX_TOKEN): serving %s without auth",
                         self.config.host)

@@ -28,6 +28,8 @@ from .config import Config
 from .execution import EventSink, Execution
 from .isolation import Capabilities, Isolation
 from .kernel import LocalKernel, connection_info, write_connection_file
+from .kernel_env import KernelEnvironment
+from .packages import PackageInstaller
 from .uids import UidLeases
 
 log = logging.getLogger("sandbox_server.backend")
@@ -114,7 +116,10 @@ class LocalBackend:
     runtime directories (owned by the session's uid, mode 0700):
 
         <base>/codeact-XXXXXX/.lock
+        <base>/codeact-XXXXXX/site            the kernels' pip hook (packages.py)
         <base>/codeact-XXXXXX/sXXXXXX/work    the session's directory, the kernel's working directory
+        <base>/codeact-XXXXXX/sXXXXXX/home    its kernels' HOME: dotfiles, caches, packages it installed
+        <base>/codeact-XXXXXX/sXXXXXX/pip     its install socket and fetched wheels (root's, group-readable)
         <base>/codeact-XXXXXX/sXXXXXX/kN      a kernel's connection file, sockets, IPython profile
 
     Names are short because a kernel's sockets live in kN and a socket path has at most 107 bytes.
@@ -122,9 +127,10 @@ class LocalBackend:
 
     files_through_kernel = False  # the server reads and writes session directories itself
 
-    def __init__(self, config: Config, capabilities: Capabilities) -> None:
+    def __init__(self, config: Config, capabilities: Capabilities, environment: KernelEnvironment) -> None:
         self.config = config
         self.capabilities = capabilities
+        self.environment = environment
         base = config.root_dir or tempfile.gettempdir()
         os.makedirs(base, exist_ok=True)
         stale = stale_roots(base)
@@ -137,8 +143,9 @@ class LocalBackend:
         self.root_lock = os.open(os.path.join(self.root, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(self.root_lock, fcntl.LOCK_EX)  # held while this server lives; the sweep tests it
         self.uids = UidLeases(config.kernel_uid_base) if capabilities.drop_uid else None
-        self.isolation = Isolation(capabilities, config.memory_limit, config.file_size_limit,
+        self.isolation = Isolation(capabilities, environment, config.memory_limit, config.file_size_limit,
                                    config.process_limit, config.cpu_limit)
+        self.packages = PackageInstaller(config, environment, self.root)
         # One context for every kernel client. Its socket defaults bound what a kernel can make the server
         # hold, whatever it sends: one message at most --max-message, and at most RECEIVE_QUEUE of them
         # waiting per channel (a kernel that floods its iopub between executes queues the rest itself).
@@ -153,20 +160,27 @@ class LocalBackend:
         uid = self.uids.claim(container) if self.uids is not None else None
         workdir = os.path.join(container, "work")
         make_private_dir(workdir, uid)
+        make_private_dir(os.path.join(container, "home"), uid)
+        self.packages.open(container, os.path.join(container, "home"), uid)
         return Home(name=os.path.basename(container), workdir=workdir, uid=uid)
 
     async def start_kernel(self, home: Home, network: bool = False) -> LocalKernel:
         name = f"k{next(self.counter)}"
-        runtime_dir = os.path.join(os.path.dirname(home.workdir), name)
+        container = os.path.dirname(home.workdir)
+        runtime_dir = os.path.join(container, name)
         make_private_dir(runtime_dir, home.uid)
         connection = connection_info(runtime_dir)
         connection_file = write_connection_file(runtime_dir, connection, home.uid)
-        launch = self.isolation.launch(name, home.workdir, connection_file, home.uid, network)
+        home_dir = os.path.join(container, "home")
+        launch = self.isolation.launch(name, home.workdir, home_dir, connection_file, home.uid, network,
+                                       env=self.packages.kernel_variables(container, home_dir),
+                                       readable=self.packages.readable(container))
         kernel = LocalKernel(name, launch, runtime_dir, connection, self.context, self.config)
         return await start_or_kill(kernel, self.config.kernel_start_timeout)
 
     async def remove_home(self, home: Home) -> None:
         """Remove the session's container; its uid goes back only once that is done."""
+        await self.packages.close(os.path.dirname(home.workdir))
         gone = await files.remove_tree(os.path.dirname(home.workdir))
         if home.uid is not None and self.uids is not None:
             if gone:
@@ -191,6 +205,7 @@ class LocalBackend:
             self.sweep.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.sweep
+        await self.packages.close_all()
         self.isolation.close()
         self.context.destroy(linger=0)
         await files.remove_tree(self.root)

@@ -45,6 +45,13 @@ HELP = {
     "cpu_limit": "CPU cores per kernel, all its processes together (cgroup CPU quota); 0 for no limit",
     "isolate": "confine kernels (namespaces, own uid, cgroups) where the OS allows",
     "kernel_uid_base": "first uid given to kernels when the server runs as root",
+    "kernel_python": "the Python interpreter kernels run, e.g. a venv's bin/python with your own packages (it "
+                     "needs ipykernel; pip install 'codeact[kernel]' adds the data stack); default: this server's",
+    "package_installs": "let `pip install` in a session fetch wheels from the index this host is configured to "
+                        "use, into that session only (local backend)",
+    "package_allowlist": "comma-separated project names: the only ones `pip install` may fetch (their "
+                         "dependencies come along)",
+    "install_timeout": "seconds one `pip install` request may take to resolve and download",
 }
 
 

@@ -58,6 +58,12 @@ class Config:
     isolate: bool = True  # namespaces, uid drop, cgroups; False runs kernels as plain subprocesses
     kernel_uid_base: int = 200000  # each kernel gets its own uid from here when the server is root
 
+    # The kernel environment (kernel_env.py) and package installs in sessions (packages.py).
+    kernel_python: str | None = None  # the interpreter kernels run; default: the server's own
+    package_installs: bool = True  # `pip install` in a session fetches from the host's configured index
+    package_allowlist: str | None = None  # comma-separated project names: only these may be installed
+    install_timeout: float = 120.0  # seconds one install request may take (resolve and download)
+
     @property
     def is_loopback(self) -> bool:
         return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")
@@ -79,7 +85,7 @@ class Config:
             raise ValueError("--max-sessions must be 1 or more")
         if self.cpu_limit and self.cpu_limit < 0.01:
             raise ValueError("--cpu-limit must be 0 (no limit) or at least 0.01 cores")
-        for name in ("execute_timeout", "idle_timeout", "kernel_start_timeout", "interrupt_grace"):
+        for name in ("execute_timeout", "idle_timeout", "kernel_start_timeout", "interrupt_grace", "install_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
 

@@ -4,7 +4,8 @@ Run as `python -E -s -S .../sandbox_server/confine.py SPEC_JSON`, as root inside
 when the server has them. A script, not `-m`: the package's `__init__` would import tornado and zmq into
 every launch. In order:
 1. join the kernel's cgroups;
-2. shape the mount namespace (when it has one): the interpreter reachable, the whole host read-only, a
+2. shape the mount namespace (when it has one): the interpreter and the server's pip hook and the session's
+   wheels reachable, the whole host read-only, a
    private /tmp and /dev/shm (tmpfs, sized, charged to the kernel's memory cgroup, gone with the kernel),
    and only the session's own directories writable;
 3. set rlimits; in a pid namespace, fork: this process stays as PID 1, reaping orphans (an ipykernel as
@@ -95,11 +96,11 @@ def beneath(path: str, parents) -> bool:
 
 
 def shape_mounts(writable: list[str], private: dict[str, int], closed: dict[str, list[str]],
-                 interpreter: list[str]) -> None:
+                 readable: list[str]) -> None:
     """The kernel's view: the host read-only, private tmpfs mounts, and its own directories writable.
-    The interpreter's directories that a private mount covers (a virtual environment under /tmp) are bound
-    back, read-only like the rest."""
-    covered = [path for path in interpreter if beneath(path, private) and not beneath(path, interpreter)]
+    Directories it must read that a private mount covers (a virtual environment under /tmp, the server's root
+    under /tmp) are bound back, read-only like the rest."""
+    covered = [path for path in readable if beneath(path, private) and not beneath(path, readable)]
     # Handles first: once a directory is covered, what was beneath it is out of reach by path.
     handles = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in [*writable, *covered]}
     open_closed_directories(closed)
@@ -150,11 +151,12 @@ def main(argv: list[str]) -> None:
     spec = json.loads(argv[1])
     join_cgroups(spec["cgroups"])
     if spec["namespaced"]:
-        shape_mounts(spec["writable"], spec["private"], spec["closed"], spec["interpreter"])
+        shape_mounts(spec["writable"], spec["private"], spec["closed"], spec["readable"])
     os.chdir(spec["workdir"])
     set_rlimits(spec["rlimits"])
     env = dict(spec["env"])
-    env.update(HOME=spec["workdir"], **({"USER": "codeact"} if spec["uid"] is not None else {}))
+    if spec["uid"] is not None:
+        env["USER"] = "codeact"
     kernel = os.fork() if spec["namespaced"] else 0
     if spec["uid"] is not None:
         drop_privileges(spec["uid"])

@@ -13,7 +13,8 @@ Each piece degrades on its own, and the start-up report says which ones apply:
 - rlimits: address space, file size, open files; process count when the kernel is not root.
 - cgroups (v1 or v2, where a hierarchy is writable): memory and pids limits, and a CPU quota where the cpu
   controller is writable too, so a session's processes together cannot take more than their share.
-- a scrubbed environment: the server's secrets never reach a kernel.
+- a scrubbed environment: the server's secrets never reach a kernel; PATH leads to the kernel environment
+  (kernel_env.py), never to the host's interpreters.
 """
 
 from __future__ import annotations
@@ -28,12 +29,16 @@ import sys
 from dataclasses import dataclass, field, replace
 
 from . import seccomp
+from .kernel_env import KernelEnvironment
 
 log = logging.getLogger("sandbox_server.isolation")
 
 # Variables a kernel inherits from the server; everything else (tokens, keys) stays out.
 CONFINE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confine.py")
-KEPT_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM", "PYTHONHASHSEED")
+KEPT_ENV = ("LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM", "PYTHONHASHSEED")
+# After the kernel environment's bin directory: the system's, not the server's PATH (which may lead to pyenv
+# shims or another Python's pip).
+SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 CGROUP_ROOT = "/sys/fs/cgroup"
 
 
@@ -68,13 +73,6 @@ class Capabilities:
         return text
 
 
-def kernel_python_paths() -> list[str]:
-    """Directories the kernel's interpreter reads: its prefixes and every existing sys.path entry."""
-    paths = {sys.base_prefix, sys.prefix, os.path.dirname(os.path.realpath(sys.executable))}
-    paths.update(p for p in sys.path if p and os.path.isdir(p))
-    return sorted(os.path.realpath(p) for p in paths)
-
-
 def closed_ancestors(paths: list[str]) -> dict[str, list[str]]:
     """For each directory that others cannot traverse on the way to `paths`, the children needed.
 
@@ -100,9 +98,10 @@ def closed_ancestors(paths: list[str]) -> dict[str, list[str]]:
 
 
 def scrubbed_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The server's harmless variables and the kernel's own. MPLBACKEND is left unset: ipykernel then picks
+    matplotlib's inline backend, which turns plt.show() and a figure as a cell's value into PNGs."""
     env = {name: os.environ[name] for name in KEPT_ENV if name in os.environ}
-    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-    env.update({"PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg", "JPY_SESSION_NAME": "codeact"})
+    env.update({"PYTHONUNBUFFERED": "1", "JPY_SESSION_NAME": "codeact"})
     env.update(extra or {})
     return env
 
@@ -122,24 +121,27 @@ class KernelLaunch:
 class Isolation:
     """Builds kernel launches for one server; owns the server's cgroup directories."""
 
-    def __init__(self, capabilities: Capabilities, memory_limit: int, file_size_limit: int,
-                 process_limit: int, cpu_limit: float = 0.0) -> None:
+    def __init__(self, capabilities: Capabilities, environment: KernelEnvironment, memory_limit: int,
+                 file_size_limit: int, process_limit: int, cpu_limit: float = 0.0) -> None:
         self.capabilities = capabilities
+        self.environment = environment
         self.memory_limit = memory_limit
         self.file_size_limit = file_size_limit
         self.process_limit = process_limit
         self.cpu_limit = cpu_limit if capabilities.cgroup_cpu else 0.0
         self.cgroup_parents: list[str] = []
         self._closed: dict[str, list[str]] | None = None
-        self.interpreter_paths = kernel_python_paths()
+        self.interpreter_paths = list(environment.paths)
         self.setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
         if capabilities.cgroup:
             remove_stale_cgroups(capabilities.cgroup)
             self.cgroup_parents = make_cgroup_parents(capabilities.cgroup, f"codeact-{os.getpid()}",
                                                       cpu=self.cpu_limit > 0)
 
-    def launch(self, kernel_name: str, workdir: str, connection_file: str, uid: int | None,
-               network: bool, env: dict[str, str] | None = None) -> KernelLaunch:
+    def launch(self, kernel_name: str, workdir: str, home_dir: str, connection_file: str, uid: int | None,
+               network: bool, env: dict[str, str] | None = None, readable: tuple[str, ...] = ()) -> KernelLaunch:
+        """`home_dir` is the kernel's HOME (dotfiles, caches, the session's installed packages under .local);
+        `env` adds to its environment; `readable` are directories of the server's it must read."""
         caps = self.capabilities
         uid = uid if caps.drop_uid else None
         cgroups = self.make_kernel_cgroups(kernel_name)
@@ -148,12 +150,12 @@ class Isolation:
             "workdir": workdir,
             "uid": uid,
             "namespaced": caps.namespaces,
-            # What the kernel may write: its directory and its runtime directory (sockets, IPython profile),
-            # and its own /tmp and /dev/shm, each at most the memory it may use (tmpfs pages are charged to
-            # its memory cgroup too). The rest of the host is read-only to it.
-            "writable": [workdir, runtime_dir],
+            # What the kernel may write: its directory, its home and its runtime directory (sockets, IPython
+            # profile), and its own /tmp and /dev/shm, each at most the memory it may use (tmpfs pages are
+            # charged to its memory cgroup too). The rest of the host is read-only to it.
+            "writable": sorted({workdir, home_dir, runtime_dir}),
             "private": {"/tmp": self.memory_limit, "/dev/shm": self.memory_limit},
-            "interpreter": self.interpreter_paths,
+            "readable": [*self.interpreter_paths, *readable],
             "seccomp": caps.seccomp,
             "rlimits": {
                 "RLIMIT_AS": self.memory_limit,
@@ -165,9 +167,13 @@ class Isolation:
             "closed": self.closed_directories(workdir) if caps.namespaces and uid is not None else {},
             # IPython's profile and history live with the kernel's runtime files, not in the session's
             # directory, which holds only what the user's code makes.
-            "env": scrubbed_environment({"IPYTHONDIR": os.path.join(os.path.dirname(connection_file), "ipython"),
-                                         **(env or {})}),
-            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", connection_file,
+            "env": scrubbed_environment({
+                "IPYTHONDIR": os.path.join(runtime_dir, "ipython"),
+                "HOME": home_dir,
+                "PATH": ":".join([os.path.join(home_dir, ".local", "bin"), self.environment.bin_dir, *SYSTEM_PATH]),
+                **(env or {}),
+            }),
+            "argv": [self.environment.python, "-m", "ipykernel_launcher", "-f", connection_file,
                      "--HistoryManager.hist_file=:memory:"],
         }
         confine = [sys.executable, "-E", "-s", "-S", CONFINE_SCRIPT, json.dumps(spec)]
@@ -334,8 +340,10 @@ def probe_cgroup() -> tuple[str | None, str | None]:
     return None, "cgroups (no writable memory+pids hierarchy)"
 
 
-def probe(isolate: bool = True, uid_base: int = 200000, timeout: float = 20.0) -> Capabilities:
-    """Find what applies here by trying it: a real confined interpreter must import ipykernel."""
+def probe(environment: KernelEnvironment, isolate: bool = True, uid_base: int = 200000,
+          timeout: float = 20.0) -> Capabilities:
+    """Find what applies here by trying it: the kernel environment's interpreter, confined, must import
+    ipykernel."""
     if not isolate:
         return Capabilities(notes=("namespaces, uid drop, cgroups, seccomp (--no-isolate)",))
     notes = []
@@ -358,22 +366,22 @@ def probe(isolate: bool = True, uid_base: int = 200000, timeout: float = 20.0) -
     elif not linux:
         notes.append("seccomp (not Linux)")
     candidate = Capabilities(namespaces=namespaces, drop_uid=root, rlimit_nproc=root, seccomp=filtering)
-    if filtering and not try_launch(candidate, uid_base, timeout):
+    if filtering and not try_launch(candidate, environment, uid_base, timeout):
         candidate = replace(candidate, seccomp=False)
-        if try_launch(candidate, uid_base, timeout):
+        if try_launch(candidate, environment, uid_base, timeout):
             notes.append("seccomp (the OS refused the filter)")
         else:
             candidate = replace(candidate, seccomp=filtering)
-    if namespaces and not try_launch(candidate, uid_base, timeout):
+    if namespaces and not try_launch(candidate, environment, uid_base, timeout):
         notes.append("namespaces (a confined test kernel did not start)")
         candidate = replace(candidate, namespaces=False)
-    if candidate.drop_uid and not try_launch(candidate, uid_base, timeout):
-        notes.append(f"uid drop (uid {uid_base} cannot run {sys.executable}; kernels run as root)")
+    if candidate.drop_uid and not try_launch(candidate, environment, uid_base, timeout):
+        notes.append(f"uid drop (uid {uid_base} cannot run {environment.python}; kernels run as root)")
         candidate = replace(candidate, namespaces=False, drop_uid=False, rlimit_nproc=False)
     return replace(candidate, cgroup=cgroup, cgroup_cpu=cgroup_cpu, notes=tuple(notes))
 
 
-def try_launch(capabilities: Capabilities, uid_base: int, timeout: float) -> bool:
+def try_launch(capabilities: Capabilities, environment: KernelEnvironment, uid_base: int, timeout: float) -> bool:
     """Whether a kernel launched with these capabilities gets as far as importing ipykernel."""
     import tempfile
 
@@ -388,10 +396,10 @@ def try_launch(capabilities: Capabilities, uid_base: int, timeout: float) -> boo
                 os.mkdir(path, 0o700)
                 if uid is not None:
                     os.chown(path, uid, uid)
-            isolation = Isolation(capabilities, 2**31, 2**20, 64)
-            launch = isolation.launch("probe", workdir, os.path.join(runtime, "unused"), uid, network=False)
+            isolation = Isolation(capabilities, environment, 2**31, 2**20, 64)
+            launch = isolation.launch("probe", workdir, workdir, os.path.join(runtime, "unused"), uid, network=False)
             spec = json.loads(launch.argv[-1])
-            spec["argv"] = [sys.executable, "-c", "import ipykernel"]
+            spec["argv"] = [environment.python, "-c", "import ipykernel"]
             argv = [*launch.argv[:-1], json.dumps(spec)]
             try:
                 return subprocess.run(argv, timeout=timeout, capture_output=True).returncode == 0

@@ -107,9 +107,9 @@ def sandbox(tmp_path_factory):
 @pytest.fixture(scope="session")
 def capabilities():
     """What isolation this machine allows, as the server probes it (tests that need a piece skip without it)."""
-    from sandbox_server import isolation
+    from sandbox_server import isolation, kernel_env
 
-    return isolation.probe()
+    return isolation.probe(kernel_env.inspect())
 
 
 @pytest.fixture(scope="module")

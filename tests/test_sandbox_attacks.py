@@ -238,6 +238,7 @@ def test_an_interpreter_under_tmp_stays_visible_and_read_only_inside_the_private
     import sys
     import tempfile
 
+    from sandbox_server import kernel_env
     from sandbox_server.isolation import Isolation
 
     with tempfile.TemporaryDirectory(prefix="codeact-venv-", dir="/tmp") as venv:
@@ -246,10 +247,12 @@ def test_an_interpreter_under_tmp_stays_visible_and_read_only_inside_the_private
         work, runtime = tmp_path / "work", tmp_path / "k1"
         work.mkdir()
         runtime.mkdir()
-        isolation = Isolation(dataclasses.replace(capabilities, cgroup=None), 1 << 31, 1 << 20, 64)
-        launch = isolation.launch("probe", str(work), str(runtime / "connection.json"), None, network=False)
+        isolation = Isolation(dataclasses.replace(capabilities, cgroup=None), kernel_env.inspect(), 1 << 31, 1 << 20,
+                              64)
+        launch = isolation.launch("probe", str(work), str(work), str(runtime / "connection.json"), None,
+                                  network=False)
         spec = json.loads(launch.argv[-1])
-        spec["interpreter"] = [*spec["interpreter"], venv]
+        spec["readable"] = [*spec["readable"], venv]
         spec["argv"] = [sys.executable, "-c", f"print(open({venv + '/marker'!r}).read())\n"
                         f"try:\n    open({venv + '/new'!r}, 'w')\nexcept OSError as error:\n    print(error.strerror)"]
         done = subprocess.run([*launch.argv[:-1], json.dumps(spec)], capture_output=True, text=True, timeout=30)

@@ -6,6 +6,7 @@ Colours are plain ANSI, on when standard output is a terminal and NO_COLOR is un
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
@@ -19,7 +20,9 @@ from .session import ANSWERED, Session
 from .settings import DEFAULT_LLM_URL, ENVIRONMENT
 from .transcript import export
 
-TRANSCRIPT_DIR = os.path.join(os.path.expanduser("~"), ".local", "share", "codeact", "transcripts")
+DATA_DIR = os.path.join(os.path.expanduser("~"), ".local", "share", "codeact")
+TRANSCRIPT_DIR = os.path.join(DATA_DIR, "transcripts")
+IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpg"}
 
 
 class Painter:
@@ -50,6 +53,72 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-executions", type=int, help="code executions per message (default 5)")
 
 
+def add_file_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("files")
+    group.add_argument("--file", action="append", default=[], metavar="PATH",
+                       help="put this file in the session's directory (the code's working directory) before the "
+                            "first message; repeat for more")
+    group.add_argument("--output-dir", metavar="DIR",
+                       help="at the end, copy the files the agent made or changed in its directory here, and save "
+                            f"the images it shows here (default for images: a new directory in {DATA_DIR}/images)")
+
+
+class Workspace:
+    """The files of a CLI session: inputs sent before the first message; images saved as they are shown; the
+    agent's new and changed files copied out at the end."""
+
+    def __init__(self, inputs: list[str], output_dir: str | None) -> None:
+        missing = [path for path in inputs if not os.path.isfile(path)]
+        if missing:
+            raise CodeActError(f"--file: no such file: {', '.join(missing)}")
+        self.inputs = inputs
+        self.output_dir = output_dir
+        self.image_dir = output_dir or os.path.join(DATA_DIR, "images", time.strftime("%Y%m%d-%H%M%S"))
+        self.images = 0
+        self.before: dict[str, tuple] = {}
+
+    def send_inputs(self, session: Session) -> None:
+        for path in self.inputs:
+            with open(path, "rb") as handle:
+                session.upload(os.path.basename(path), handle.read())
+        self.before = self.snapshot(session) if self.output_dir else {}
+
+    @staticmethod
+    def snapshot(session: Session) -> dict[str, tuple]:
+        return {item["path"]: (item["size"], item["modified"]) for item in session.files()}
+
+    def save_images(self, event: events.Event) -> list[str]:
+        """Write the images of a result or display to files; their paths."""
+        if not isinstance(event, events.Result):
+            return []
+        saved = []
+        for mime, extension in IMAGE_TYPES.items():
+            if isinstance(event.data.get(mime), str):
+                os.makedirs(self.image_dir, exist_ok=True)
+                self.images += 1
+                path = os.path.join(self.image_dir, f"image-{self.images}.{extension}")
+                with open(path, "wb") as handle:
+                    handle.write(base64.b64decode(event.data[mime]))
+                saved.append(path)
+        return saved
+
+    def collect(self, session: Session) -> list[str]:
+        """Copy the files made or changed since the inputs went in to --output-dir; the paths written."""
+        if not self.output_dir:
+            return []
+        written = []
+        for path, state in sorted(self.snapshot(session).items()):
+            parts = path.split("/")
+            if self.before.get(path) == state or ".." in parts or path.startswith("/"):
+                continue
+            target = os.path.join(self.output_dir, *parts)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "wb") as handle:
+                handle.write(session.download(path))
+            written.append(target)
+        return written
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codeact", description="CodeAct: an LLM agent whose actions are Python "
                                                                  "code, run in a sandboxed Jupyter kernel.")
@@ -59,8 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--transcript", help=f"JSONL transcript path (default: a new file in {TRANSCRIPT_DIR})")
     chat.add_argument("--resume", help="continue the conversation in this transcript")
     chat.add_argument("--no-color", action="store_true", help="plain output (also: NO_COLOR=1)")
+    add_file_options(chat)
     run = commands.add_parser("run", help="run one task, print the answer, exit non-zero on failure")
     add_connection_options(run)
+    add_file_options(run)
     run.add_argument("task", help="what to do")
     run.add_argument("--json", action="store_true", help="print the whole reply (turns, executions) as JSON")
     run.add_argument("--transcript", help="also write a JSONL transcript here")
@@ -81,8 +152,8 @@ def session_from(args: argparse.Namespace, transcript_path: str | None) -> Sessi
     return Session(transcript_path=transcript_path, **options)
 
 
-def render(event: events.Event, paint: Painter, out) -> None:
-    """Print one event as it happens: the model's words, the code it runs, the output."""
+def render(event: events.Event, paint: Painter, out, workspace: Workspace) -> None:
+    """Print one event as it happens: the model's words, the code it runs, the output (images as files)."""
     if isinstance(event, events.ModelDelta):
         out.write(paint("assistant", event.text))
     elif isinstance(event, events.ModelReply):
@@ -92,9 +163,9 @@ def render(event: events.Event, paint: Painter, out) -> None:
     elif isinstance(event, events.Output):
         out.write(paint(event.stream, event.text))
     elif isinstance(event, events.Result):
+        images = workspace.save_images(event)
         text = event.data.get("text/plain", "")
-        images = [mime for mime in event.data if mime.startswith("image/")]
-        out.write((f"[{', '.join(images)}]" if images else text) + "\n")
+        out.write("".join(paint("note", f"[image saved to {path}]\n") for path in images) if images else text + "\n")
     elif isinstance(event, events.ExecutionFinished):
         execution = event.execution
         if execution.error:
@@ -113,42 +184,72 @@ def chat(args: argparse.Namespace) -> int:
     if path is None:
         os.makedirs(TRANSCRIPT_DIR, exist_ok=True)
         path = os.path.join(TRANSCRIPT_DIR, time.strftime("%Y%m%d-%H%M%S") + ".jsonl")
+    try:
+        workspace = Workspace(args.file, args.output_dir)
+    except CodeActError as error:
+        print(f"codeact: {error}", file=sys.stderr)
+        return 2
     with session_from(args, path) as session:
+        workspace.send_inputs(session)
         print(paint("note", f"CodeAct chat: model {session.model.model} | transcript {path}\n"
                             "Type a message; /reset starts over, /save [path] saves the conversation, exit quits."))
-        while True:
-            try:
-                line = input(paint("user", "You> "))
-            except (EOFError, KeyboardInterrupt):
-                print()
-                return 0
-            message = line.strip()
-            if not message:
-                continue
-            if message in ("exit", "quit", "/exit"):
-                return 0
-            if message == "/reset":
-                session.reset()
-                print(paint("note", "[conversation and kernel reset]"))
-                continue
-            if message.startswith("/save"):
-                target = message[len("/save"):].strip() or path.rsplit(".", 1)[0] + ".sharegpt.json"
-                session.export(target)
-                print(paint("note", f"[saved {len(session.messages)} messages to {target}]"))
-                continue
-            try:
-                print(paint("assistant", "Assistant> "), end="")
-                session.chat(message, on_event=lambda event: render(event, paint, sys.stdout))
-            except KeyboardInterrupt:
-                print(paint("note", "\n[interrupted]"))
-            except CodeActError as error:
-                print(paint("error", f"\nerror: {error}"))
+        try:
+            converse(session, paint, path, workspace)
+        finally:
+            report_files(workspace.collect(session), args.output_dir)
+    return 0
+
+
+def converse(session: Session, paint: Painter, path: str, workspace: Workspace) -> None:
+    """The REPL's loop, until exit or end of input."""
+    while True:
+        try:
+            line = input(paint("user", "You> "))
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        message = line.strip()
+        if not message:
+            continue
+        if message in ("exit", "quit", "/exit"):
+            return
+        if message == "/reset":
+            report_files(workspace.collect(session), workspace.output_dir)  # the old kernel's files go with it
+            session.reset()
+            workspace.send_inputs(session)
+            print(paint("note", "[conversation and kernel reset]"))
+            continue
+        if message.startswith("/save"):
+            target = message[len("/save"):].strip() or path.rsplit(".", 1)[0] + ".sharegpt.json"
+            session.export(target)
+            print(paint("note", f"[saved {len(session.messages)} messages to {target}]"))
+            continue
+        try:
+            print(paint("assistant", "Assistant> "), end="")
+            session.chat(message, on_event=lambda event: render(event, paint, sys.stdout, workspace))
+        except KeyboardInterrupt:
+            print(paint("note", "\n[interrupted]"))
+        except CodeActError as error:
+            print(paint("error", f"\nerror: {error}"))
+
+
+def report_files(paths: list[str], output_dir: str | None) -> None:
+    if paths:
+        print(f"codeact: copied {len(paths)} file(s) to {output_dir}: "
+              f"{', '.join(os.path.relpath(p, output_dir) for p in paths)}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
+    def on_event(event: events.Event) -> None:
+        for image in workspace.save_images(event):
+            print(f"codeact: image saved to {image}", file=sys.stderr)
+
     try:
+        workspace = Workspace(args.file, args.output_dir)
         with session_from(args, args.transcript) as session:
-            reply = session.chat(args.task)
+            workspace.send_inputs(session)
+            reply = session.chat(args.task, on_event=on_event)
+            report_files(workspace.collect(session), args.output_dir)
     except CodeActError as error:
         print(f"codeact: {error}", file=sys.stderr)
         return 2

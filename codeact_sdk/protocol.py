@@ -17,14 +17,17 @@ The assistant can interact with an interactive Python (Jupyter Notebook) environ
 corresponding output when needed. The code should be enclosed using "<execute>" tag, for example: \
 <execute> print("Hello World!") </execute>.
 The assistant should attempt fewer things at a time instead of putting too much code in one <execute> block. \
-The assistant can install packages through PIP by <execute> !pip install [package needed] </execute> and \
-should always import packages and define variables before starting to use them.
+The environment has numpy, pandas, scipy, sympy, matplotlib, Pillow, scikit-learn and requests installed; \
+a figure shown with plt.show() reaches the user as an image. The code has no network access, but packages from \
+the package index can be installed with <execute> !pip install [package needed] </execute>. \
+The assistant should always import packages and define variables before starting to use them.
 The assistant should stop <execute> and provide an answer when they have already obtained the answer from \
 the execution result. Whenever possible, execute the code for the user using <execute> instead of providing it.
 When the answer is final, the assistant puts it in <solution> </solution> tags, for example: \
 <solution> 42 </solution>.
 The assistant's response should be concise, but do express their thoughts."""
 
+NETWORK_NOTE = "\nIn this conversation the code can also reach the network."
 TOOLS_HEADER = "\n\nThese Python functions are already defined in the environment; call them in <execute> blocks:\n"
 
 EXECUTE_BLOCK = re.compile(r"<execute>(.*?)</execute>", re.DOTALL)

@@ -81,8 +81,8 @@ class Session:
             timeout=timeout, request_timeout=request_timeout, max_executions=max_executions)
         self.tools: list[Tool] = [as_tool(function) for function in tools]
         self.setup = setup_code(self.tools)  # refuses an unshippable tool now, not mid-conversation
-        self.system_prompt = protocol.system_prompt([describe(t) for t in self.tools],
-                                                    system_prompt or protocol.SYSTEM_PROMPT)
+        default_prompt = protocol.SYSTEM_PROMPT + (protocol.NETWORK_NOTE if network else "")
+        self.system_prompt = protocol.system_prompt([describe(t) for t in self.tools], system_prompt or default_prompt)
         self.messages: list[dict[str, str]] = []
         self.model = ModelClient(self.settings.llm_url, self.settings.model, self.settings.api_key,
                                  self.settings.request_timeout, self.settings.max_retries)
@@ -224,6 +224,11 @@ class Session:
     def download(self, path: str) -> bytes:
         self.open()
         return self._sandbox.download(self._sandbox_session, path)
+
+    def files(self) -> list[dict]:
+        """The session directory's files: `{"path", "size", "modified"}` each, paths relative to it."""
+        self.open()
+        return self._sandbox.list_files(self._sandbox_session)
 
     def export(self, destination: str | None = None) -> dict:
         """The conversation in the ShareGPT `conversations` format of CodeActInstruct."""

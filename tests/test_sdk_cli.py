@@ -109,3 +109,26 @@ def test_every_command_explains_its_options():
         result = subprocess.run([sys.executable, "-m", "codeact_sdk", *command, "--help"], capture_output=True,
                                 text=True, timeout=30)
         assert result.returncode == 0 and "usage: codeact" in result.stdout
+
+
+def test_run_sends_files_in_and_brings_the_agents_files_and_images_out(model, local_sandbox, tmp_path):
+    data = tmp_path / "data.csv"
+    data.write_text("a,b\n1,2\n3,4\n")
+    model.enqueue("<execute>import os\nimport pandas as pd\nimport matplotlib.pyplot as plt\n"
+                  "df = pd.read_csv('data.csv')\ndf['total'] = df.a + df.b\nos.makedirs('report', exist_ok=True)\n"
+                  "df.to_csv('report/totals.csv', index=False)\nplt.plot(df.total)\nplt.show()\n"
+                  "print(df.total.sum())</execute>", "<solution>10</solution>")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "codeact_sdk", "run", "sum the rows", "--file", str(data),
+                           "--output-dir", str(out), *connection(model, local_sandbox)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "10", done.stderr
+    assert "Execution Output:\n10" in model.requests[-1]["messages"][-1]["content"]
+    assert (out / "report" / "totals.csv").read_text() == "a,b,total\n1,2,3\n3,4,7\n"
+    assert not (out / "data.csv").exists(), "an input the agent did not change is not copied back"
+    assert (out / "image-1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"image saved to {out / 'image-1.png'}" in done.stderr
+    assert "copied 1 file(s)" in done.stderr and "report/totals.csv" in done.stderr
+    missing = subprocess.run([sys.executable, "-m", "codeact_sdk", "run", "x", "--file", str(tmp_path / "nope.csv"),
+                              *connection(model, local_sandbox)], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "no such file" in missing.stderr

@@ -76,7 +76,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def demo(args: argparse.Namespace) -> int:
     from codeact_sdk import CodeActError, Session
-    from codeact_sdk.cli import Painter, render
+    from codeact_sdk.cli import Painter, Workspace, render
     from codeact_sdk.session import ANSWERED
 
     model_port, sandbox_port = free_port(), free_port()
@@ -89,7 +89,8 @@ def demo(args: argparse.Namespace) -> int:
             print(paint("note", f"\n--- CodeAct demo on {session.model.model} ---"))
             print(paint("user", "User> ") + args.task)
             print(paint("assistant", "Assistant> "), end="")
-            reply = session.chat(args.task, on_event=lambda event: render(event, paint, sys.stdout))
+            workspace = Workspace([], None)
+            reply = session.chat(args.task, on_event=lambda event: render(event, paint, sys.stdout, workspace))
         print(paint("note", f"\n--- {len(reply.executions)} code execution(s), stop reason: {reply.stop_reason}, "
                             f"{reply.usage.get('completion_tokens', 0)} tokens generated ---"))
         print(f"Answer: {reply.solution if reply.solution is not None else reply.text.strip()}")

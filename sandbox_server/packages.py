@@ -95,7 +95,8 @@ class SessionChannel:
     """One session's socket and wheels, and its install in progress."""
 
     directory: str
-    server: asyncio.AbstractServer | None = None
+    listener: socket.socket
+    server: asyncio.AbstractServer | None = None  # serving the listener, once started
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     connections: set[asyncio.Task] = field(default_factory=set)
 
@@ -129,8 +130,8 @@ class PackageInstaller:
                 os.chown(os.path.join(home_dir, path), uid, uid)
         directory = os.path.join(container, "pip")
         os.mkdir(directory, 0o700)  # closed until the socket is the session's alone
-        channel = SessionChannel(directory)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        channel = SessionChannel(directory, listener)
         path = os.path.join(directory, "sock")
         listener.bind(path)
         listener.listen(8)
@@ -143,7 +144,7 @@ class PackageInstaller:
         else:
             os.chmod(directory, 0o755)
         self.channels[container] = channel
-        asyncio.get_running_loop().create_task(self._serve(channel, listener))
+        asyncio.get_running_loop().create_task(self._serve(channel))
 
     def readable(self, container: str) -> tuple[str, ...]:
         """What a session's kernel must read of the server's: the hook, and its socket and wheels."""
@@ -173,11 +174,13 @@ class PackageInstaller:
             "PIP_ROOT_USER_ACTION": "ignore",
         }
 
-    async def _serve(self, channel: SessionChannel, listener: socket.socket) -> None:
+    async def _serve(self, channel: SessionChannel) -> None:
         def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self._connected(channel, reader, writer)
 
-        channel.server = await asyncio.start_unix_server(connected, sock=listener, limit=MAX_REQUEST)
+        if channel.listener.fileno() == -1:
+            return  # closed before it was served
+        channel.server = await asyncio.start_unix_server(connected, sock=channel.listener, limit=MAX_REQUEST)
 
     def _connected(self, channel: SessionChannel, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         if len(channel.connections) >= CONNECTIONS_PER_SESSION:
@@ -237,6 +240,7 @@ class PackageInstaller:
             return
         if channel.server is not None:
             channel.server.close()
+        channel.listener.close()
         for task in list(channel.connections):
             task.cancel()
         await asyncio.gather(*channel.connections, return_exceptions=True)

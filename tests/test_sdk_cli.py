@@ -132,3 +132,21 @@ def test_run_sends_files_in_and_brings_the_agents_files_and_images_out(model, lo
     missing = subprocess.run([sys.executable, "-m", "codeact_sdk", "run", "x", "--file", str(tmp_path / "nope.csv"),
                               *connection(model, local_sandbox)], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
+def test_chat_shows_where_images_went_and_copies_the_agents_files_out_on_exit(model, local_sandbox, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("three\n")
+    model.enqueue("<execute>import matplotlib.pyplot as plt\nplt.bar([1], [len(open('notes.txt').read())])\n"
+                  "plt.show()\nopen('answer.txt', 'w').write('6')</execute>", "<solution>6</solution>")
+    out = tmp_path / "out"
+    terminal = Terminal([sys.executable, "-m", "codeact_sdk", "chat", *connection(model, local_sandbox),
+                         "--transcript", str(tmp_path / "chat.jsonl"), "--file", str(notes), "--output-dir", str(out)])
+    terminal.expect("You> ")
+    terminal.type("how long is the note?")
+    terminal.expect(f"[image saved to {out / 'image-1.png'}]")
+    terminal.expect("</solution>\r\nYou> ")
+    terminal.type("exit")
+    terminal.expect("copied 1 file(s)")
+    assert terminal.close() == 0
+    assert (out / "answer.txt").read_text() == "6" and (out / "image-1.png").read_bytes()[:4] == b"\x89PNG"

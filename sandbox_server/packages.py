@@ -265,7 +265,7 @@ async def run_pip(argv: list[str]) -> str:
     if process.returncode != 0:
         lines = [line.removeprefix("ERROR: ") for line in err.decode(errors="replace").splitlines()
                  if line.startswith("ERROR:")]
-        message = " ".join(lines)[:600] or f"pip failed (exit {process.returncode})"
+        message = "; ".join(lines)[:600] or f"pip failed (exit {process.returncode})"
         if "No matching distribution" in message:
             message += " (only packages with a wheel for this platform on the package index can be installed here)"
         raise Refused(message)

@@ -1,5 +1,6 @@
 """Typed events that `Session.stream` yields as they happen, in this order per step:
-ModelDelta* -> ModelReply -> (CodeStarted -> Output* / Result* -> ExecutionFinished)? ... -> ReplyFinished.
+ModelDelta* -> ModelReply -> (CodeStarted -> (Output | Result | ToolCall -> ToolResult)* -> ExecutionFinished)?
+... -> ReplyFinished.
 """
 
 from __future__ import annotations
@@ -45,6 +46,26 @@ class Result:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """Sandbox code called a host tool; the call runs after this event (and after the approval hook)."""
+
+    name: str
+    args: list
+    kwargs: dict
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """What the host tool returned (`value`), or the message of the ToolError the kernel gets (`error`)."""
+
+    name: str
+    value: Any = None
+    error: str | None = None
+    seconds: float = 0.0
+    traceback: str | None = None  # the host's traceback when the tool raised; never sent to the kernel
+
+
+@dataclass(frozen=True)
 class ExecutionFinished:
     execution: Execution
 
@@ -54,4 +75,5 @@ class ReplyFinished:
     reply: Reply
 
 
-Event = ModelDelta | ModelReply | CodeStarted | Output | Result | ExecutionFinished | ReplyFinished
+Event = (ModelDelta | ModelReply | CodeStarted | Output | Result | ToolCall | ToolResult | ExecutionFinished
+         | ReplyFinished)

@@ -146,8 +146,11 @@ class SandboxClient:
                 on_event(event)
 
     def execute_events(self, session_id: str, code: str, timeout: float | None = None,
-                       on_input: Callable[[str], str] | None = None) -> Generator[dict, None, Execution]:
-        """Run code over the session's websocket; yields each event, returns the Execution."""
+                       on_input: Callable[[str], str] | None = None) -> Generator[dict, str | None, Execution]:
+        """Run code over the session's websocket; yields each event, returns the Execution.
+
+        An `input_request` event is answered with the value sent back into the generator (`send`), else
+        with `on_input(prompt)`, else an empty line."""
         message = {"type": "execute", "code": code}
         if timeout is not None:
             message["timeout"] = timeout
@@ -176,7 +179,9 @@ class SandboxClient:
                 raise SandboxConnectionError(f"the websocket to {self.url} closed during an execute: {error}")
             kind = event.get("type")
             if kind == "input_request":
-                answer = on_input(event.get("prompt", "")) if on_input else ""
+                answer = yield event
+                if answer is None:
+                    answer = on_input(event.get("prompt", "")) if on_input else ""
                 socket.send(json.dumps({"type": "input_reply", "value": answer}))
             elif kind == "protocol_error":
                 raise SandboxError(f"the sandbox refused the execute: {event.get('message')}")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from . import events, protocol, transcript
+from . import bridge, events, protocol, transcript
 from .local_sandbox import LocalSandbox
 from .model import Completion, ModelClient
 from .sandbox import Execution, SandboxClient
@@ -75,12 +75,16 @@ class Session:
                  timeout: float | None = None, request_timeout: float | None = None,
                  max_executions: int | None = None, settings: Settings | None = None,
                  on_input: Callable[[str], str] | None = None, network: bool = False,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, on_tool_call: Callable[[bridge.Call], bool | None] | None = None,
+                 tool_timeout: float = 30.0, tool_tracebacks: bool = False) -> None:
         self.settings = settings or resolve(
             model=model, llm_url=llm_url, sandbox_url=sandbox_url, api_key=api_key, sandbox_token=sandbox_token,
             timeout=timeout, request_timeout=request_timeout, max_executions=max_executions)
         self.tools: list[Tool] = [as_tool(function) for function in tools]
         self.setup = setup_code(self.tools)  # refuses an unshippable tool now, not mid-conversation
+        # Host tools: called from sandbox code, run here. `on_tool_call` may refuse a call (return False).
+        self.host_tools = bridge.HostTools({t.name: t.function for t in self.tools if not t.ship}, tool_timeout,
+                                           on_tool_call, tool_tracebacks)
         default_prompt = protocol.SYSTEM_PROMPT + (protocol.NETWORK_NOTE if network else "")
         self.system_prompt = protocol.system_prompt([describe(t) for t in self.tools], system_prompt or default_prompt)
         self.messages: list[dict[str, str]] = []
@@ -129,6 +133,7 @@ class Session:
             self._local = None
         if self._transcript is not None:
             self._transcript.close()
+        self.host_tools.close()
         self.model.close()
 
     def __enter__(self) -> Session:
@@ -212,8 +217,36 @@ class Session:
         return (yield from relay(pieces, events.ModelDelta))
 
     def _execute(self, code: str) -> Generator[events.Event, None, Execution]:
-        raw = self._sandbox.execute_events(self._sandbox_session, code, self.settings.timeout, self.on_input)
-        return (yield from relay(raw, output_event))
+        """The execute's events; input requests are answered here: host tool calls, else `on_input`."""
+        raw = self._sandbox.execute_events(self._sandbox_session, code, self.settings.timeout)
+        reply = None
+        while True:
+            try:
+                event = raw.send(reply)
+            except StopIteration as finished:
+                return finished.value
+            reply = None
+            if event["type"] != "input_request":
+                converted = output_event(event)
+                if converted is not None:
+                    yield converted
+            elif event.get("prompt", "").startswith(bridge.MARKER):
+                reply = yield from self._call_tool(event["prompt"])
+            else:
+                reply = self.on_input(event.get("prompt", "")) if self.on_input else ""
+
+    def _call_tool(self, prompt: str) -> Generator[events.Event, None, str]:
+        call = bridge.parse_call(prompt)
+        if isinstance(call, str):
+            return bridge.answer(bridge.Outcome(error=call))
+        yield events.ToolCall(call.name, call.args, call.kwargs)
+        outcome = self.host_tools.run(call)
+        self._record({"type": "tool_call", "tool": call.name, "seconds": round(outcome.seconds, 4),
+                      "error": outcome.error})
+        text = bridge.answer(outcome)  # may turn an unsendable result into an error
+        yield events.ToolResult(call.name, outcome.value if outcome.error is None else None, outcome.error,
+                                outcome.seconds, outcome.traceback)
+        return text
 
     # -- files and transcripts -------------------------------------------------------------------------
 

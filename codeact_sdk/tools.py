@@ -1,8 +1,12 @@
-"""Tools: plain Python functions shipped to the kernel as source and described to the model.
+"""Tools: Python callables the model's code can call, described to the model by signature and docstring.
 
-A function ships when its source is available and everything it refers to can be recreated in the
-kernel: modules (imported there), literal constants (written there), builtins and other tools.
-Anything else (a lambda, a closure, a reference to a live object) is refused at session creation.
+By default a tool runs in the host, the embedding process (bridge.py): any callable, sync or async, a
+closure, a bound method, an object holding a live client; the kernel gets a stub. `@tool(ship=True)`
+instead ships a plain function into the kernel as source, to run next to the data. A function ships when
+its source is available and everything it refers to can be recreated in the kernel: modules (imported
+there), literal constants (written there), builtins and other tools. Anything else (a lambda, a closure, a
+reference to a live object) is refused at session creation. Annotations in either mode are kept as text,
+so `-> List[Dict]` needs nothing imported in the kernel.
 """
 
 from __future__ import annotations
@@ -10,11 +14,13 @@ from __future__ import annotations
 import ast
 import builtins
 import inspect
+import keyword
 import textwrap
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import bridge
 from .errors import ToolError
 
 
@@ -23,33 +29,50 @@ class Tool:
     name: str
     description: str
     function: Callable
+    ship: bool = False  # run inside the kernel (shipped as source) instead of in the host
 
 
-def tool(function: Callable | None = None, *, name: str | None = None, description: str | None = None):
-    """Mark a function as a tool, optionally renaming or describing it.
+def tool(function: Callable | None = None, *, name: str | None = None, description: str | None = None,
+         ship: bool = False):
+    """Mark a callable as a tool, optionally renaming or describing it, or shipping it into the kernel.
 
     Usage:
         @tool(description="Look up a city's population.")
         def population(city: str) -> int: ...
+
+        Session(tools=[tool(db.lookup, name="lookup")])  # a bound method: runs in the host
     """
 
-    def mark(target: Callable) -> Callable:
-        target.__codeact_tool__ = {"name": name, "description": description}
-        return target
+    def mark(target: Callable) -> Callable | Tool:
+        options = {"name": name, "description": description, "ship": ship}
+        try:
+            target.__codeact_tool__ = options
+            return target
+        except (AttributeError, TypeError):  # a bound method or a builtin takes no attributes
+            return as_tool(target, **options)
 
     return mark(function) if function is not None else mark
 
 
-def as_tool(function: Callable) -> Tool:
+def as_tool(function: Callable, name: str | None = None, description: str | None = None,
+            ship: bool | None = None) -> Tool:
     if isinstance(function, Tool):
         return function
-    if not isinstance(function, types.FunctionType):
-        raise ToolError(f"tool {function!r} is not a plain Python function; wrap it in a def")
+    if not callable(function):
+        raise ToolError(f"tool {function!r} is not callable")
     options = getattr(function, "__codeact_tool__", {})
-    if function.__name__ == "<lambda>":
-        raise ToolError("a lambda cannot be a tool: its source cannot be shipped on its own; use a def")
-    description = options.get("description") or inspect.getdoc(function) or ""
-    return Tool(name=options.get("name") or function.__name__, description=description, function=function)
+    ship = options.get("ship", False) if ship is None else ship
+    name = name or options.get("name") or getattr(function, "__name__", None)
+    if ship:
+        if not isinstance(function, types.FunctionType):
+            raise ToolError(f"tool {function!r} cannot be shipped to the kernel: only a plain def can; "
+                            "leave ship off to run it in the host")
+        if function.__name__ == "<lambda>":
+            raise ToolError("a lambda cannot be shipped: its source cannot be sent on its own; use a def")
+    if not name or not name.isidentifier() or keyword.iskeyword(name):
+        raise ToolError(f"tool {function!r} needs a name that is a Python identifier: tool(f, name=...)")
+    description = description or options.get("description") or inspect.getdoc(function) or ""
+    return Tool(name=name, description=description, function=function, ship=ship)
 
 
 def describe(tool_: Tool) -> str:
@@ -76,6 +99,7 @@ def source(tool_: Tool, tool_names: set[str]) -> str:
     definition = tree.body[0]
     definition.decorator_list = []  # @tool and friends stay on this side
     definition.name = tool_.name
+    annotations_as_text(definition)
     preamble = []
     for global_name in sorted(referenced_globals(function)):
         if global_name in tool_names or hasattr(builtins, global_name):
@@ -94,6 +118,17 @@ def source(tool_: Tool, tool_names: set[str]) -> str:
     return "\n".join([*preamble, ast.unparse(definition)]) + "\n"
 
 
+def annotations_as_text(definition: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+    """Annotations become string constants: evaluated in the kernel, `List[Dict]` would need its import."""
+    arguments = definition.args
+    for argument in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs, arguments.vararg,
+                     arguments.kwarg]:
+        if argument is not None and argument.annotation is not None:
+            argument.annotation = ast.Constant(ast.unparse(argument.annotation))
+    if definition.returns is not None:
+        definition.returns = ast.Constant(ast.unparse(definition.returns))
+
+
 def referenced_globals(function: types.FunctionType) -> set[str]:
     names = set(function.__code__.co_names)
     for constant in function.__code__.co_consts:  # nested functions and comprehensions
@@ -102,13 +137,17 @@ def referenced_globals(function: types.FunctionType) -> set[str]:
     return names
 
 
-def is_literal(value: object) -> bool:
-    try:
-        return ast.literal_eval(repr(value)) == value
-    except (ValueError, SyntaxError, RecursionError):
-        return False
+is_literal = bridge.is_literal
 
 
 def setup_code(tools: list[Tool]) -> str:
+    """What the kernel runs before the first code: the bridge and a stub per host tool, the source of each
+    shipped one."""
     names = {tool_.name for tool_ in tools}
-    return "\n\n".join(source(tool_, names) for tool_ in tools)
+    parts = []
+    if any(not tool_.ship for tool_ in tools):
+        parts.append(bridge.kernel_source())
+    for tool_ in tools:
+        parts.append(source(tool_, names) if tool_.ship else
+                     bridge.stub_source(tool_.name, tool_.function, tool_.description))
+    return "\n\n".join(parts)

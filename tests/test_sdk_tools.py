@@ -1,4 +1,5 @@
-"""Tools: shipped as source, described with signature and docstring, unshippable ones refused."""
+"""Tools shipped into the kernel as source (`ship=True`): described with signature and docstring, unshippable
+ones refused. Host tools (the default) are in test_sdk_host_tools.py."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def hypotenuse(a: float, b: float) -> float:
     return math.sqrt(a * a + b * b) + len(json.dumps([]))
 
 
-@tool(name="lookup", description="Look up a value.")
+@tool(name="lookup", description="Look up a value.", ship=True)
 def _lookup_impl(key: str) -> str:
     return key.upper()
 
@@ -40,7 +41,7 @@ def run(code: str) -> dict:
 
 
 def test_a_plain_function_ships_with_the_constants_and_modules_it_uses():
-    namespace = run(setup_code([as_tool(convert), as_tool(hypotenuse)]))
+    namespace = run(setup_code([as_tool(convert, ship=True), as_tool(hypotenuse, ship=True)]))
     assert namespace["convert"](10) == 15.0
     assert namespace["hypotenuse"](3, 4) == 7.0
 
@@ -58,15 +59,17 @@ def test_description_has_signature_and_docstring():
 
 def test_lambda_closure_and_live_objects_are_refused_with_clear_errors():
     with pytest.raises(ToolError, match="lambda"):
-        as_tool(lambda x: x)
+        as_tool(lambda x: x, ship=True)
     factor = 3
 
     def scaled(x):
         return x * factor
 
     with pytest.raises(ToolError, match="closes over factor"):
-        setup_code([as_tool(scaled)])
+        setup_code([as_tool(scaled, ship=True)])
     with pytest.raises(ToolError, match="LIVE_OBJECT"):
-        setup_code([as_tool(uses_live_object)])
-    with pytest.raises(ToolError, match="plain Python function"):
-        as_tool(print)
+        setup_code([as_tool(uses_live_object, ship=True)])
+    with pytest.raises(ToolError, match="only a plain def can"):
+        as_tool(print, ship=True)
+    with pytest.raises(ToolError, match="needs a name that is a Python identifier"):
+        as_tool(lambda x: x)  # fine in the host, once named: tool(lambda x: x, name="double")

@@ -1,13 +1,16 @@
-"""SDK benchmark: the SDK + sandbox overhead per CodeAct turn with a scripted model (zero model time), and
-the SDK's import time beside `import requests` alone."""
+"""SDK benchmark: the SDK + sandbox overhead per CodeAct turn with a scripted model (zero model time), a host
+tool's round trip from sandbox code beside an in-kernel call, and the SDK's import time beside `import
+requests` alone."""
 
 from __future__ import annotations
 
+import json
+import statistics
 import subprocess
 import sys
 import tempfile
 
-from codeact_sdk import Session
+from codeact_sdk import Session, tool
 from codeact_sdk.local_sandbox import LocalSandbox
 from codeact_sdk.testing import ScriptedModelServer
 
@@ -43,12 +46,54 @@ def turn_overhead() -> tuple[list[float], list[float]]:
     return turns, answers
 
 
+TOOL_CALLS = 1000
+# Timed inside the kernel, call by call: what sandbox code waits for.
+TIMED_CALLS = """
+import json, time
+def local_echo(value):
+    return value
+def timed(function):
+    samples = []
+    for i in range(50):
+        function(i)
+    for i in range({calls}):
+        started = time.perf_counter()
+        function(i)
+        samples.append(time.perf_counter() - started)
+    return samples
+print(json.dumps({{"host": timed(echo), "shipped": timed(shipped_echo), "plain": timed(local_echo)}}))
+"""
+
+
+def echo(value: int) -> int:
+    """Return the value (a host tool)."""
+    return value
+
+
+@tool(ship=True)
+def shipped_echo(value: int) -> int:
+    """Return the value (shipped into the kernel)."""
+    return value
+
+
+def tool_round_trips() -> dict[str, list[float]]:
+    """Per-call seconds, measured in the kernel: a host tool, a shipped tool, a plain kernel function."""
+    with ScriptedModelServer() as model, \
+            LocalSandbox(pool_size=1, root_dir=tempfile.mkdtemp(prefix="codeact-bench-")) as sandbox:
+        model.enqueue(f"<execute>{TIMED_CALLS.format(calls=TOOL_CALLS)}</execute>", "<solution>done</solution>")
+        with Session(llm_url=model.url, sandbox_url=sandbox.url, sandbox_token=sandbox.token,
+                     tools=[echo, shipped_echo], timeout=120) as session:
+            reply = session.chat("measure")
+    return json.loads(reply.executions[0].stdout)
+
+
 def import_time(statement: str, runs: int = 15) -> list[float]:
     return sample(lambda: subprocess.run([sys.executable, "-c", statement], check=True), runs, warmup=2)
 
 
 def main() -> str:
     turns, answers = turn_overhead()
+    calls = tool_round_trips()
     sdk = import_time("import codeact_sdk")
     requests_only = import_time("import requests")
     baseline = import_time("pass")
@@ -57,6 +102,14 @@ def main() -> str:
     report = table("SDK + sandbox overhead per turn (scripted model, zero model time)", [
         ("turn: model call + execute `1+1` + observation", summary(turns), "target under 10 ms"),
         ("final answer: model call, no code", summary(answers), ""),
+    ])
+    def microseconds(samples: list[float]) -> str:
+        return f"median {statistics.median(samples) * 1e6:.2f} µs"
+
+    report += "\n" + table(f"Tool calls from sandbox code ({TOOL_CALLS} calls each, timed in the kernel)", [
+        ("host tool (runs in the embedding process)", summary(calls["host"]), "goal: under 2 ms median"),
+        ("shipped tool (ship=True, runs in the kernel)", summary(calls["shipped"]), microseconds(calls["shipped"])),
+        ("plain function defined in the kernel", summary(calls["plain"]), microseconds(calls["plain"])),
     ])
     report += "\n" + table("Import time (fresh interpreter, including its ~start-up)", [
         ("python -c pass", summary(baseline), "interpreter start-up"),

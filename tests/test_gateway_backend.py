@@ -270,3 +270,24 @@ def test_websocket_cut_mid_execute_keeps_the_kernel_and_the_result(gateway, tmp_
     finally:
         server.stop()
         proxy.close()
+
+
+def test_host_tools_are_called_from_kernels_on_the_gateway(sandbox):
+    from codeact_sdk import Session, events
+    from codeact_sdk.testing import ScriptedModelServer
+
+    ledger = {"balance": 10}
+
+    def withdraw(amount: int) -> int:
+        """Take money from the host's ledger; the new balance."""
+        ledger["balance"] -= amount
+        return ledger["balance"]
+
+    with ScriptedModelServer() as model:
+        model.enqueue("<execute>print([withdraw(1) for _ in range(5)])</execute>", "<solution>5</solution>")
+        with Session(llm_url=model.url, sandbox_url=sandbox.url, sandbox_token=sandbox.token,
+                     tools=[withdraw]) as session:
+            seen = list(session.stream("spend 5"))
+    execution = next(e.execution for e in seen if isinstance(e, events.ExecutionFinished))
+    assert execution.stdout == "[9, 8, 7, 6, 5]\n", execution.text
+    assert ledger["balance"] == 5

@@ -5,6 +5,7 @@
         print(session.chat("What is the 20th Fibonacci number?").solution)
 """
 
+from .async_session import AsyncSession
 from .errors import (
     CodeActError,
     ConfigError,
@@ -24,6 +25,7 @@ from .settings import Settings
 from .tools import tool
 
 __all__ = [
+    "AsyncSession",
     "CodeActError",
     "ConfigError",
     "Execution",

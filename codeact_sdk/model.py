@@ -6,7 +6,9 @@ Retry-After) and 5xx with backoff, but never after a stream has started to deliv
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
@@ -45,6 +47,7 @@ class ModelClient:
         if api_key:
             self.http.headers["Authorization"] = f"Bearer {api_key}"
         self._model = model
+        self._live: requests.Response | None = None  # the streaming response being read, for abort()
 
     @property
     def model(self) -> str:
@@ -115,8 +118,24 @@ class ModelClient:
             body["stop"] = stop
         return body
 
+    def abort(self) -> None:
+        """End the streaming completion being read, from another thread: its socket is shut down, so the
+        reader's wait ends at once (with ModelConnectionError) instead of at the next token."""
+        raw = getattr(self._live, "raw", None)
+        try:
+            raw.shutdown()  # urllib3 >= 2.3
+            return
+        except (AttributeError, ValueError, RuntimeError, OSError):
+            pass
+        # The socket under the body's file (a response to `Connection: close` has left its connection object).
+        sock = getattr(getattr(getattr(getattr(raw, "_fp", None), "fp", None), "raw", None), "_sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def _events(self, response: requests.Response, ended: list) -> Iterator[dict]:
         """Server-sent events: `data: {json}` lines until `data: [DONE]` or the end of the stream."""
+        self._live = response
         try:
             for line in response.iter_lines(decode_unicode=False):
                 if not line or not line.startswith(b"data:"):
@@ -140,6 +159,7 @@ class ModelClient:
             raise ModelTimeout(f"the stream from {self.url}/chat/completions stalled past request_timeout="
                                f"{self.request_timeout:g} s: {error}")
         finally:
+            self._live = None
             response.close()
 
     def _request(self, method: str, path: str, body: dict | None, stream: bool) -> requests.Response:

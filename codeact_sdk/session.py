@@ -9,23 +9,22 @@ Usage:
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from . import bridge, events, protocol, transcript
+from .errors import CodeActError
 from .local_sandbox import LocalSandbox
 from .model import Completion, ModelClient
 from .sandbox import Execution, SandboxClient
 from .settings import Settings, resolve
 from .tools import Tool, as_tool, describe, setup_code
 
-T = TypeVar("T")
-R = TypeVar("R")
-
 ANSWERED = "answer"  # the model replied without code
 EXECUTION_LIMIT = "execution_limit"  # the model wanted to run code past max_executions
+STOPPED = "stopped"  # stop() was called (AsyncSession: the task was cancelled)
 
 
 @dataclass
@@ -99,6 +98,8 @@ class Session:
         self._sandbox: SandboxClient | None = None
         self._sandbox_session: str | None = None
         self._kernel_note_pending = False
+        self._stop = threading.Event()
+        self._executing = False
         self._append("system", self.system_prompt)
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -174,8 +175,20 @@ class Session:
                 return event.reply
         raise AssertionError("stream ended without a reply")
 
+    def stop(self) -> None:
+        """Stop the reply in progress; callable from any thread. The model's stream ends, a running execute is
+        interrupted, and `stream` finishes with stop_reason "stopped" (what the model said so far is kept)."""
+        self._stop.set()
+        self.model.abort()
+        if self._executing and self._sandbox is not None and self._sandbox_session is not None:
+            try:
+                self._sandbox.interrupt(self._sandbox_session)
+            except CodeActError:
+                pass  # the execute ends anyway: by its timeout, or with its kernel
+
     def stream(self, message: str) -> Iterator[events.Event]:
         """Run the loop for one user message, yielding typed events as they happen; the last is ReplyFinished."""
+        self._stop.clear()
         self.open()
         if self._kernel_note_pending:
             message = f"{protocol.KERNEL_REPLACED_NOTE}\n\n{message}"
@@ -184,7 +197,18 @@ class Session:
         turns: list[Turn] = []
         executions = 0
         while True:
-            completion = yield from self._ask_model()
+            said: list[str] = []
+            try:
+                completion = yield from self._ask_model(said)
+            except CodeActError:
+                if not self._stop.is_set():
+                    raise
+                completion = Completion("".join(said))
+            if self._stop.is_set():
+                turns.append(Turn(model_output=completion.text))
+                self._append("assistant", completion.text)
+                yield from self._finish(completion.text, turns, STOPPED)
+                return
             code, kept = protocol.parse_action(completion.text)
             turn = Turn(model_output=completion.text, code=code, model_seconds=completion.seconds,
                         first_token_seconds=completion.first_token_seconds, usage=completion.usage)
@@ -192,29 +216,47 @@ class Session:
             self._append("assistant", kept)
             yield events.ModelReply(completion.text, completion.usage)
             if code is None or executions >= self.settings.max_executions:
-                reason = ANSWERED if code is None else EXECUTION_LIMIT
-                reply = Reply(text=completion.text, solution=protocol.parse_solution(completion.text), turns=turns,
-                              stop_reason=reason)
-                self._record({"type": "turns", "stop_reason": reason, "turns": [turn_record(t) for t in turns]})
-                yield events.ReplyFinished(reply)
+                yield from self._finish(completion.text, turns, ANSWERED if code is None else EXECUTION_LIMIT)
                 return
             executions += 1
             yield events.CodeStarted(code)
             started = time.monotonic()
-            turn.execution = yield from self._execute(code)
+            self._executing = True
+            try:
+                turn.execution = yield from self._execute(code)
+            finally:
+                self._executing = False
             turn.execution_seconds = time.monotonic() - started
             yield events.ExecutionFinished(turn.execution)
             self._append("user", protocol.observation(turn.execution.text, turn.execution.new_kernel,
                                                       self.settings.observation_head, self.settings.observation_tail))
+            if self._stop.is_set():
+                yield from self._finish(completion.text, turns, STOPPED)
+                return
 
-    def _ask_model(self) -> Generator[events.Event, None, Completion]:
+    def _finish(self, text: str, turns: list[Turn], reason: str) -> Iterator[events.Event]:
+        reply = Reply(text=text, solution=protocol.parse_solution(text), turns=turns, stop_reason=reason)
+        self._record({"type": "turns", "stop_reason": reason, "turns": [turn_record(t) for t in turns]})
+        yield events.ReplyFinished(reply)
+
+    def _ask_model(self, said: list[str]) -> Generator[events.Event, None, Completion]:
+        """The model's next reply; what it streams is also appended to `said`, kept if it is stopped."""
         if not self.settings.stream_model:
             return self.model.complete(self.messages, stop=protocol.STOP_SEQUENCES,
                                        temperature=self.settings.temperature, max_tokens=self.settings.max_tokens)
             yield  # a generator either way, so `stream` composes both alike
         pieces = self.model.stream(self.messages, stop=protocol.STOP_SEQUENCES,
                                    temperature=self.settings.temperature, max_tokens=self.settings.max_tokens)
-        return (yield from relay(pieces, events.ModelDelta))
+        while True:
+            try:
+                piece = next(pieces)
+            except StopIteration as finished:
+                return finished.value
+            said.append(piece)
+            if self._stop.is_set():
+                pieces.close()  # closes the response
+                return Completion("".join(said))
+            yield events.ModelDelta(piece)
 
     def _execute(self, code: str) -> Generator[events.Event, None, Execution]:
         """The execute's events; input requests are answered here: host tool calls, else `on_input`."""
@@ -282,19 +324,6 @@ class Session:
         if self.transcript_path and self._transcript is None:
             self._transcript = transcript.TranscriptWriter(self.transcript_path, {"model": self.settings.model})
         return self._transcript
-
-
-def relay(source: Generator[T, None, R],
-          convert: Callable[[T], events.Event | None]) -> Generator[events.Event, None, R]:
-    """`yield from source` with each item converted to an event (None drops it); returns what source returns."""
-    while True:
-        try:
-            item = next(source)
-        except StopIteration as finished:
-            return finished.value
-        event = convert(item)
-        if event is not None:
-            yield event
 
 
 def output_event(event: dict) -> events.Event | None:

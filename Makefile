@@ -13,9 +13,9 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	@echo "Installing the SDK, the sandbox server, the CPU model server and test tools into $(VENV)"
+	@echo "Installing the SDK, the sandbox server, the CPU model server, MCP support and test tools into $(VENV)"
 	@echo "(the first time, llama.cpp is compiled: about 5 minutes on 2 cores)"
-	$(BIN)/python -m pip install --progress-bar off -e '.[server,cpu,dev]'
+	$(BIN)/python -m pip install --progress-bar off -e '.[server,cpu,mcp,dev]'
 	touch $(STAMP)
 
 test: install

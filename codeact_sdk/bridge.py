@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import ToolError
+
 MARKER = "codeact-tool-call:"
 WORKERS = 4  # host tool calls that can be running at once (a hung one holds its worker until it returns)
 
@@ -34,6 +36,7 @@ WORKERS = 4  # host tool calls that can be running at once (a hung one holds its
 def install_bridge(marker):
     """Runs in the kernel (shipped as source): defines `ToolError` and the call function the stubs use."""
     import base64
+    import inspect
     import json
     import threading
 
@@ -56,6 +59,18 @@ def install_bridge(marker):
     def decode(value):
         return base64.b64decode(value["__bytes__"]) if set(value) == {"__bytes__"} else value
 
+    def stub(name, shape, doc):
+        """A function that calls the host tool `name`, with the signature of `shape` (checked here first)."""
+        signature = inspect.signature(shape)
+
+        def function(*args, **kwargs):
+            signature.bind(*args, **kwargs)  # wrong arguments fail here, not on the host
+            return call(name, args, kwargs)
+
+        function.__signature__, function.__doc__ = signature, doc
+        function.__name__ = function.__qualname__ = name.rpartition(".")[2]
+        return function
+
     def call(name, args, kwargs):
         if not running.is_set():
             raise ToolError(f"{name}: host tools can only be called while code is executing")
@@ -74,21 +89,22 @@ def install_bridge(marker):
             raise ToolError(reply["error"])
         return reply["value"]
 
-    return call, ToolError
+    return call, stub, ToolError
 
 
 def kernel_source() -> str:
     return (f"{inspect.getsource(install_bridge)}\n"
-            f"_codeact_call, ToolError = install_bridge({MARKER!r})\ndel install_bridge\n")
+            f"_codeact_call, _codeact_stub, ToolError = install_bridge({MARKER!r})\ndel install_bridge\n")
 
 
 def annotation_text(annotation: Any) -> str:
     return annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
 
 
-def stub_source(name: str, function: Callable, description: str) -> str:
-    """A kernel function named `name` that calls the host: the tool's signature with annotations as strings
-    (so `List[Dict]` needs no import in the kernel) and defaults written out where they are literals."""
+def stub_source(name: str, function: Callable, description: str, call_name: str | None = None) -> str:
+    """A kernel function named `name` that calls the host tool `call_name` (default: the same): the tool's
+    signature with annotations as strings (so `List[Dict]` needs no import in the kernel) and defaults written
+    out where they are literals."""
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):
@@ -110,11 +126,7 @@ def stub_source(name: str, function: Callable, description: str) -> str:
                                   if returns is inspect.Signature.empty else annotation_text(returns))
         text = str(shown)
     return (f"def _codeact_shape{text}: pass\n"
-            f"def {name}(*args, **kwargs):\n"
-            f"    {name}.__signature__.bind(*args, **kwargs)  # wrong arguments fail here, not on the host\n"
-            f"    return _codeact_call({name!r}, args, kwargs)\n"
-            f"{name}.__signature__ = __import__('inspect').signature(_codeact_shape)\n"
-            f"{name}.__doc__ = {description!r}\n"
+            f"{name} = _codeact_stub({call_name or name!r}, _codeact_shape, {description!r})\n"
             f"del _codeact_shape\n")
 
 
@@ -217,7 +229,7 @@ class HostTools:
             return Outcome(error=f"{call.name}: the call was refused by the host: {error}")
         try:
             if is_async(function):
-                future = asyncio.run_coroutine_threadsafe(function(*call.args, **call.kwargs), self._loop())
+                future = asyncio.run_coroutine_threadsafe(function(*call.args, **call.kwargs), self.event_loop())
             else:
                 future = self._executor().submit(function, *call.args, **call.kwargs)
             done, _ = concurrent.futures.wait([future], self.timeout)
@@ -227,7 +239,9 @@ class HostTools:
             return Outcome(value=future.result())
         except Exception as error:
             text = traceback.format_exc()
-            message = f"{call.name}: {type(error).__name__}: {error}"
+            # A ToolError's message is meant for the model as it stands; anything else is named.
+            message = f"{call.name}: {error}" if isinstance(error, ToolError) else \
+                f"{call.name}: {type(error).__name__}: {error}"
             if self.tracebacks:
                 message += "\n\nHost traceback:\n" + text
             return Outcome(error=message, traceback=text)
@@ -237,7 +251,8 @@ class HostTools:
             self._pool = concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="codeact-tool")
         return self._pool
 
-    def _loop(self) -> asyncio.AbstractEventLoop:
+    def event_loop(self) -> asyncio.AbstractEventLoop:
+        """Where async tools and MCP connections run: the embedder's loop (AsyncSession), or one of ours."""
         if self.loop is not None:
             return self.loop
         if self._own_loop is None:

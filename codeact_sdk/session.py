@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from . import bridge, events, protocol, transcript
 from .errors import CodeActError
 from .local_sandbox import LocalSandbox
+from .mcp_tools import MCPConnections, MCPServer, namespaces_source, stub_name
 from .model import Completion, ModelClient
 from .sandbox import Execution, SandboxClient
 from .settings import Settings, resolve
@@ -75,7 +76,8 @@ class Session:
                  max_executions: int | None = None, settings: Settings | None = None,
                  on_input: Callable[[str], str] | None = None, network: bool = False,
                  env: dict[str, str] | None = None, on_tool_call: Callable[[bridge.Call], bool | None] | None = None,
-                 tool_timeout: float = 30.0, tool_tracebacks: bool = False) -> None:
+                 tool_timeout: float = 30.0, tool_tracebacks: bool = False,
+                 mcp_servers: Iterable[MCPServer] = ()) -> None:
         self.settings = settings or resolve(
             model=model, llm_url=llm_url, sandbox_url=sandbox_url, api_key=api_key, sandbox_token=sandbox_token,
             timeout=timeout, request_timeout=request_timeout, max_executions=max_executions)
@@ -84,8 +86,10 @@ class Session:
         # Host tools: called from sandbox code, run here. `on_tool_call` may refuse a call (return False).
         self.host_tools = bridge.HostTools({t.name: t.function for t in self.tools if not t.ship}, tool_timeout,
                                            on_tool_call, tool_tracebacks)
-        default_prompt = protocol.SYSTEM_PROMPT + (protocol.NETWORK_NOTE if network else "")
-        self.system_prompt = protocol.system_prompt([describe(t) for t in self.tools], system_prompt or default_prompt)
+        self.base_prompt = system_prompt or protocol.SYSTEM_PROMPT + (protocol.NETWORK_NOTE if network else "")
+        self.system_prompt = protocol.system_prompt([describe(t) for t in self.tools], self.base_prompt)
+        self.mcp_servers = list(mcp_servers)  # connected in open(): their tools join the host tools there
+        self._mcp: MCPConnections | None = None
         self.messages: list[dict[str, str]] = []
         self.model = ModelClient(self.settings.llm_url, self.settings.model, self.settings.api_key,
                                  self.settings.request_timeout, self.settings.max_retries)
@@ -113,8 +117,28 @@ class Session:
             self._local = LocalSandbox(pool_size=1).start()
             url, token = self._local.url, self._local.token
         self._sandbox = SandboxClient(url, token, self.settings.request_timeout)
-        self._sandbox_session = self._create_sandbox_session()
+        try:
+            if self.mcp_servers and self._mcp is None:
+                self._connect_mcp()
+            self._sandbox_session = self._create_sandbox_session()
+        except BaseException:
+            self.close()  # what was started so far: a private sandbox, MCP connections
+            raise
         return self
+
+    def _connect_mcp(self) -> None:
+        """List the MCP servers' tools; each becomes a host tool, grouped per server in the kernel."""
+        self._mcp = MCPConnections(self.mcp_servers, self.host_tools.event_loop())
+        found = self._mcp.open()
+        self.tools += found
+        self.host_tools.tools.update({t.name: t.function for t in found})
+        stubs = [bridge.stub_source(stub_name(t.name), t.function, t.description, call_name=t.name) for t in found]
+        bridge_code = "" if "_codeact_call" in self.setup else bridge.kernel_source()
+        self.setup = "\n\n".join(part for part in [self.setup, bridge_code, *stubs, namespaces_source(found)] if part)
+        self.system_prompt = protocol.system_prompt([describe(t) for t in self.tools], self.base_prompt)
+        if len(self.messages) == 1 and self.messages[0]["role"] == "system":  # nothing said yet
+            self.messages[0] = {"role": "system", "content": self.system_prompt}
+            self._record({"type": "message", "role": "system", "content": self.system_prompt, "time": time.time()})
 
     def _create_sandbox_session(self) -> str:
         return self._sandbox.create_session(setup=self.setup, env=self.env, timeout=self.settings.timeout,
@@ -134,6 +158,9 @@ class Session:
             self._local = None
         if self._transcript is not None:
             self._transcript.close()
+        if self._mcp is not None:
+            self._mcp.close()
+            self._mcp = None
         self.host_tools.close()
         self.model.close()
 

@@ -75,11 +75,26 @@ def as_tool(function: Callable, name: str | None = None, description: str | None
     return Tool(name=name, description=description, function=function, ship=ship)
 
 
+class Shown:
+    """An annotation kept as text, written without quotes in a signature."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
 def describe(tool_: Tool) -> str:
     try:  # annotations written under `from __future__ import annotations` are strings until evaluated
         signature = inspect.signature(tool_.function, eval_str=True)
     except (NameError, TypeError, SyntaxError):
         signature = inspect.signature(tool_.function)
+    signature = signature.replace(
+        parameters=[p.replace(annotation=Shown(p.annotation)) if isinstance(p.annotation, str) else p
+                    for p in signature.parameters.values()],
+        return_annotation=Shown(signature.return_annotation) if isinstance(signature.return_annotation, str)
+        else signature.return_annotation)
     doc = textwrap.indent(tool_.description, "    ") if tool_.description else "    (no description)"
     return f"{tool_.name}{signature}\n{doc}"
 

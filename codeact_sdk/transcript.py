@@ -52,7 +52,11 @@ def read(path: str) -> tuple[dict[str, Any], list[dict[str, str]]]:
             if record.get("type") == "meta":
                 meta = record
             elif record.get("type") == "message":
-                messages.append({"role": record["role"], "content": record["content"]})
+                message = {"role": record["role"], "content": record["content"]}
+                if message["role"] == "system" and len(messages) == 1 and messages[0]["role"] == "system":
+                    messages[0] = message  # the prompt, completed once MCP tools were listed
+                else:
+                    messages.append(message)
     return meta, messages
 
 

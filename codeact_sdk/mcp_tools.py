@@ -17,12 +17,15 @@ import asyncio
 import importlib.util
 import inspect
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError, ToolError
 from .tools import Tool
+
+log = logging.getLogger("codeact_sdk.mcp")
 
 CONNECT_TIMEOUT = 30.0
 JSON_TYPES = {"string": "str", "integer": "int", "number": "float", "boolean": "bool", "array": "list",
@@ -43,14 +46,18 @@ class MCPServer:
     url: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     env: dict[str, str] | None = None
+    # "auto": the SDK's negotiation (2026-07-28 where the server speaks it, else the initialize handshake);
+    # "legacy": the initialize handshake only (2025-11-25 and earlier servers).
+    protocol: str = "auto"
 
     @classmethod
-    def stdio(cls, name: str, command: list[str], env: dict[str, str] | None = None) -> MCPServer:
-        return cls(name=name, command=tuple(command), env=env)
+    def stdio(cls, name: str, command: list[str], env: dict[str, str] | None = None,
+              protocol: str = "auto") -> MCPServer:
+        return cls(name=name, command=tuple(command), env=env, protocol=protocol)
 
     @classmethod
-    def http(cls, name: str, url: str, headers: dict[str, str] | None = None) -> MCPServer:
-        return cls(name=name, url=url, headers=dict(headers or {}))
+    def http(cls, name: str, url: str, headers: dict[str, str] | None = None, protocol: str = "auto") -> MCPServer:
+        return cls(name=name, url=url, headers=dict(headers or {}), protocol=protocol)
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -179,7 +186,8 @@ class MCPConnections:
             target = StdioServerParameters(command=server.command[0], args=list(server.command[1:]),
                                            env=server.env)
         try:
-            async with Client(target) as client:
+            async with Client(target, mode=server.protocol) as client:
+                log.info("MCP server %r: protocol %s", server.name, client.protocol_version)
                 self.clients[server.name] = client
                 listed, cursor = [], None
                 while True:

@@ -29,14 +29,15 @@ EXPECTED = ("5 {'customer': 'Ada', 'units': 5, 'express': True} Hello, Bo!\n"
             "(*, order: 'dict', express: 'bool' = False) -> 'Any'\n")
 
 
-def stdio_server() -> MCPServer:
-    return MCPServer.stdio("orders", [sys.executable, SERVER, "stdio"])
+def stdio_server(protocol: str = "auto") -> MCPServer:
+    return MCPServer.stdio("orders", [sys.executable, SERVER, "stdio"], protocol=protocol)
 
 
-def test_stdio_mcp_tools_are_grouped_typed_and_described(model, local_sandbox):
+@pytest.mark.parametrize("protocol", ["auto", "legacy"])  # 2026-07-28, and the 2025-11-25 initialize handshake
+def test_stdio_mcp_tools_are_grouped_typed_and_described(model, local_sandbox, protocol):
     model.enqueue(f"<execute>{CALLS}</execute>", "<solution>done</solution>")
     with Session(llm_url=model.url, sandbox_url=local_sandbox.url, sandbox_token=local_sandbox.token,
-                 mcp_servers=[stdio_server()]) as session:
+                 mcp_servers=[stdio_server(protocol)]) as session:
         seen = list(session.stream("order things"))
     execution = next(e.execution for e in seen if isinstance(e, events.ExecutionFinished))
     assert execution.stdout == EXPECTED, execution.text

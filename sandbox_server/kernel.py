@@ -104,6 +104,18 @@ class LocalKernel:
 
     async def _connect(self, deadline: float, timeout: float) -> None:
         """Open the channels and wait until the kernel answers on shell and publishes on iopub."""
+        # Connect only once the kernel has bound every socket. A channel that connects to a path not yet
+        # bound retries 100 ms later, and a reply routed to it meanwhile is dropped: nothing waits on stdin
+        # at start-up, so the first input() of a fresh kernel's first execute hung (4 times in 30).
+        paths = [f"{self.connection['ip']}-{self.connection[f'{name}_port']}"
+                 for name in ("shell", "iopub", "stdin", "control", "hb")]
+        while not all(os.path.exists(path) for path in paths):
+            if not self.alive:
+                raise KernelStartError(f"kernel {self.name} exited during start-up: {self.log_tail()}")
+            if time.monotonic() >= deadline:
+                raise KernelStartError(f"kernel {self.name} did not bind its sockets within {timeout:g} s "
+                                       "(--kernel-start-timeout)")
+            await asyncio.sleep(0.005)
         client = AsyncKernelClient(context=self.context)
         client.load_connection_info(self.connection)
         client.start_channels()

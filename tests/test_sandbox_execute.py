@@ -159,3 +159,28 @@ def test_restart_route_gives_fresh_state_and_keeps_files(sandbox):
     assert result["stdout"] == "still here\n"
     assert result["error"]["name"] == "NameError"
     sandbox.close(session)
+
+
+def test_input_on_the_first_execute_of_a_fresh_kernel_is_answered(tmp_path):
+    """A cold kernel used at once (no pool): its stdin channel must be connected before the first execute.
+    Before the fix, 4 of 30 such input() calls were never relayed and hung until the timeout."""
+    from codeact_sdk.local_sandbox import LocalSandbox
+    from tests.conftest import SandboxProcess
+
+    server = SandboxProcess(LocalSandbox(pool_size=0, token="", root_dir=str(tmp_path)).start(), str(tmp_path))
+    try:
+        statuses = []
+        for _ in range(24):
+            session = server.create()
+            url = server.url.replace("http", "ws") + f"/v1/sessions/{session}/ws"
+            socket = websocket.create_connection(url, timeout=30)
+            socket.send(json.dumps({"type": "execute", "code": "print(input('who? '))", "timeout": 5}))
+            while (event := json.loads(socket.recv()))["type"] != "done":
+                if event["type"] == "input_request":
+                    socket.send(json.dumps({"type": "input_reply", "value": "ada"}))
+            statuses.append(event["status"])
+            socket.close()
+            server.close(session)
+        assert statuses == ["ok"] * 24, statuses
+    finally:
+        server.stop()

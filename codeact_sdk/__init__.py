@@ -5,7 +5,6 @@
         print(session.chat("What is the 20th Fibonacci number?").solution)
 """
 
-from .async_session import AsyncSession
 from .errors import (
     CodeActError,
     ConfigError,
@@ -46,3 +45,12 @@ __all__ = [
     "tool",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # AsyncSession imports asyncio (~25 ms): only for those who use it.
+    if name == "AsyncSession":
+        from .async_session import AsyncSession
+
+        return AsyncSession
+    raise AttributeError(f"module 'codeact_sdk' has no attribute {name!r}")

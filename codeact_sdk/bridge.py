@@ -15,7 +15,6 @@ executes runs over the websocket, each call under a deadline (`tool_timeout`); a
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import concurrent.futures
 import inspect
@@ -25,9 +24,12 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ToolError
+
+if TYPE_CHECKING:
+    import asyncio
 
 MARKER = "codeact-tool-call:"
 WORKERS = 4  # host tool calls that can be running at once (a hung one holds its worker until it returns)
@@ -229,6 +231,8 @@ class HostTools:
             return Outcome(error=f"{call.name}: the call was refused by the host: {error}")
         try:
             if is_async(function):
+                import asyncio  # here: the SDK's import stays free of asyncio for sync embedders
+
                 future = asyncio.run_coroutine_threadsafe(function(*call.args, **call.kwargs), self.event_loop())
             else:
                 future = self._executor().submit(function, *call.args, **call.kwargs)
@@ -256,6 +260,8 @@ class HostTools:
         if self.loop is not None:
             return self.loop
         if self._own_loop is None:
+            import asyncio
+
             self._own_loop = asyncio.new_event_loop()
             threading.Thread(target=self._own_loop.run_forever, name="codeact-tool-loop", daemon=True).start()
         return self._own_loop

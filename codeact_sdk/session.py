@@ -13,15 +13,18 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import bridge, events, protocol, transcript
 from .errors import CodeActError
 from .local_sandbox import LocalSandbox
-from .mcp_tools import MCPConnections, MCPServer, namespaces_source, stub_name
 from .model import Completion, ModelClient
 from .sandbox import Execution, SandboxClient
 from .settings import Settings, resolve
 from .tools import Tool, as_tool, describe, setup_code
+
+if TYPE_CHECKING:  # mcp_tools imports asyncio: loaded when a session has MCP servers
+    from .mcp_tools import MCPConnections, MCPServer
 
 ANSWERED = "answer"  # the model replied without code
 EXECUTION_LIMIT = "execution_limit"  # the model wanted to run code past max_executions
@@ -128,6 +131,8 @@ class Session:
 
     def _connect_mcp(self) -> None:
         """List the MCP servers' tools; each becomes a host tool, grouped per server in the kernel."""
+        from .mcp_tools import MCPConnections, namespaces_source, stub_name
+
         self._mcp = MCPConnections(self.mcp_servers, self.host_tools.event_loop())
         found = self._mcp.open()
         self.tools += found

@@ -315,8 +315,9 @@ class Session:
             return bridge.answer(bridge.Outcome(error=call))
         yield events.ToolCall(call.name, call.args, call.kwargs)
         outcome = self.host_tools.run(call)
-        self._record({"type": "tool_call", "tool": call.name, "seconds": round(outcome.seconds, 4),
-                      "error": outcome.error})
+        self._record({"type": "tool_call", "tool": call.name, "args": call.args, "kwargs": call.kwargs,
+                      "value": outcome.value if outcome.error is None else None, "error": outcome.error,
+                      "seconds": round(outcome.seconds, 4)})
         text = bridge.answer(outcome)  # may turn an unsendable result into an error
         yield events.ToolResult(call.name, outcome.value if outcome.error is None else None, outcome.error,
                                 outcome.seconds, outcome.traceback)

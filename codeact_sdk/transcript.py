@@ -27,7 +27,8 @@ class TranscriptWriter:
             self.append({"type": "meta", "version": 1, "created": time.time(), **(meta or {})})
 
     def append(self, record: dict[str, Any]) -> None:
-        self.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        # default=repr: a tool call's bytes or a tool's own objects are written as their repr, never lost
+        self.handle.write(json.dumps(record, ensure_ascii=False, default=repr) + "\n")
         self.handle.flush()
         os.fsync(self.handle.fileno())
 

@@ -134,6 +134,7 @@ def test_the_approval_hook_refuses_calls_and_sees_their_arguments(model, local_s
     records = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
     tool_records = [r for r in records if r.get("type") == "tool_call"]
     assert [r["error"] for r in tool_records] == [None, "send_email: the call was refused by the host"]
+    assert tool_records[0]["kwargs"] == {"to": "a@example.com", "body": "hi"} and tool_records[0]["value"] == "sent"
     assert read(str(tmp_path / "t.jsonl"))[1]  # the transcript still reads back as a conversation
 
 

@@ -70,7 +70,7 @@ def test_the_suite_is_large_varied_exact_and_shippable():
     assert len({t["id"] for t in suite["tasks"]}) == len(suite["tasks"])
     for module in DOMAINS.values():
         namespace: dict = {}
-        exec(setup_code([as_tool(tool) for tool in module.TOOLS]), namespace)
+        exec(setup_code([as_tool(tool, ship=True) for tool in module.TOOLS]), namespace)
         assert all(tool.__name__ in namespace for tool in module.TOOLS)
 
 

@@ -120,8 +120,9 @@ def run_tool_mode(task: dict, mode: str, settings: Settings, turn_limit: int, tr
 
 
 def run_code_mode(task: dict, settings: Settings, turn_limit: int, transcript_path: str) -> Result:
-    """Code actions: a CodeAct Session whose kernel has the domain's tools."""
-    tools = DOMAINS[task["domain"]].TOOLS
+    """Code actions: a CodeAct Session whose kernel has the domain's tools, shipped into it as the original
+    evaluation defined them in its Python environment (pure functions; a call costs microseconds there)."""
+    tools = [as_tool(tool, ship=True) for tool in DOMAINS[task["domain"]].TOOLS]
     result = Result(task["id"], task["domain"], actions.CODE, False, None, task["answer"], 0)
     code_settings = replace(settings, max_executions=turn_limit - 1, stream_model=False)
     try:

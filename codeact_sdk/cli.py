@@ -49,8 +49,23 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sandbox-url", help=f"sandbox server URL (${ENVIRONMENT['sandbox_url']}; default: start "
                                              "a private one, which needs the [server] extra)")
     group.add_argument("--sandbox-token", help=f"sandbox token (${ENVIRONMENT['sandbox_token']})")
-    group.add_argument("--timeout", type=float, help="seconds per code execution (default 60)")
-    group.add_argument("--max-executions", type=int, help="code executions per message (default 5)")
+    group.add_argument("--timeout", type=positive(float), help="seconds per code execution (default 60)")
+    group.add_argument("--max-executions", type=positive(int, zero=True),
+                       help="code executions per message (default 5)")
+
+
+def positive(kind: type, zero: bool = False):
+    """An argparse type: a number above 0 (or at least 0), refused by the parser otherwise."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be {'0 or more' if zero else 'more than 0'}: {text}")
+        return value
+
+    return parse
 
 
 def add_file_options(parser: argparse.ArgumentParser) -> None:

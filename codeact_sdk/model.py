@@ -47,13 +47,30 @@ class ModelClient:
         if api_key:
             self.http.headers["Authorization"] = f"Bearer {api_key}"
         self._model = model
+        self._checked = model is None  # a name given by the caller is checked against /models once
         self._live: requests.Response | None = None  # the streaming response being read, for abort()
 
     @property
     def model(self) -> str:
         if self._model is None:
             self._model = self.only_model()
+        elif not self._checked:
+            self._checked = True
+            self.check_model(self._model)
         return self._model
+
+    def check_model(self, name: str) -> None:
+        """ConfigError when the server lists its models and `name` is not one of them (a typo would otherwise
+        be answered by whatever the server falls back to, or fail later with a vaguer error)."""
+        try:
+            listed = self.list_models()
+        except ModelError as error:
+            if isinstance(error, ModelAuthError | ModelConnectionError | ModelTimeout):
+                raise
+            return  # no /models here (404 and the like): nothing to check against
+        if listed and name not in listed:
+            raise ConfigError(f"{self.url} does not serve a model named {name!r}; it lists: {', '.join(listed)} "
+                              "(pass model= or set CODEACT_MODEL)")
 
     def list_models(self) -> list[str]:
         response = self._request("GET", "/models", None, stream=False)

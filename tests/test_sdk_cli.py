@@ -150,3 +150,15 @@ def test_chat_shows_where_images_went_and_copies_the_agents_files_out_on_exit(mo
     terminal.expect("copied 1 file(s)")
     assert terminal.close() == 0
     assert (out / "answer.txt").read_text() == "6" and (out / "image-1.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_unknown_model_name_and_bad_numbers_are_refused_with_the_choices(model, local_sandbox):
+    unknown = subprocess.run([sys.executable, "-m", "codeact_sdk", "run", "x", "--model", "gpt-4-does-not-exist",
+                              *connection(model, local_sandbox)], capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2, unknown.stdout
+    assert "does not serve a model named 'gpt-4-does-not-exist'; it lists: scripted" in unknown.stderr
+    assert model.requests == []  # refused before any completion was asked for
+    for option, value in [("--max-executions", "-3"), ("--timeout", "0"), ("--timeout", "soon")]:
+        bad = subprocess.run([sys.executable, "-m", "codeact_sdk", "run", "x", option, value],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and f"argument {option}:" in bad.stderr, bad.stderr

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import re
+import textwrap
 
 STOP_SEQUENCES = ["</execute>", "<|im_end|>"]
 OBSERVATION_PREFIX = "Execution Output:\n"
@@ -31,7 +33,12 @@ NETWORK_NOTE = "\nIn this conversation the code can also reach the network."
 TOOLS_HEADER = "\n\nThese Python functions are already defined in the environment; call them in <execute> blocks:\n"
 
 EXECUTE_BLOCK = re.compile(r"<execute>(.*?)</execute>", re.DOTALL)
-SOLUTION_BLOCK = re.compile(r"<solution>(.*?)(?:</solution>|$)", re.DOTALL)
+# Where a <solution> is code, not an answer: closed blocks, fenced blocks, then an unclosed block up to a
+# <solution> written after it.
+CODE_SPANS = [re.compile(r"<execute>.*?</execute>|```.*?(?:```|$)", re.DOTALL),
+              re.compile(r"<execute>(?:(?!<solution>).)*", re.DOTALL)]
+CLOSED_SOLUTION = re.compile(r"<solution>((?:(?!<solution>).)*?)</solution>", re.DOTALL)  # the innermost
+OPEN_SOLUTION = re.compile(r"<solution>([^<\n]*)\s*$")  # unclosed: only a last, one-line answer
 
 
 def system_prompt(tool_descriptions: list[str], base: str = SYSTEM_PROMPT) -> str:
@@ -48,19 +55,45 @@ def parse_action(reply: str) -> tuple[str | None, str]:
     """
     closed = EXECUTE_BLOCK.search(reply)
     if closed:
-        code = closed.group(1).strip()
+        code = runnable(closed.group(1))
         return (code or None), reply[: closed.end()]
     start = reply.find("<execute>")
     if start == -1:
         return None, reply
-    code = reply[start + len("<execute>") :].strip()
+    rest = reply[start + len("<execute>") :]
+    if "<solution>" in rest:
+        return None, reply  # an unclosed block never hides a final answer written after it
+    code = runnable(rest)
     if not code:
         return None, reply
     return code, reply.rstrip() + "\n</execute>"
 
 
+def runnable(block: str) -> str:
+    """The code of a block as it should run: a block indented as a whole is dedented. The stripped and the
+    dedented forms are tried in turn; the first that parses wins (IPython syntax, `!cmd` or `%magic`,
+    parses in neither, and then the dedented form runs)."""
+    stripped = block.strip()
+    dedented = textwrap.dedent(block.strip("\n")).strip()
+    for candidate in (stripped, dedented):
+        try:
+            ast.parse(candidate)
+            return candidate
+        except SyntaxError:
+            continue
+    return dedented
+
+
 def parse_solution(reply: str) -> str | None:
-    match = SOLUTION_BLOCK.search(reply)
+    """The final answer: the last <solution> block outside code (an <execute> block or a fenced one), or an
+    unclosed one that ends the reply on a single line. Never markup or code."""
+    prose = reply
+    for pattern in CODE_SPANS:
+        prose = pattern.sub("\x00", prose)  # a mark, so that what follows code does not join what precedes it
+    closed = CLOSED_SOLUTION.findall(prose)
+    if closed:
+        return closed[-1].strip()
+    match = OPEN_SOLUTION.search(prose)
     return match.group(1).strip() if match else None
 
 

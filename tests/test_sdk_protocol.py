@@ -48,3 +48,26 @@ def test_system_prompt_lists_tools_after_the_codeact_instructions():
     prompt = protocol.system_prompt(["add(a, b)\n    Add two numbers."])
     assert prompt.startswith(protocol.SYSTEM_PROMPT)
     assert "add(a, b)" in prompt and "<execute>" in prompt
+
+
+def test_an_unclosed_block_never_hides_a_solution_after_it():
+    reply = "I know it.\n<execute>\nprint(1)\n<solution>42</solution>"
+    assert protocol.parse_action(reply) == (None, reply)
+    assert protocol.parse_solution(reply) == "42"
+
+
+def test_a_block_indented_as_a_whole_is_dedented_and_inline_blocks_still_work():
+    code, _ = protocol.parse_action("<execute>\n    total = 0\n    for i in range(3):\n        total += i\n"
+                                    "    print(total)\n</execute>")
+    assert code == "total = 0\nfor i in range(3):\n    total += i\nprint(total)"
+    assert protocol.parse_action('<execute> print("Hello World!") </execute>')[0] == 'print("Hello World!")'
+    assert protocol.parse_action("<execute> for i in range(2):\n    print(i)</execute>")[0] == \
+        "for i in range(2):\n    print(i)"
+    assert protocol.parse_action("<execute>\n    !pip install tabulate\n</execute>")[0] == "!pip install tabulate"
+
+
+def test_a_solution_inside_code_or_prose_markup_is_not_the_answer():
+    reply = ("I'll put it in <solution> tags\n```python\nprint(f\"<solution>{average_age:.2f}</solution>\")\n```")
+    assert protocol.parse_solution(reply) is None
+    assert protocol.parse_solution("<execute>print('<solution>x</solution>')</execute>") is None
+    assert protocol.parse_solution("First <solution>1</solution>, corrected: <solution>2</solution>") == "2"

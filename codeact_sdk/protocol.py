@@ -8,7 +8,10 @@ import textwrap
 
 STOP_SEQUENCES = ["</execute>", "<|im_end|>"]
 OBSERVATION_PREFIX = "Execution Output:\n"
-NO_OUTPUT = "[Code executed successfully with no output]"
+# Said so that the model prints next time, rather than guess (the sandbox's /execute keeps the original's text).
+NO_OUTPUT = "[Code executed successfully with no output. Use print() to show the values you need.]"
+REPEATED = ("[You sent the same reply as before; its output is above, and running it again would not change it. "
+            "Try a different approach, or give your final answer in <solution></solution>.]")
 KERNEL_REPLACED_NOTE = ("[Note: the Python kernel was restarted; all earlier variables and imports are gone. "
                         "Define them again before use.]")
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # mcp_tools imports asyncio: loaded when a session has MCP se
 ANSWERED = "answer"  # the model replied without code
 EXECUTION_LIMIT = "execution_limit"  # the model wanted to run code past max_executions
 STOPPED = "stopped"  # stop() was called (AsyncSession: the task was cancelled)
+REPEATED = "repeated"  # the model sent the same reply again after being told it had
 
 
 @dataclass
@@ -251,6 +252,13 @@ class Session:
                 yield from self._finish(completion.text, turns, ANSWERED if code is None else EXECUTION_LIMIT)
                 return
             executions += 1
+            if len(turns) > 1 and completion.text.strip() == turns[-2].model_output.strip():
+                # Word for word again: small models loop like this until the limit. Say so once, then stop.
+                if len(turns) > 2 and turns[-2].code is not None and turns[-2].execution is None:
+                    yield from self._finish(completion.text, turns, REPEATED)
+                    return
+                self._append("user", protocol.REPEATED)
+                continue
             yield events.CodeStarted(code)
             started = time.monotonic()
             self._executing = True

@@ -94,7 +94,7 @@ def test_run_prints_the_answer_and_json_prints_the_whole_reply(model, local_sand
 
 
 def test_run_exits_non_zero_on_failure(model, local_sandbox):
-    model.enqueue(*["<execute>print('more')</execute>"] * 3)
+    model.enqueue(*[f"<execute>print('more {i}')</execute>" for i in range(3)])
     limited = subprocess.run([sys.executable, "-m", "codeact_sdk", "run", "loop", "--max-executions", "2",
                               *connection(model, local_sandbox)], capture_output=True, text=True, timeout=60)
     assert limited.returncode == 1

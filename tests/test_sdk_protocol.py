@@ -40,7 +40,8 @@ def test_observation_keeps_head_and_tail_and_marks_the_cut():
 
 
 def test_observation_for_no_output_and_for_a_replaced_kernel():
-    assert protocol.observation("", False, 10, 10) == "Execution Output:\n[Code executed successfully with no output]"
+    assert protocol.observation("", False, 10, 10) == ("Execution Output:\n[Code executed successfully with no output. "
+                                                      "Use print() to show the values you need.]")
     assert "earlier variables and imports are gone" in protocol.observation("boom\n", True, 10, 10)
 
 

@@ -54,7 +54,7 @@ def test_only_the_first_of_several_blocks_runs(model, local_sandbox):
 
 
 def test_execution_cap_is_a_stop_reason_not_an_exception(model, local_sandbox):
-    model.enqueue(*["<execute>print('again')</execute>"] * 3)
+    model.enqueue(*[f"<execute>print('again {i}')</execute>" for i in range(3)])
     with session(model, local_sandbox, max_executions=2) as s:
         reply = s.chat("loop forever")
         assert reply.stop_reason == "execution_limit"
@@ -195,3 +195,16 @@ def test_network_and_env_reach_the_kernel_only_when_asked(model, local_sandbox, 
         model.enqueue(f"<execute>{probe}</execute>", "done")
         with session(model, local_sandbox, **options) as s:
             assert s.chat("go").turns[0].execution.stdout == expected, options
+
+
+def test_a_reply_repeated_word_for_word_is_pointed_out_once_then_stops_the_loop(model, local_sandbox):
+    same = "Let me check.\n<execute>x = 1</execute>"
+    model.enqueue(same, same, "<execute>print(x + 1)</execute>", "<solution>2</solution>")
+    with session(model, local_sandbox) as s:
+        reply = s.chat("what is x + 1?")
+        assert reply.solution == "2" and len(reply.executions) == 2  # the repeat was not run again
+        assert "its output is above" in model.requests[2]["messages"][-1]["content"]
+        assert "[Code executed successfully with no output. Use print()" in model.requests[1]["messages"][-1]["content"]
+        model.enqueue(same, same, same)
+        stuck = s.chat("again?")
+    assert stuck.stop_reason == "repeated" and len(stuck.executions) == 1

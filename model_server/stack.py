@@ -30,6 +30,37 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def port_owner(port: int) -> str | None:
+    """Why 127.0.0.1:`port` cannot be bound: "PID n (command)" when /proc tells who listens there, else
+    "another program"; None when it is free."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT left by an earlier run is fine
+        try:
+            probe.bind(("127.0.0.1", port))
+            return None
+        except OSError:
+            pass
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as handle:
+                for line in list(handle)[1:]:
+                    fields = line.split()
+                    if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # LISTEN
+                        inodes.add(f"socket:[{fields[9]}]")
+        except OSError:
+            continue
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd")):
+                with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                    command = handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                return f"PID {pid} ({command[:120]})"
+        except OSError:
+            continue
+    return "another program"
+
+
 def launches(model: str | None, model_port: int, sandbox_port: int, device: str) -> list[Launch]:
     model_args = [sys.executable, "-m", "model_server", "--port", str(model_port), "--device", device]
     if model:
@@ -54,6 +85,12 @@ def serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     supervisor = None
+    for option, port in (("--model-port", args.model_port), ("--sandbox-port", args.sandbox_port)):
+        owner = port_owner(port)
+        if owner:
+            print(f"stack: port {port} is in use by {owner}: another `make serve`? Stop it, or pass {option}",
+                  file=sys.stderr)
+            return 1
     try:
         supervisor = start(args, args.model_port, args.sandbox_port)
         model_url = f"http://127.0.0.1:{args.model_port}/v1"

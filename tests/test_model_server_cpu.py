@@ -106,3 +106,26 @@ def test_a_concurrent_request_does_not_cut_off_a_streaming_completion(model_serv
     poller.join(60)
     chunks = [line for line in first + rest if line.startswith(b"data: {")]
     assert len(chunks) > 20, "the stream was cut off by a concurrent request"
+
+
+def test_make_serve_refuses_ports_in_use_and_names_who_holds_them():
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from model_server.stack import free_port
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    try:
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "model_server.stack", "serve", "--model-port", str(port),
+                               "--sandbox-port", str(free_port())], capture_output=True, text=True, timeout=60)
+    finally:
+        held.close()
+    assert done.returncode == 1 and time.monotonic() - started < 10
+    assert f"port {port} is in use by PID {os.getpid()} (" in done.stderr, done.stderr
+    assert "--model-port" in done.stderr and "model ready" not in done.stdout + done.stderr

@@ -268,6 +268,9 @@ def run(args: argparse.Namespace) -> int:
     except CodeActError as error:
         print(f"codeact: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("codeact: interrupted", file=sys.stderr)
+        return 130
     if args.json:
         data = asdict(reply)
         data["usage"] = reply.usage

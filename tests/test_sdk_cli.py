@@ -162,3 +162,19 @@ def test_an_unknown_model_name_and_bad_numbers_are_refused_with_the_choices(mode
         bad = subprocess.run([sys.executable, "-m", "codeact_sdk", "run", "x", option, value],
                              capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and f"argument {option}:" in bad.stderr, bad.stderr
+
+
+def test_ctrl_c_during_run_exits_130_with_one_line(model, local_sandbox):
+    import signal
+
+    from codeact_sdk.testing import Fault
+
+    model.enqueue(Fault(text="thinking " * 20, delay=2.0))
+    process = subprocess.Popen([sys.executable, "-m", "codeact_sdk", "run", "think", *connection(model, local_sandbox)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not model.requests and time.monotonic() < deadline:  # the model is being asked
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130 and err.strip() == "codeact: interrupted", err

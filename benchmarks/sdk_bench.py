@@ -21,8 +21,8 @@ TURNS = 200
 
 def turn_overhead() -> tuple[list[float], list[float]]:
     """Seconds per turn (one model call + one execute + the observation) and per final answer."""
-    with ScriptedModelServer(chunk_size=4096) as model, \
-            LocalSandbox(pool_size=1, root_dir=tempfile.mkdtemp(prefix="codeact-bench-")) as sandbox:
+    with ScriptedModelServer(chunk_size=4096) as model, tempfile.TemporaryDirectory(prefix="codeact-bench-") as root, \
+            LocalSandbox(pool_size=1, root_dir=root) as sandbox:
         sandbox.wait_for_pool(1)
         with Session(llm_url=model.url, sandbox_url=sandbox.url, sandbox_token=sandbox.token,
                      max_executions=10**6) as session:
@@ -78,8 +78,8 @@ def shipped_echo(value: int) -> int:
 
 def tool_round_trips() -> dict[str, list[float]]:
     """Per-call seconds, measured in the kernel: a host tool, a shipped tool, a plain kernel function."""
-    with ScriptedModelServer() as model, \
-            LocalSandbox(pool_size=1, root_dir=tempfile.mkdtemp(prefix="codeact-bench-")) as sandbox:
+    with ScriptedModelServer() as model, tempfile.TemporaryDirectory(prefix="codeact-bench-") as root, \
+            LocalSandbox(pool_size=1, root_dir=root) as sandbox:
         model.enqueue(f"<execute>{TIMED_CALLS.format(calls=TOOL_CALLS)}</execute>", "<solution>done</solution>")
         with Session(llm_url=model.url, sandbox_url=sandbox.url, sandbox_token=sandbox.token,
                      tools=[echo, shipped_echo], timeout=120) as session:

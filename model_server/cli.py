@@ -7,6 +7,7 @@ an embedded coder model. Everything after `--` goes to vLLM (or llama.cpp) untou
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import sys
@@ -89,6 +90,9 @@ def plan(args: argparse.Namespace, extra: list[str]) -> list[Launch]:
             replicas=args.replicas, max_model_len=args.max_model_len,
             gpu_memory_utilization=args.gpu_memory_utilization, prefix_caching=not args.no_prefix_caching,
             extra=extra, executable=args.vllm))
+    if not args.dry_run and importlib.util.find_spec("llama_cpp") is None:
+        raise ValueError("the CPU model server needs the [cpu] extra (llama_cpp is not installed): "
+                         "pip install 'codeact[cpu]'")
     model = args.model or embedded.DEFAULT_MODEL
     if model.endswith(".gguf"):
         if not os.path.exists(model):

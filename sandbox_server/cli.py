@@ -9,9 +9,7 @@ import logging
 import signal
 import sys
 
-from .app import Server
 from .config import TOKEN_ENV, Config, from_environment
-from .gateway import GatewayUnavailable
 
 # One line of help per Config field; the parser is built from the dataclass so the two never drift.
 HELP = {
@@ -88,6 +86,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 async def serve(config: Config) -> None:
+    from .app import Server
+
     server = Server(config)
     await server.start()
     stop = asyncio.Event()
@@ -99,7 +99,21 @@ async def serve(config: Config) -> None:
     await asyncio.wait_for(server.stop(), 4.5)
 
 
+def require_server_extra() -> None:
+    """Exit with one line naming the extra when what the server needs is not installed."""
+    try:
+        import jupyter_client  # noqa: F401
+        import tornado  # noqa: F401
+        import zmq  # noqa: F401
+    except ImportError as error:
+        sys.exit(f"codeact-sandbox: the sandbox server needs the [server] extra ({error.name} is not installed): "
+                 "pip install 'codeact[server]'")
+
+
 def main(argv: list[str] | None = None) -> None:
+    require_server_extra()
+    from .gateway import GatewayUnavailable
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -91,7 +91,7 @@ class Session:
         self.host_tools = bridge.HostTools({t.name: t.function for t in self.tools if not t.ship}, tool_timeout,
                                            on_tool_call, tool_tracebacks)
         self.base_prompt = system_prompt or protocol.SYSTEM_PROMPT + (protocol.NETWORK_NOTE if network else "")
-        self.system_prompt = protocol.system_prompt([describe(t) for t in self.tools], self.base_prompt)
+        self.system_prompt = self._prompt()
         self.mcp_servers = list(mcp_servers)  # connected in open(): their tools join the host tools there
         self._mcp: MCPConnections | None = None
         self.messages: list[dict[str, str]] = []
@@ -141,10 +141,13 @@ class Session:
         stubs = [bridge.stub_source(stub_name(t.name), t.function, t.description, call_name=t.name) for t in found]
         bridge_code = "" if "_codeact_call" in self.setup else bridge.kernel_source()
         self.setup = "\n\n".join(part for part in [self.setup, bridge_code, *stubs, namespaces_source(found)] if part)
-        self.system_prompt = protocol.system_prompt([describe(t) for t in self.tools], self.base_prompt)
+        self.system_prompt = self._prompt()
         if len(self.messages) == 1 and self.messages[0]["role"] == "system":  # nothing said yet
             self.messages[0] = {"role": "system", "content": self.system_prompt}
             self._record({"type": "message", "role": "system", "content": self.system_prompt, "time": time.time()})
+
+    def _prompt(self) -> str:
+        return protocol.system_prompt([describe(t) for t in self.tools], self.base_prompt)
 
     def _create_sandbox_session(self) -> str:
         return self._sandbox.create_session(setup=self.setup, env=self.env, timeout=self.settings.timeout,

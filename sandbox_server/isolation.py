@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 
 from . import seccomp
 from .kernel_env import KernelEnvironment
+from .packages import PREFIX
 
 log = logging.getLogger("sandbox_server.isolation")
 
@@ -170,7 +171,7 @@ class Isolation:
             "env": scrubbed_environment({
                 "IPYTHONDIR": os.path.join(runtime_dir, "ipython"),
                 "HOME": home_dir,
-                "PATH": ":".join([os.path.join(home_dir, ".local", "bin"), self.environment.bin_dir, *SYSTEM_PATH]),
+                "PATH": ":".join([os.path.join(home_dir, PREFIX, "bin"), self.environment.bin_dir, *SYSTEM_PATH]),
                 **(env or {}),
             }),
             "argv": [self.environment.python, "-m", "ipykernel_launcher", "-f", connection_file,

@@ -110,11 +110,7 @@ class LocalKernel:
         paths = [f"{self.connection['ip']}-{self.connection[f'{name}_port']}"
                  for name in ("shell", "iopub", "stdin", "control", "hb")]
         while not all(os.path.exists(path) for path in paths):
-            if not self.alive:
-                raise KernelStartError(f"kernel {self.name} exited during start-up: {self.log_tail()}")
-            if time.monotonic() >= deadline:
-                raise KernelStartError(f"kernel {self.name} did not bind its sockets within {timeout:g} s "
-                                       "(--kernel-start-timeout)")
+            self._check_starting(deadline, timeout, "bind its sockets")
             await asyncio.sleep(0.005)
         client = AsyncKernelClient(context=self.context)
         client.load_connection_info(self.connection)
@@ -124,14 +120,18 @@ class LocalKernel:
         # misses what was published before, and an execute would then wait for an idle that never comes.
         shell_ready = iopub_ready = False
         while not (shell_ready and iopub_ready):
-            if not self.alive:
-                raise KernelStartError(f"kernel {self.name} exited during start-up: {self.log_tail()}")
-            if time.monotonic() >= deadline:
-                raise KernelStartError(f"kernel {self.name} did not answer within {timeout:g} s "
-                                       "(--kernel-start-timeout)")
+            self._check_starting(deadline, timeout, "answer")
             client.kernel_info()
             shell_ready = shell_ready or await self._receive(client.shell_channel, "kernel_info_reply", 0.2)
             iopub_ready = iopub_ready or await self._receive(client.iopub_channel, "status", 0.05)
+
+    def _check_starting(self, deadline: float, timeout: float, waiting_to: str) -> None:
+        """KernelStartError when the kernel exited, or when it did not `waiting_to` before the deadline."""
+        if not self.alive:
+            raise KernelStartError(f"kernel {self.name} exited during start-up: {self.log_tail()}")
+        if time.monotonic() >= deadline:
+            raise KernelStartError(f"kernel {self.name} did not {waiting_to} within {timeout:g} s "
+                                   "(--kernel-start-timeout)")
 
     async def reconnect(self, timeout: float = 10.0) -> None:
         """New channels to the same kernel. A message over --max-message makes zmq drop the connection it came

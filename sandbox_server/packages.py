@@ -39,6 +39,7 @@ INSTALL_SLOTS = 2  # pip runs at once, server-wide: each is a few hundred ms of 
 MAX_REQUIREMENTS = 32
 MAX_REQUEST = 64 * 1024  # bytes of one request line
 CONNECTIONS_PER_SESSION = 4
+PREFIX = ".local"  # in the kernel's HOME: where the session's installs go, as pip's --user would put them
 HOOK_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pip_hook.py")
 
 # name[extra,...] followed by comma-separated version clauses, spaces removed first (PEP 508 without URLs
@@ -57,7 +58,7 @@ class Refused(Exception):
 def accumulate(relative: str) -> list[str]:
     """"lib/python3.11/site-packages" as ".local/lib", ".local/lib/python3.11", ...: each to make in turn."""
     parts = relative.split(os.sep)
-    return [os.path.join(".local", *parts[: index + 1]) for index in range(len(parts))]
+    return [os.path.join(PREFIX, *parts[: index + 1]) for index in range(len(parts))]
 
 
 def normalized(name: str) -> str:
@@ -101,6 +102,10 @@ class SessionChannel:
     connections: set[asyncio.Task] = field(default_factory=set)
 
     @property
+    def socket_path(self) -> str:
+        return os.path.join(self.directory, "sock")
+
+    @property
     def wheels(self) -> str:
         return os.path.join(self.directory, "wheels")
 
@@ -124,7 +129,7 @@ class PackageInstaller:
     def open(self, container: str, home_dir: str, uid: int | None) -> None:
         """Set up a session's socket and wheels directory, and start answering on it; and its prefix, made
         now because Python remembers that a directory on its path was missing and would not look again."""
-        for path in (".local", os.path.join(".local", "bin"), *accumulate(self.environment.site_packages)):
+        for path in (PREFIX, os.path.join(PREFIX, "bin"), *accumulate(self.environment.site_packages)):
             os.mkdir(os.path.join(home_dir, path), 0o700)
             if uid is not None:
                 os.chown(os.path.join(home_dir, path), uid, uid)
@@ -132,7 +137,7 @@ class PackageInstaller:
         os.mkdir(directory, 0o700)  # closed until the socket is the session's alone
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         channel = SessionChannel(directory, listener)
-        path = os.path.join(directory, "sock")
+        path = channel.socket_path
         listener.bind(path)
         listener.listen(8)
         os.mkdir(channel.wheels, 0o755)
@@ -148,16 +153,16 @@ class PackageInstaller:
 
     def readable(self, container: str) -> tuple[str, ...]:
         """What a session's kernel must read of the server's: the hook, and its socket and wheels."""
-        return self.hook_dir, os.path.join(container, "pip")
+        return self.hook_dir, self.channels[container].directory
 
     def kernel_variables(self, container: str, home_dir: str) -> dict[str, str]:
         """The environment variables that lead a kernel's pip to the session's socket, wheels and prefix."""
-        wheels = os.path.join(container, "pip", "wheels")
-        prefix = os.path.join(home_dir, ".local")
+        channel = self.channels[container]
+        prefix = os.path.join(home_dir, PREFIX)
         site = os.path.join(prefix, self.environment.site_packages)
         return {
-            "CODEACT_PIP_SOCKET": os.path.join(container, "pip", "sock"),
-            "CODEACT_PIP_WHEELS": wheels,
+            "CODEACT_PIP_SOCKET": channel.socket_path,
+            "CODEACT_PIP_WHEELS": channel.wheels,
             "CODEACT_PIP_SITE": site,
             "CODEACT_PIP_TIMEOUT": f"{self.config.install_timeout:g}",
             "PYTHONPATH": f"{self.hook_dir}:{site}",
@@ -165,7 +170,7 @@ class PackageInstaller:
             # Whatever pip runs in the kernel: no index, no host configuration, no retries against a network
             # that is not there, so anything this hook does not handle fails in a moment with pip's message.
             "PIP_NO_INDEX": "1",
-            "PIP_FIND_LINKS": wheels,
+            "PIP_FIND_LINKS": channel.wheels,
             "PIP_CONFIG_FILE": os.devnull,
             "PIP_RETRIES": "0",
             "PIP_TIMEOUT": "5",

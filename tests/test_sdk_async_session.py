@@ -16,6 +16,25 @@ def async_session(model, local_sandbox, **options) -> AsyncSession:
                         **options)
 
 
+async def cancel_when(session: AsyncSession, message: str, kind: type, settle: float = 0.0) -> float:
+    """Start a chat, cancel it once an event of `kind` was seen (and `settle` seconds more); the seconds the
+    cancellation took to complete."""
+    seen = asyncio.Event()
+
+    def on_event(event: events.Event) -> None:
+        if isinstance(event, kind):
+            seen.set()
+
+    task = asyncio.create_task(session.chat(message, on_event=on_event))
+    await asyncio.wait_for(seen.wait(), 30)
+    await asyncio.sleep(settle)
+    started = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return time.monotonic() - started
+
+
 def test_chat_stream_files_and_async_tools_on_the_callers_loop(model, local_sandbox):
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -46,20 +65,8 @@ def test_cancelling_mid_execute_interrupts_the_kernel_and_keeps_the_session(mode
         model.enqueue("<execute>kept = 42\nimport time\ntime.sleep(30)</execute>",
                       "<execute>print(kept)</execute>", "<solution>42</solution>")
         async with async_session(model, local_sandbox) as session:
-            running = asyncio.Event()
-
-            def on_event(event: events.Event) -> None:
-                if isinstance(event, events.CodeStarted):
-                    running.set()
-
-            task = asyncio.create_task(session.chat("sleep", on_event=on_event))
-            await asyncio.wait_for(running.wait(), 30)
-            await asyncio.sleep(0.3)
-            started = time.monotonic()
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            assert time.monotonic() - started < 5, "the cancelled turn did not stop promptly"
+            took = await cancel_when(session, "sleep", events.CodeStarted, settle=0.3)
+            assert took < 5, "the cancelled turn did not stop promptly"
             assert len(model.requests) == 1  # stopped: the model was not asked again after the execute
             reply = await session.chat("what is kept?")  # the kernel was interrupted, not replaced
             assert reply.executions[0].stdout == "42\n" and not reply.executions[0].new_kernel
@@ -73,19 +80,8 @@ def test_cancelling_mid_model_stream_cuts_the_stream_at_once(local_sandbox):
     async def main(model: ScriptedModelServer) -> None:
         model.enqueue(Fault(text="thinking " * 200, delay=3.0))  # three stream events, 3 s apart
         async with async_session(model, local_sandbox) as session:
-            first_piece = asyncio.Event()
-
-            def on_event(event: events.Event) -> None:
-                if isinstance(event, events.ModelDelta):
-                    first_piece.set()
-
-            task = asyncio.create_task(session.chat("think", on_event=on_event))
-            await asyncio.wait_for(first_piece.wait(), 30)
-            started = time.monotonic()
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            assert time.monotonic() - started < 1.5, "waited for the next chunk instead of cutting the stream"
+            took = await cancel_when(session, "think", events.ModelDelta)
+            assert took < 1.5, "waited for the next chunk instead of cutting the stream"
             assert session.messages[-1]["role"] == "assistant" and session.messages[-1]["content"].startswith("think")
 
     with ScriptedModelServer(chunk_size=600) as model:

@@ -14,6 +14,8 @@ import sys
 import tempfile
 import threading
 
+from codeact_sdk.cli import positive
+
 from . import embedded, gpus
 from .launch import Launch, LlamaOptions, VllmOptions, llama_launch, vllm_launches
 from .supervisor import StartError, Supervisor
@@ -33,35 +35,47 @@ def build_parser() -> argparse.ArgumentParser:
                                          "a .gguf path")
     parser.add_argument("--served-model-name", help="the name clients use (default: the model's name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind")
-    parser.add_argument("--port", type=int, default=8080, help="port (replicas take the following ports)")
+    parser.add_argument("--port", type=positive(int), default=8080, help="port (replicas take the following ports)")
     gpu = parser.add_argument_group("GPU (vLLM)")
     gpu.add_argument("--gpus", help="comma-separated GPU indices, e.g. 0,1 (default: all), pinned with "
                                     "CUDA_VISIBLE_DEVICES")
     gpu.add_argument("--parallel", choices=("tensor", "data", "replicas"), default="tensor",
                      help="tensor: one server split over the GPUs; data: vLLM data parallel; replicas: "
                           "independent servers on consecutive ports")
-    gpu.add_argument("--replicas", type=int, default=1, help="with --parallel replicas: how many servers")
-    gpu.add_argument("--max-model-len", type=int, help="context length (vLLM --max-model-len)")
-    gpu.add_argument("--gpu-memory-utilization", type=float, help="fraction of GPU memory vLLM may use")
+    gpu.add_argument("--replicas", type=positive(int), default=1, help="with --parallel replicas: how many servers")
+    gpu.add_argument("--max-model-len", type=positive(int), help="context length (vLLM --max-model-len)")
+    gpu.add_argument("--gpu-memory-utilization", type=fraction, help="fraction of GPU memory vLLM may use")
     gpu.add_argument("--no-prefix-caching", action="store_true",
                      help="turn off prefix caching (on by default: every CodeAct turn resends the conversation)")
     gpu.add_argument("--allow-busy", action="store_true", help="use GPUs that already have memory in use")
-    gpu.add_argument("--busy-threshold", type=float, default=0.05,
+    gpu.add_argument("--busy-threshold", type=fraction, default=0.05,
                      help="fraction of a GPU's memory in use above which it counts as busy")
     gpu.add_argument("--vllm", default="vllm", help="the vLLM executable")
     cpu = parser.add_argument_group("CPU (llama.cpp)")
-    cpu.add_argument("--threads", type=int, help="CPU threads (default: all cores but one on small machines)")
-    cpu.add_argument("--context", type=int, default=8192, help="context length in tokens")
+    cpu.add_argument("--threads", type=positive(int), help="CPU threads (default: all cores but one on small machines)")
+    cpu.add_argument("--context", type=positive(int), default=8192, help="context length in tokens")
     cpu.add_argument("--prompt-cache", action="store_true",
                      help="turn on llama-cpp-python's RAM prompt cache (helps interleaved conversations; measured "
-                          "here to grow without bound, see docs/model-server.md)")
+                          "with --cache-size as its bound; see docs/model-server.md)")
+    cpu.add_argument("--cache-size", type=positive(int), default=1 << 30,
+                     help="with --prompt-cache: the cache's bound in bytes")
     supervision = parser.add_argument_group("supervision")
-    supervision.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for readiness")
-    supervision.add_argument("--max-restarts", type=int, default=5, help="restarts of a crashed server")
+    supervision.add_argument("--ready-timeout", type=positive(float), default=600.0,
+                             help="seconds to wait for readiness")
+    supervision.add_argument("--max-restarts", type=positive(int, zero=True), default=5,
+                             help="restarts of a crashed server")
     supervision.add_argument("--log-dir", help="where server logs go (default: a temporary directory)")
     parser.add_argument("--dry-run", action="store_true", help="print the exact commands and environment, start "
                                                               "nothing")
     return parser
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a fraction of a GPU's memory, above 0 and at most 1."""
+    value = positive(float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be at most 1 (a fraction): {text}")
+    return value
 
 
 def split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -72,20 +86,28 @@ def split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def plan(args: argparse.Namespace, extra: list[str]) -> list[Launch]:
-    """The launches for these options: validates GPUs and, for the CPU path, prepares the model file."""
+    """The launches for these options: validates GPUs and, for the CPU path, loads the embedded model."""
     device = args.device
+    if device == "auto" and args.gpus:
+        device = "gpu"  # GPUs named: vLLM was asked for, even where this machine has none (a --dry-run)
     found: list[gpus.Gpu] = []
     if device in ("auto", "gpu"):
         found = gpus.discover()
         if device == "auto":
             device = "gpu" if found else "cpu"
-        elif not found:
-            raise gpus.GpuError("--device gpu, but nvidia-smi lists no GPU; use --device cpu")
     if device == "gpu":
         wanted = [int(part) for part in args.gpus.split(",")] if args.gpus else None
-        chosen = gpus.select(found, wanted, args.busy_threshold, args.allow_busy)
+        if found:
+            indices = [gpu.index for gpu in gpus.select(found, wanted, args.busy_threshold, args.allow_busy)]
+        elif args.dry_run and wanted:
+            print("# nvidia-smi lists no GPU here: the command is not checked against this machine",
+                  file=sys.stderr)
+            indices = wanted
+        else:
+            raise gpus.GpuError(f"{'--gpus ' + args.gpus if args.gpus else '--device gpu'}, but nvidia-smi lists "
+                                "no GPU; use --device cpu")
         return vllm_launches(VllmOptions(
-            model=args.model or DEFAULT_GPU_MODEL, gpus=[gpu.index for gpu in chosen], host=args.host,
+            model=args.model or DEFAULT_GPU_MODEL, gpus=indices, host=args.host,
             port=args.port, served_model_name=args.served_model_name, parallel=args.parallel,
             replicas=args.replicas, max_model_len=args.max_model_len,
             gpu_memory_utilization=args.gpu_memory_utilization, prefix_caching=not args.no_prefix_caching,
@@ -94,17 +116,25 @@ def plan(args: argparse.Namespace, extra: list[str]) -> list[Launch]:
         raise ValueError("the CPU model server needs the [cpu] extra (llama_cpp is not installed): "
                          "pip install 'codeact[cpu]'")
     model = args.model or embedded.DEFAULT_MODEL
+    fd = None
     if model.endswith(".gguf"):
         if not os.path.exists(model):
             raise embedded.ModelFileError(f"no model file at {model}")
         path, alias = model, os.path.basename(model)[: -len(".gguf")]
-    elif args.dry_run:
-        path, alias = os.path.join(embedded.cache_dir(), embedded.MODELS[model].filename), model
     else:
-        path, alias = embedded.ensure(model), model
+        found_model = embedded.find(model)
+        if args.dry_run:
+            print(f"# {model} is joined in memory from its chunk packages at start and passed as /proc/self/fd/N",
+                  file=sys.stderr)
+            path = "/proc/self/fd/N"
+        else:
+            fd = embedded.load(found_model)
+            path = f"/proc/self/fd/{fd}"
+        alias = model
     return [llama_launch(LlamaOptions(model_path=path, alias=args.served_model_name or alias, host=args.host,
                                       port=args.port, context=args.context, threads=args.threads,
-                                      prompt_cache=args.prompt_cache, extra=extra))]
+                                      prompt_cache=args.prompt_cache, cache_size=args.cache_size, model_fd=fd,
+                                      extra=extra))]
 
 
 def main(argv: list[str] | None = None) -> None:

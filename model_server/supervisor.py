@@ -42,7 +42,8 @@ class Supervised:
             argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(argv, env={**os.environ, **self.launch.env}, stdin=subprocess.DEVNULL,
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                            pass_fds=self.launch.pass_fds)
         self.started_at = time.monotonic()
 
     @property

@@ -4,6 +4,7 @@ SDK and a real sandbox. Needs the [cpu] extra, which `make install` installs."""
 from __future__ import annotations
 
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -45,12 +46,61 @@ def model_server(tmp_path_factory):
     process.wait(30)
 
 
-def test_the_embedded_model_joins_and_verifies(tmp_path):
-    model = embedded.MODELS[MODEL]
-    path = embedded.ensure(MODEL)
-    assert os.path.getsize(path) == model.size
-    with open(path + ".verified") as marker:
-        assert marker.read() == model.sha256
+def chunk_packages(root, prefix: str, chunks: list[bytes]) -> None:
+    """Installable-looking chunk packages, one chunk each, as the embedded models ship."""
+    for number, chunk in enumerate(chunks, 1):
+        data = root / f"{prefix}{number}" / "data"
+        data.mkdir(parents=True)
+        (root / f"{prefix}{number}" / "__init__.py").write_text("")
+        (data / "chunk_000.bin").write_bytes(chunk)
+
+
+def test_the_embedded_model_is_joined_in_memory_verified_once_and_not_copied_to_disk(tmp_path, monkeypatch):
+    import hashlib
+    chunks = [b"GGUF" + bytes(range(256)) * 40, b"second chunk" * 1000]
+    whole = b"".join(chunks)
+    chunk_packages(tmp_path / "site", "fake_model_part", chunks)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = embedded.EmbeddedModel("fake", "", "fake-model-part", 2, len(whole), hashlib.sha256(whole).hexdigest())
+    old_copy = tmp_path / "cache" / "codeact" / "models" / model.filename  # what earlier versions kept
+    old_copy.parent.mkdir(parents=True)
+    old_copy.write_bytes(whole)
+
+    open_before = sorted(os.listdir("/proc/self/fd"))
+    fd = embedded.load(model, progress=None)
+    try:
+        assert os.pread(fd, len(whole) + 1, 0) == whole
+        with open(f"/proc/self/fd/{fd}", "rb") as reopened:  # the path the server is given
+            assert reopened.read() == whole
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(old_copy.parent)) == ["fake.verified.json"]  # no copy of the model on disk
+
+    second = tmp_path / "site" / "fake_model_part2" / "data" / "chunk_000.bin"
+    second.write_bytes(b"SECOND chunk" * 1000)  # same size, other bytes: the fingerprint no longer matches
+    with pytest.raises(embedded.ModelFileError, match="sha256"):
+        embedded.load(model, progress=None)
+    second.write_bytes(b"short")
+    with pytest.raises(embedded.ModelFileError, match="bytes, expected"):
+        embedded.load(model, progress=None)
+    assert sorted(os.listdir("/proc/self/fd")) == open_before  # a failed load closes its in-memory file
+
+
+def test_the_server_runs_the_model_from_memory_with_bounded_logits(model_server):
+    url, _ = model_server
+    cache = embedded.cache_dir()
+    assert embedded.MODELS[MODEL].filename not in (os.listdir(cache) if os.path.isdir(cache) else [])
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    server = processes_mentioning("llama_cpp.server\0--model")
+    commands = {pid: pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0") for pid in server}
+    server = [pid for pid, argv in commands.items() if argv[argv.index("--port") + 1] == port]
+    assert len(server) == 1, "no llama.cpp server process"
+    argv = commands[server[0]]
+    model_path = argv[argv.index("--model") + 1]
+    assert model_path.startswith("/proc/self/fd/")
+    assert os.readlink(f"/proc/{server[0]}/fd/{model_path.rsplit('/', 1)[1]}").startswith("/memfd:")
+    assert argv[argv.index("--logits_all") + 1] == "false"
 
 
 def test_chat_completion_with_a_stop_sequence(model_server):

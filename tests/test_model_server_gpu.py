@@ -82,6 +82,25 @@ def test_no_gpu_with_device_gpu_is_a_clear_error(fake_env):
     assert result.returncode != 0 and "use --device cpu" in result.stderr
 
 
+def test_naming_gpus_asks_for_vllm_even_on_a_machine_without_one(fake_env):
+    no_gpu = {**fake_env, "FAKE_GPUS": ""}
+    dry = model_server(no_gpu, "--dry-run", "--gpus", "0", "--model", "m")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.strip() == ("CUDA_VISIBLE_DEVICES=0 vllm serve m --host 127.0.0.1 --port 8080 "
+                                  "--enable-prefix-caching")
+    assert "not checked" in dry.stderr
+    real = model_server(no_gpu, "--gpus", "0", "--model", "m")
+    assert real.returncode == 1 and real.stderr.strip() == ("codeact-model: --gpus 0, but nvidia-smi lists no GPU; "
+                                                            "use --device cpu")
+
+
+@pytest.mark.parametrize("option, value", [("--port", "0"), ("--context", "-1"), ("--replicas", "two"),
+                                           ("--gpu-memory-utilization", "1.5"), ("--max-restarts", "-3")])
+def test_bad_numbers_are_refused_by_the_parser(fake_env, option, value):
+    result = model_server(fake_env, "--dry-run", option, value)
+    assert result.returncode == 2 and f"argument {option}:" in result.stderr
+
+
 def wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -78,7 +78,9 @@ def vllm_launches(options: VllmOptions) -> list[Launch]:
         if options.gpu_memory_utilization:
             argv += ["--gpu-memory-utilization", str(options.gpu_memory_utilization)]
         argv += options.extra
-        env = {"CUDA_VISIBLE_DEVICES": ",".join(str(index) for index in group)}
+        # nvidia-smi numbers GPUs in PCI bus order; CUDA by default numbers the fastest first. On a machine
+        # with mixed GPUs, index 1 of one is not index 1 of the other unless CUDA is told the order.
+        env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(str(index) for index in group)}
         launches.append(Launch(f"vllm-{number}" if len(groups) > 1 else "vllm", argv, env, port, options.host))
     return launches
 

@@ -37,15 +37,16 @@ def model_server(env: dict, *args: str, **kwargs) -> subprocess.CompletedProcess
 def test_tensor_parallel_over_the_given_gpus_pinned_with_cuda_visible_devices(fake_env):
     result = model_server(fake_env, "--dry-run", "--model", "org/model", "--gpus", "0,1")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == ("CUDA_VISIBLE_DEVICES=0,1 vllm serve org/model --host 127.0.0.1 --port 8080 "
-                                     "--tensor-parallel-size 2 --enable-prefix-caching")
+    assert result.stdout.strip() == ("CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES=0,1 vllm serve org/model "
+                                     "--host 127.0.0.1 --port 8080 --tensor-parallel-size 2 --enable-prefix-caching")
 
 
 def test_auto_device_uses_every_gpu_and_passes_extra_arguments_untouched(fake_env):
     result = model_server(fake_env, "--dry-run", "--model", "m", "--served-model-name", "codeact", "--max-model-len",
                           "8192", "--", "--enforce-eager", "--seed", "7")
-    assert result.stdout.strip() == ("CUDA_VISIBLE_DEVICES=0,1 vllm serve m --host 127.0.0.1 --port 8080 "
-                                     "--served-model-name codeact --tensor-parallel-size 2 --enable-prefix-caching "
+    assert result.stdout.strip() == ("CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES=0,1 vllm serve m "
+                                     "--host 127.0.0.1 --port 8080 --served-model-name codeact "
+                                     "--tensor-parallel-size 2 --enable-prefix-caching "
                                      "--max-model-len 8192 --enforce-eager --seed 7")
 
 
@@ -86,8 +87,8 @@ def test_naming_gpus_asks_for_vllm_even_on_a_machine_without_one(fake_env):
     no_gpu = {**fake_env, "FAKE_GPUS": ""}
     dry = model_server(no_gpu, "--dry-run", "--gpus", "0", "--model", "m")
     assert dry.returncode == 0, dry.stderr
-    assert dry.stdout.strip() == ("CUDA_VISIBLE_DEVICES=0 vllm serve m --host 127.0.0.1 --port 8080 "
-                                  "--enable-prefix-caching")
+    assert dry.stdout.strip() == ("CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES=0 vllm serve m "
+                                  "--host 127.0.0.1 --port 8080 --enable-prefix-caching")
     assert "not checked" in dry.stderr
     real = model_server(no_gpu, "--gpus", "0", "--model", "m")
     assert real.returncode == 1 and real.stderr.strip() == ("codeact-model: --gpus 0, but nvidia-smi lists no GPU; "

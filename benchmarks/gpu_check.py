@@ -18,6 +18,7 @@ import argparse
 import importlib.util
 import json
 import os
+import pathlib
 import shlex
 import signal
 import subprocess
@@ -120,7 +121,7 @@ def supervised(found: list[gpus.Gpu]) -> None:
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             answered = wait_until(lambda: answers(port), 60)
-            started = json.loads(open(record).readline()) if os.path.exists(record) else {}
+            started = json.loads(pathlib.Path(record).read_text().splitlines()[0]) if os.path.exists(record) else {}
         finally:
             launcher.send_signal(signal.SIGTERM)
             launcher.wait(30)

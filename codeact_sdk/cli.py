@@ -9,14 +9,17 @@ import argparse
 import base64
 import json
 import os
+import select
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 
 from . import events
 from .errors import CodeActError
 from .eval import cli as eval_cli
-from .session import ANSWERED, Session
+from .session import ANSWERED, WITHDRAWN, Reply, Session
 from .settings import DEFAULT_LLM_URL, ENVIRONMENT
 from .transcript import export
 
@@ -188,7 +191,7 @@ def render(event: events.Event, paint: Painter, out, workspace: Workspace) -> No
         if execution.message:
             out.write(paint("note", f"[{execution.message}]\n"))
         out.write(paint("note", f"--- {execution.status} in {execution.duration_ms:.0f} ms ---\n"))
-    elif isinstance(event, events.ReplyFinished) and event.reply.stop_reason != ANSWERED:
+    elif isinstance(event, events.ReplyFinished) and event.reply.stop_reason not in (ANSWERED, WITHDRAWN):
         out.write(paint("note", f"[stopped: {event.reply.stop_reason}]\n"))
     out.flush()
 
@@ -201,29 +204,98 @@ def chat(args: argparse.Namespace) -> int:
         path = os.path.join(TRANSCRIPT_DIR, time.strftime("%Y%m%d-%H%M%S") + ".jsonl")
     try:
         workspace = Workspace(args.file, args.output_dir)
+        with session_from(args, path) as session:
+            workspace.send_inputs(session)
+            print(paint("note", f"CodeAct chat: model {session.model.model} | transcript {path}\n"
+                                'Enter sends; a paste is one message; """ starts and ends a multi-line one. '
+                                "Ctrl-C stops a reply (twice: withdraws it). /reset starts over, /save [path] "
+                                "saves the conversation, exit or Ctrl-D quits."))
+            with LineEditor(os.path.join(DATA_DIR, "history")) as editor:
+                try:
+                    converse(session, paint, path, workspace, editor)
+                finally:
+                    report_files(workspace.collect(session), args.output_dir)
     except CodeActError as error:
         print(f"codeact: {error}", file=sys.stderr)
         return 2
-    with session_from(args, path) as session:
-        workspace.send_inputs(session)
-        print(paint("note", f"CodeAct chat: model {session.model.model} | transcript {path}\n"
-                            "Type a message; /reset starts over, /save [path] saves the conversation, exit quits."))
-        try:
-            converse(session, paint, path, workspace)
-        finally:
-            report_files(workspace.collect(session), args.output_dir)
     return 0
 
 
-def converse(session: Session, paint: Painter, path: str, workspace: Workspace) -> None:
+class LineEditor:
+    """Input lines with readline's editing and a history kept between runs (on a terminal), gathered into
+    messages: a paste of several lines is one message, and so is everything between two FENCE lines."""
+
+    FENCE = '"' * 3
+    PASTE_GAP = 0.05  # seconds: the rest of a paste is already waiting by then; a person types slower
+
+    def __init__(self, history_path: str) -> None:
+        self.history_path = history_path
+        self.terminal = sys.stdin.isatty()
+        self.readline = None
+        if self.terminal:
+            try:
+                import readline
+            except ImportError:  # a Python built without it: plain input() still works
+                return
+            self.readline = readline
+            readline.parse_and_bind("set enable-bracketed-paste on")  # a paste arrives whole, where supported
+            readline.set_history_length(1000)
+            try:
+                readline.read_history_file(history_path)
+            except OSError:
+                pass
+
+    def __enter__(self) -> LineEditor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.readline is not None:
+            try:
+                os.makedirs(os.path.dirname(self.history_path), exist_ok=True)
+                self.readline.write_history_file(self.history_path)
+            except OSError:
+                pass
+
+    def read(self, prompt: str, more: str) -> str:
+        """One message. EOFError at the end of input; KeyboardInterrupt if Ctrl-C is pressed while typing."""
+        first = input(prompt)
+        if first.strip() == self.FENCE:
+            return self._fenced(more)
+        lines = [first]
+        while self.terminal and self._pending():
+            lines.append(input(more))
+        if self.readline is not None and len(lines) > 1:
+            self._as_one_history_entry(len(lines), "\n".join(lines))
+        return "\n".join(lines)
+
+    def _fenced(self, more: str) -> str:
+        lines = []
+        while (line := input(more)).strip() != self.FENCE:
+            lines.append(line)
+        return "\n".join(lines)
+
+    def _pending(self) -> bool:
+        return bool(select.select([sys.stdin], [], [], self.PASTE_GAP)[0])
+
+    def _as_one_history_entry(self, count: int, message: str) -> None:
+        """A pasted message is recalled as one history entry, not one per line."""
+        length = self.readline.get_current_history_length()
+        for position in range(length - 1, max(length - count, 0) - 1, -1):
+            self.readline.remove_history_item(position)
+        self.readline.add_history(message)
+
+
+def converse(session: Session, paint: Painter, path: str, workspace: Workspace, editor: LineEditor) -> None:
     """The REPL's loop, until exit or end of input."""
     while True:
         try:
-            line = input(paint("user", "You> "))
-        except (EOFError, KeyboardInterrupt):
+            message = editor.read(paint("user", "You> "), paint("user", "...  ")).strip()
+        except EOFError:
             print()
             return
-        message = line.strip()
+        except KeyboardInterrupt:  # while typing: drop the line, as a shell does
+            print()
+            continue
         if not message:
             continue
         if message in ("exit", "quit", "/exit"):
@@ -239,13 +311,46 @@ def converse(session: Session, paint: Painter, path: str, workspace: Workspace) 
             session.export(target)
             print(paint("note", f"[saved {len(session.messages)} messages to {target}]"))
             continue
+        print(paint("assistant", "Assistant> "), end="")
         try:
-            print(paint("assistant", "Assistant> "), end="")
-            session.chat(message, on_event=lambda event: render(event, paint, sys.stdout, workspace))
-        except KeyboardInterrupt:
-            print(paint("note", "\n[interrupted]"))
+            reply = reply_stopping_on_ctrl_c(session, message, lambda event: render(event, paint, sys.stdout,
+                                                                                    workspace))
         except CodeActError as error:
             print(paint("error", f"\nerror: {error}"))
+            continue
+        if reply.stop_reason == WITHDRAWN:
+            print(paint("note", "\n[withdrawn: the conversation is as it was before that message]"))
+
+
+def reply_stopping_on_ctrl_c(session: Session, message: str, on_event: Callable[[events.Event], None]) -> Reply:
+    """The reply to one message, worked out in a thread while this one waits for Ctrl-C: the first stops the
+    reply (the model's stream ends, running code is interrupted, the turn is kept as it stands), the second
+    withdraws the message. Waiting here rather than in a signal handler: a Ctrl-C reaches Python code only
+    when the main thread runs it, and a thread blocked reading a socket might not for a minute."""
+    outcome: dict[str, object] = {}
+    done = threading.Event()  # not Thread.join(): in Python 3.11 a Ctrl-C inside join() can break is_alive()
+
+    def work() -> None:
+        try:
+            outcome["reply"] = session.chat(message, on_event=on_event)
+        except BaseException as error:  # handed to the main thread, raised there
+            outcome["error"] = error
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="codeact-turn", daemon=True).start()
+    presses = 0
+    while not done.is_set():
+        try:
+            done.wait(0.1)
+        except KeyboardInterrupt:
+            presses += 1
+            if presses == 1:
+                sys.stdout.write("\n[stopping; Ctrl-C again to withdraw the message]\n")
+            threading.Thread(target=session.stop, kwargs={"withdraw": presses > 1}, daemon=True).start()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["reply"]
 
 
 def report_files(paths: list[str], output_dir: str | None) -> None:

@@ -30,6 +30,7 @@ ANSWERED = "answer"  # the model replied without code
 EXECUTION_LIMIT = "execution_limit"  # the model wanted to run code past max_executions
 STOPPED = "stopped"  # stop() was called (AsyncSession: the task was cancelled)
 REPEATED = "repeated"  # the model sent the same reply again after being told it had
+WITHDRAWN = "withdrawn"  # stop(withdraw=True): the turn was taken back, as if the message had not been sent
 
 
 @dataclass
@@ -105,8 +106,9 @@ class Session:
         self._local: LocalSandbox | None = None
         self._sandbox: SandboxClient | None = None
         self._sandbox_session: str | None = None
-        self._kernel_note_pending = False
+        self._notes: list[str] = []  # said before the next user message (a fresh kernel, a stopped run's output)
         self._stop = threading.Event()
+        self._withdraw = self._kernel_restarted = False
         self._executing = False
         self._append("system", self.system_prompt)
 
@@ -185,7 +187,7 @@ class Session:
             self._sandbox.close_session(self._sandbox_session)
             self._sandbox_session = self._create_sandbox_session()
         self.messages = []
-        self._kernel_note_pending = False
+        self._notes = []
         self._append("system", self.system_prompt)
 
     @classmethod
@@ -197,7 +199,8 @@ class Session:
         session = cls(transcript_path=None, **kwargs)
         session.messages = messages or session.messages
         session.transcript_path = path
-        session._kernel_note_pending = any(m["role"] == "assistant" for m in messages)
+        if any(m["role"] == "assistant" for m in messages):
+            session._notes.append(protocol.KERNEL_REPLACED_NOTE)
         return session
 
     # -- the turn loop -----------------------------------------------------------------------------------
@@ -211,25 +214,63 @@ class Session:
                 return event.reply
         raise AssertionError("stream ended without a reply")
 
-    def stop(self) -> None:
+    def stop(self, withdraw: bool = False) -> None:
         """Stop the reply in progress; callable from any thread. The model's stream ends, a running execute is
-        interrupted, and `stream` finishes with stop_reason "stopped" (what the model said so far is kept)."""
+        interrupted, and `stream` finishes with stop_reason "stopped" (what the model said so far is kept).
+
+        withdraw=True takes the turn back instead (stop_reason "withdrawn"): the conversation is as it was
+        before the message. Code still running then is past its interrupt, so the kernel is restarted (and
+        the model told so with the next message)."""
+        self._withdraw = self._withdraw or withdraw
         self._stop.set()
         self.model.abort()
         if self._executing and self._sandbox is not None and self._sandbox_session is not None:
             try:
-                self._sandbox.interrupt(self._sandbox_session)
+                if withdraw:
+                    self._sandbox.restart(self._sandbox_session)
+                    self._kernel_restarted = True
+                else:
+                    self._sandbox.interrupt(self._sandbox_session)
             except CodeActError:
                 pass  # the execute ends anyway: by its timeout, or with its kernel
 
     def stream(self, message: str) -> Iterator[events.Event]:
-        """Run the loop for one user message, yielding typed events as they happen; the last is ReplyFinished."""
+        """Run the loop for one user message, yielding typed events as they happen; the last is ReplyFinished.
+
+        A turn that does not finish (the caller stops iterating, Ctrl-C, an error from the model or the
+        sandbox) is taken back: the conversation is as it was before the message, in memory and in the
+        transcript, so the next message does not follow a user message left without an answer. What its code
+        did to the kernel stays; `stop()` is the way to end a turn early and keep it."""
         self._stop.clear()
+        self._withdraw = self._kernel_restarted = False
         self.open()
-        if self._kernel_note_pending:
-            message = f"{protocol.KERNEL_REPLACED_NOTE}\n\n{message}"
-            self._kernel_note_pending = False
-        self._append("user", message)
+        before, notes = len(self.messages), list(self._notes)
+        kept = False
+        try:
+            for event in self._turn(message):
+                if isinstance(event, events.ReplyFinished):
+                    if self._withdraw:
+                        break
+                    kept = True
+                yield event
+        except CodeActError:
+            if not self._withdraw:  # withdrawing can cut the model's reply or the execute: expected then
+                raise
+        finally:
+            if not kept:
+                if len(self.messages) > before:
+                    self._take_back(len(self.messages) - before)
+                self._notes = notes + ([protocol.KERNEL_REPLACED_NOTE] if self._kernel_restarted else [])
+        if not kept:
+            yield events.ReplyFinished(Reply(text="", solution=None, turns=[], stop_reason=WITHDRAWN))
+
+    def _take_back(self, count: int) -> None:
+        del self.messages[-count:]
+        self._record({"type": "take_back", "messages": count, "time": time.time()})
+
+    def _turn(self, message: str) -> Iterator[events.Event]:
+        self._append("user", "\n\n".join([*self._notes, message]))
+        self._notes = []
         turns: list[Turn] = []
         executions = 0
         while True:
@@ -271,11 +312,15 @@ class Session:
                 self._executing = False
             turn.execution_seconds = time.monotonic() - started
             yield events.ExecutionFinished(turn.execution)
-            self._append("user", protocol.observation(turn.execution.text, turn.execution.new_kernel,
-                                                      self.settings.observation_head, self.settings.observation_tail))
+            observation = protocol.observation(turn.execution.text, turn.execution.new_kernel,
+                                               self.settings.observation_head, self.settings.observation_tail)
             if self._stop.is_set():
+                # Stopped: the output goes before the next user message, so that user and assistant messages
+                # still alternate (a chat template may refuse two user messages in a row).
+                self._notes.append(observation)
                 yield from self._finish(completion.text, turns, STOPPED)
                 return
+            self._append("user", observation)
 
     def _finish(self, text: str, turns: list[Turn], reason: str) -> Iterator[events.Event]:
         reply = Reply(text=text, solution=protocol.parse_solution(text), turns=turns, stop_reason=reason)

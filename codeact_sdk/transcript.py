@@ -3,7 +3,8 @@ process loses nothing; read back for `Session.resume`; exported to the ShareGPT-
 format of the CodeActInstruct data set.
 
 Line format: {"type": "meta", ...} first, then one {"type": "message", "role", "content", "time"} per
-message, and {"type": "turn", ...} records with each step's code, execution status and timings.
+message, {"type": "turns", ...} records with each step's code, execution status and timings, and
+{"type": "take_back", "messages": N} where a turn did not finish and its last N messages were withdrawn.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def read(path: str) -> tuple[dict[str, Any], list[dict[str, str]]]:
                 continue
             if record.get("type") == "meta":
                 meta = record
+            elif record.get("type") == "take_back":  # a turn that did not finish
+                del messages[len(messages) - min(record["messages"], len(messages)):]
             elif record.get("type") == "message":
                 message = {"role": record["role"], "content": record["content"]}
                 if message["role"] == "system" and len(messages) == 1 and messages[0]["role"] == "system":

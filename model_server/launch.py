@@ -2,7 +2,8 @@
 
 vLLM: tensor parallel over the given GPUs by default; data parallel, or independent replicas (one per
 GPU group, on consecutive ports) when asked; prefix caching on, since every CodeAct turn resends the whole
-conversation; pinned with CUDA_VISIBLE_DEVICES. llama.cpp: `python -m llama_cpp.server` on a GGUF file.
+conversation; pinned with CUDA_VISIBLE_DEVICES. llama.cpp: `python -m model_server.llama_server`
+(llama-cpp-python's server, with usage in streamed replies) on a GGUF file.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def default_threads(cores: int | None = None) -> tuple[int, int]:
 def llama_launch(options: LlamaOptions) -> Launch:
     threads, batch_threads = default_threads()
     threads = options.threads or threads
-    argv = [sys.executable, "-m", "llama_cpp.server", "--model", options.model_path,
+    argv = [sys.executable, "-m", "model_server.llama_server", "--model", options.model_path,
             "--model_alias", options.alias, "--host", options.host, "--port", str(options.port),
             "--n_ctx", str(options.context), "--n_threads", str(threads),
             "--n_threads_batch", str(max(threads, batch_threads)),

@@ -92,7 +92,7 @@ def test_the_server_runs_the_model_from_memory_with_bounded_logits(model_server)
     cache = embedded.cache_dir()
     assert embedded.MODELS[MODEL].filename not in (os.listdir(cache) if os.path.isdir(cache) else [])
     port = url.rsplit(":", 1)[1].split("/")[0]
-    server = processes_mentioning("llama_cpp.server\0--model")
+    server = processes_mentioning("model_server.llama_server\0--model")
     commands = {pid: pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0") for pid in server}
     server = [pid for pid, argv in commands.items() if argv[argv.index("--port") + 1] == port]
     assert len(server) == 1, "no llama.cpp server process"
@@ -124,6 +124,8 @@ def test_one_codeact_turn_through_the_sdk_and_the_sandbox(model_server, tmp_path
     assert first.code is not None, first.model_output
     assert first.execution is not None and first.execution.status in ("ok", "error")
     assert first.usage.get("completion_tokens", 0) > 0 and first.first_token_seconds is not None
+    # Streamed, and still the prompt's size: the server reports usage on its finishing chunk.
+    assert first.usage.get("prompt_tokens", 0) > 200, first.usage
 
 
 def test_sigterm_stops_the_llama_server_without_orphans(tmp_path):

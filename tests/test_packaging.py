@@ -37,7 +37,7 @@ def test_the_wheel_installs_and_its_commands_work_or_name_the_missing_extra(tmp_
     exported = run([str(bin_dir / "codeact"), "export", str(transcript)])
     assert json.loads(exported.stdout)["conversations"] == [{"from": "human", "value": "hi"}], exported.stderr
     planned = run([str(bin_dir / "codeact-model"), "--dry-run", "--device", "cpu"])
-    assert planned.returncode == 0 and "llama_cpp.server" in planned.stdout, planned.stderr[-1500:]
+    assert planned.returncode == 0 and "model_server.llama_server" in planned.stdout, planned.stderr[-1500:]
     # Missing extras: one line that names the extra, no traceback.
     missing = ((["codeact-sandbox", "--help"], "[server]"), (["codeact-model", "--device", "cpu"], "[cpu]"))
     for command, extra in missing:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import pytest
@@ -72,6 +73,10 @@ def test_cancelling_mid_execute_interrupts_the_kernel_and_keeps_the_session(mode
             assert reply.executions[0].stdout == "42\n" and not reply.executions[0].new_kernel
             roles = [message["role"] for message in session.messages]
             assert roles[:4] == ["system", "user", "assistant", "user"], roles
+            # The stopped run's output goes with the next message: user and assistant still alternate.
+            assert all(first != second for first, second in itertools.pairwise(roles[1:])), roles
+            assert session.messages[3]["content"].startswith("Execution Output:")
+            assert session.messages[3]["content"].endswith("what is kept?")
 
     asyncio.run(main())
 

@@ -19,9 +19,9 @@ def connection(model, local_sandbox) -> list[str]:
 class Terminal:
     """A program on a pseudo-terminal: type lines, wait for text, with a deadline on every wait."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], **env_changes: str) -> None:
         self.primary, secondary = pty.openpty()
-        env = {**os.environ, "TERM": "xterm"}
+        env = {**os.environ, "TERM": "xterm", **env_changes}
         env.pop("NO_COLOR", None)
         self.process = subprocess.Popen(argv, stdin=secondary, stdout=secondary, stderr=secondary, env=env)
         os.close(secondary)
@@ -29,7 +29,7 @@ class Terminal:
 
     @property
     def plain(self) -> str:
-        return re.sub(r"\x1b\[[0-9;]*m", "", self.screen)
+        return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", self.screen)  # colours, bracketed-paste mode
 
     def expect(self, text: str, timeout: float = 30.0) -> str:
         """Wait until `text` is on the screen (colours aside); return the screen as written."""
@@ -48,6 +48,9 @@ class Terminal:
 
     def type(self, line: str) -> None:
         os.write(self.primary, (line + "\n").encode())
+
+    def keys(self, text: str) -> None:
+        os.write(self.primary, text.encode())
 
     def close(self) -> int:
         code = self.process.wait(30)
@@ -178,3 +181,79 @@ def test_ctrl_c_during_run_exits_130_with_one_line(model, local_sandbox):
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=30)
     assert process.returncode == 130 and err.strip() == "codeact: interrupted", err
+
+
+def test_chat_repl_edits_lines_keeps_history_takes_pastes_whole_and_stays_consistent_on_ctrl_c(model, local_sandbox,
+                                                                                              tmp_path):
+    import signal
+
+    from codeact_sdk.transcript import read
+
+    transcript = str(tmp_path / "chat.jsonl")
+    model.enqueue("one", "two", "three", "four", "<execute>kept = 1\nimport time\ntime.sleep(30)</execute>",
+                  "five", "<execute>\nimport time\nwhile True:\n    try:\n        time.sleep(1)\n"
+                  "    except KeyboardInterrupt:\n        print('ignored')\n</execute>", "six")
+    terminal = Terminal([sys.executable, "-m", "codeact_sdk", "chat", *connection(model, local_sandbox),
+                         "--transcript", transcript, "--no-color"], HOME=str(tmp_path))
+
+    def sent() -> str:
+        return model.requests[-1]["messages"][-1]["content"]
+
+    terminal.expect("You> ")
+    terminal.keys("first line\nsecond line\nthird line\n")  # a paste: one write, several lines
+    terminal.expect("one\r\nYou> ")
+    assert sent() == "first line\nsecond line\nthird line" and len(model.requests) == 1
+    for line in ['"' * 3, "fenced a", "fenced b", '"' * 3]:
+        terminal.type(line)
+        time.sleep(0.2)
+    terminal.expect("two\r\nYou> ")
+    assert sent() == "fenced a\nfenced b"
+    terminal.keys("helo\x1b[Dl\n")  # left arrow, then an inserted letter: readline editing
+    terminal.expect("three\r\nYou> ")
+    assert sent() == "hello"
+    terminal.keys("\x1b[A\n")  # up arrow: the last line again, from the history
+    terminal.expect("four\r\nYou> ")
+    assert sent() == "hello"
+
+    terminal.type("run it")
+    terminal.expect("--- running ---")
+    time.sleep(0.5)
+    terminal.process.send_signal(signal.SIGINT)  # once: stop the reply, keep the turn
+    terminal.expect("[stopped: stopped]")
+    terminal.expect("You> ")
+    terminal.type("go on")
+    terminal.expect("five\r\nYou> ")
+    assert sent().startswith("Execution Output:") and sent().endswith("go on"), terminal.plain
+
+    terminal.type("loop stubbornly")  # code that ignores the interrupt: stopping cannot end it
+    terminal.expect("--- running ---")
+    time.sleep(0.5)
+    terminal.process.send_signal(signal.SIGINT)
+    terminal.expect("\r\nignored\r\n")  # the code's own output, after the interrupt it ignored
+    terminal.expect("Ctrl-C again")
+    terminal.process.send_signal(signal.SIGINT)  # twice: withdraw the message and its reply
+    terminal.expect("[withdrawn: the conversation is as it was")
+    terminal.expect("You> ")
+    terminal.type("after")
+    terminal.expect("six\r\nYou> ")
+    terminal.keys("\x04")  # Ctrl-D quits
+    assert terminal.close() == 0
+
+    roles = [message["role"] for message in model.requests[-1]["messages"]]
+    assert roles[1:] == ["user", "assistant"] * 6 + ["user"], roles  # user and assistant alternate throughout
+    assert "stubbornly" not in json.dumps(model.requests[-1]["messages"])
+    assert "kernel was restarted" in sent()  # the stubborn code outlived its interrupt: a fresh kernel
+    _, kept = read(transcript)
+    assert [m["role"] for m in kept][1:] == ["user", "assistant"] * 7
+    history = (tmp_path / ".local" / "share" / "codeact" / "history").read_text()
+    assert "hello" in history and "first line" in history
+
+
+def test_chat_with_the_model_server_down_says_so_in_one_line(local_sandbox):
+    from model_server.stack import free_port
+
+    done = subprocess.run([sys.executable, "-m", "codeact_sdk", "chat", "--llm-url", f"http://127.0.0.1:{free_port()}/v1",
+                           "--sandbox-url", local_sandbox.url, "--sandbox-token", local_sandbox.token],
+                          input="hello\n", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "cannot reach the model server" in done.stderr

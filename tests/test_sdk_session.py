@@ -208,3 +208,28 @@ def test_a_reply_repeated_word_for_word_is_pointed_out_once_then_stops_the_loop(
         model.enqueue(same, same, same)
         stuck = s.chat("again?")
     assert stuck.stop_reason == "repeated" and len(stuck.executions) == 1
+
+
+def test_a_turn_that_does_not_finish_is_taken_back_in_memory_and_in_the_transcript(model, local_sandbox, tmp_path):
+    path = str(tmp_path / "conversation.jsonl")
+    model.enqueue("<execute>import time; done = 1; time.sleep(30)</execute>", Fault(status=400),
+                  "<solution>fine</solution>")
+    with session(model, local_sandbox, transcript_path=path) as s:
+        # The caller stops iterating mid-execution (what Ctrl-C in the REPL or a closed web page does).
+        turn = s.stream("first")
+        for event in turn:
+            if isinstance(event, events.CodeStarted):
+                break
+        turn.close()
+        assert [m["role"] for m in s.messages] == ["system"]
+        assert [m["role"] for m in read(path)[1]] == ["system"]
+        # The model fails mid-turn: the error reaches the caller, the turn is withdrawn.
+        with pytest.raises(Exception, match="400"):
+            s.chat("second")
+        assert [m["role"] for m in s.messages] == ["system"]
+        reply = s.chat("third")
+    assert reply.solution == "fine"
+    assert [m["content"] for m in model.requests[-1]["messages"][1:]] == ["third"]  # no dangling user turns
+    _, messages = read(path)
+    assert [(m["role"], m["content"]) for m in messages[1:]] == [("user", "third"),
+                                                                 ("assistant", "<solution>fine</solution>")]

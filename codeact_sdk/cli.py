@@ -9,7 +9,6 @@ import argparse
 import base64
 import json
 import os
-import select
 import sys
 import threading
 import time
@@ -19,6 +18,8 @@ from dataclasses import asdict
 from . import events
 from .errors import CodeActError
 from .eval import cli as eval_cli
+from .line_editor import LineEditor
+from .progress import Progress
 from .session import ANSWERED, WITHDRAWN, Reply, Session
 from .settings import DEFAULT_LLM_URL, ENVIRONMENT
 from .transcript import export
@@ -221,70 +222,6 @@ def chat(args: argparse.Namespace) -> int:
     return 0
 
 
-class LineEditor:
-    """Input lines with readline's editing and a history kept between runs (on a terminal), gathered into
-    messages: a paste of several lines is one message, and so is everything between two FENCE lines."""
-
-    FENCE = '"' * 3
-    PASTE_GAP = 0.05  # seconds: the rest of a paste is already waiting by then; a person types slower
-
-    def __init__(self, history_path: str) -> None:
-        self.history_path = history_path
-        self.terminal = sys.stdin.isatty()
-        self.readline = None
-        if self.terminal:
-            try:
-                import readline
-            except ImportError:  # a Python built without it: plain input() still works
-                return
-            self.readline = readline
-            readline.parse_and_bind("set enable-bracketed-paste on")  # a paste arrives whole, where supported
-            readline.set_history_length(1000)
-            try:
-                readline.read_history_file(history_path)
-            except OSError:
-                pass
-
-    def __enter__(self) -> LineEditor:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.readline is not None:
-            try:
-                os.makedirs(os.path.dirname(self.history_path), exist_ok=True)
-                self.readline.write_history_file(self.history_path)
-            except OSError:
-                pass
-
-    def read(self, prompt: str, more: str) -> str:
-        """One message. EOFError at the end of input; KeyboardInterrupt if Ctrl-C is pressed while typing."""
-        first = input(prompt)
-        if first.strip() == self.FENCE:
-            return self._fenced(more)
-        lines = [first]
-        while self.terminal and self._pending():
-            lines.append(input(more))
-        if self.readline is not None and len(lines) > 1:
-            self._as_one_history_entry(len(lines), "\n".join(lines))
-        return "\n".join(lines)
-
-    def _fenced(self, more: str) -> str:
-        lines = []
-        while (line := input(more)).strip() != self.FENCE:
-            lines.append(line)
-        return "\n".join(lines)
-
-    def _pending(self) -> bool:
-        return bool(select.select([sys.stdin], [], [], self.PASTE_GAP)[0])
-
-    def _as_one_history_entry(self, count: int, message: str) -> None:
-        """A pasted message is recalled as one history entry, not one per line."""
-        length = self.readline.get_current_history_length()
-        for position in range(length - 1, max(length - count, 0) - 1, -1):
-            self.readline.remove_history_item(position)
-        self.readline.add_history(message)
-
-
 def converse(session: Session, paint: Painter, path: str, workspace: Workspace, editor: LineEditor) -> None:
     """The REPL's loop, until exit or end of input."""
     while True:
@@ -360,15 +297,28 @@ def report_files(paths: list[str], output_dir: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    progress: Progress | None = None  # on a terminal, a status line on stderr; none with --json or piped
+
     def on_event(event: events.Event) -> None:
+        if progress is not None:
+            progress.on_event(event)
         for image in workspace.save_images(event):
-            print(f"codeact: image saved to {image}", file=sys.stderr)
+            if progress is not None:
+                progress.say(f"codeact: image saved to {image}")
+            else:
+                print(f"codeact: image saved to {image}", file=sys.stderr)
 
     try:
         workspace = Workspace(args.file, args.output_dir)
         with session_from(args, args.transcript) as session:
             workspace.send_inputs(session)
-            reply = session.chat(args.task, on_event=on_event)
+            if sys.stderr.isatty() and not args.json:
+                progress = Progress(sys.stderr)
+            try:
+                reply = session.chat(args.task, on_event=on_event)
+            finally:
+                if progress is not None:
+                    progress.close()
             report_files(workspace.collect(session), args.output_dir)
     except CodeActError as error:
         print(f"codeact: {error}", file=sys.stderr)

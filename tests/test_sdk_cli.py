@@ -257,3 +257,21 @@ def test_chat_with_the_model_server_down_says_so_in_one_line(local_sandbox):
                           input="hello\n", capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "cannot reach the model server" in done.stderr
+
+
+def test_run_shows_progress_on_a_terminal_and_nothing_when_piped(model, local_sandbox):
+    script = ("Let me compute.\n<execute>import time\ntime.sleep(1.5)\nprint(6 * 7)</execute>",
+              "It is <solution>42</solution>.")
+    model.enqueue(*script)
+    terminal = Terminal([sys.executable, "-m", "codeact_sdk", "run", "what is 6 times 7?",
+                         *connection(model, local_sandbox)])
+    terminal.expect("[step 1] running code 1.")  # the elapsed time, redrawn while the code runs
+    terminal.expect("42\r\n")
+    assert terminal.close() == 0
+    assert "[step 2] model" in terminal.plain
+    assert terminal.plain.rstrip().endswith("42")  # the status line is cleared before the answer
+
+    model.enqueue(*script)
+    piped = subprocess.run([sys.executable, "-m", "codeact_sdk", "run", "what is 6 times 7?",
+                            *connection(model, local_sandbox)], capture_output=True, text=True, timeout=60)
+    assert piped.returncode == 0 and piped.stdout == "42\n" and piped.stderr == ""

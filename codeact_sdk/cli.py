@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from . import events
+from .arguments import positive
 from .errors import CodeActError
 from .eval import cli as eval_cli
 from .line_editor import LineEditor
@@ -56,20 +57,6 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--timeout", type=positive(float), help="seconds per code execution (default 60)")
     group.add_argument("--max-executions", type=positive(int, zero=True),
                        help="code executions per message (default 5)")
-
-
-def positive(kind: type, zero: bool = False):
-    """An argparse type: a number above 0 (or at least 0), refused by the parser otherwise."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value < 0 or (value == 0 and not zero):
-            raise argparse.ArgumentTypeError(f"must be {'0 or more' if zero else 'more than 0'}: {text}")
-        return value
-
-    return parse
 
 
 def add_file_options(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 
-from codeact_sdk.cli import positive
+from codeact_sdk.arguments import positive
 
 from . import embedded, gpus
 from .launch import Launch, LlamaOptions, VllmOptions, llama_launch, vllm_launches

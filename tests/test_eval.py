@@ -9,11 +9,12 @@ import os
 
 import pytest
 
-from codeact_sdk.eval import actions, report
+from codeact_sdk.errors import ConfigError
+from codeact_sdk.eval import actions, report, suite
 from codeact_sdk.eval.build_suite import build
 from codeact_sdk.eval.checking import check
 from codeact_sdk.eval.domains import DOMAINS
-from codeact_sdk.eval.runner import Evaluation, Run, load_suite, select
+from codeact_sdk.eval.runner import FEEDBACK, Evaluation, Protocol, select
 from codeact_sdk.settings import resolve
 from codeact_sdk.testing import ScriptedModelServer
 from codeact_sdk.tools import as_tool, setup_code
@@ -64,10 +65,12 @@ def test_tool_calls_report_errors_to_the_model():
 
 
 def test_the_suite_is_large_varied_exact_and_shippable():
-    suite = load_suite()
-    assert suite == json.loads(json.dumps(build())), "data/tasks.json is stale: run build_suite"
-    assert len(suite["tasks"]) >= 60 and len({t["domain"] for t in suite["tasks"]}) == 5
-    assert len({t["id"] for t in suite["tasks"]}) == len(suite["tasks"])
+    own = suite.load()
+    with open(os.path.join(suite.BUILTIN, "tasks.json")) as handle:
+        assert json.load(handle) == json.loads(json.dumps(build())), "tasks.json is stale: run build_suite"
+    assert (own.name, own.version, own.check) == ("codeact-tools", "1.0", "tolerant")
+    assert len(own.tasks) >= 60 and len({t["domain"] for t in own.tasks}) == 5
+    assert all(own.tools_for(t) == DOMAINS[t["domain"]].TOOLS for t in own.tasks)
     for module in DOMAINS.values():
         namespace: dict = {}
         exec(setup_code([as_tool(tool, ship=True) for tool in module.TOOLS]), namespace)
@@ -75,14 +78,15 @@ def test_the_suite_is_large_varied_exact_and_shippable():
 
 
 def test_task_selection_by_domain_glob_and_limit():
-    tasks = load_suite()["tasks"]
+    tasks = suite.load().tasks
     assert {t["domain"] for t in select(tasks, ["dna"], None)} == {"dna"}
     assert [t["id"] for t in select(tasks, ["travel-0[12]"], None)] == ["travel-01", "travel-02"]
     assert len(select(tasks, None, 2)) == 10
 
 
 def test_a_full_run_in_three_modes_resumes_and_reports(local_sandbox, tmp_path):
-    tasks = select(load_suite()["tasks"], ["decoding-01", "units-01"], None)
+    own = suite.load()
+    tasks = select(own.tasks, ["decoding-01", "units-01"], None)
     decoding, units = tasks
     secret = decoding["question"].split()[3]
     price = units["answer"]
@@ -108,11 +112,11 @@ def test_a_full_run_in_three_modes_resumes_and_reports(local_sandbox, tmp_path):
         model.enqueue(*script)
         settings = resolve(llm_url=model.url, sandbox_url=local_sandbox.url, sandbox_token=local_sandbox.token)
         progress = io.StringIO()
-        evaluation = Evaluation(settings, str(tmp_path), list(actions.MODES), turn_limit=3, suite_version="1.0",
+        evaluation = Evaluation(settings, str(tmp_path), list(actions.MODES), own, Protocol(turn_limit=3),
                                 progress=progress)
         results = evaluation.run(tasks)
         requests_made = len(model.requests)
-        again = Evaluation(settings, str(tmp_path), list(actions.MODES), turn_limit=3, suite_version="1.0")
+        again = Evaluation(settings, str(tmp_path), list(actions.MODES), own, Protocol(turn_limit=3))
         assert again.run(tasks) == results and len(model.requests) == requests_made, "a finished run resumes"
     outcome = {(r.task, r.mode): (r.success, r.stop, r.turns) for r in results}
     assert outcome == {
@@ -128,7 +132,7 @@ def test_a_full_run_in_three_modes_resumes_and_reports(local_sandbox, tmp_path):
     assert observation.startswith("Observation: ")
     assert sorted(os.listdir(tmp_path / "transcripts")) == sorted(f"{t}-{m}.jsonl" for t in ("decoding-01", "units-01")
                                                                   for m in actions.MODES)
-    table = report.build(Run("scripted", model.url, "1.0", list(actions.MODES), 3), results)
+    table = report.build(evaluation.run_info, results)
     assert table["by_mode"]["code"]["success_rate"] == 0.5 and table["by_mode"]["json"]["success_rate"] == 1.0
     text = report.markdown(table)
     assert "| json | 2 | 100% |" in text and "| decoding |" in text
@@ -136,8 +140,109 @@ def test_a_full_run_in_three_modes_resumes_and_reports(local_sandbox, tmp_path):
 
 def test_a_model_server_that_is_down_is_an_error_not_a_hang(tmp_path):
     settings = resolve(llm_url="http://127.0.0.1:9/v1", model="m", sandbox_url="http://127.0.0.1:9")
-    evaluation = Evaluation(settings, str(tmp_path), ["json"], turn_limit=2)
+    evaluation = Evaluation(settings, str(tmp_path), ["json"], suite.load(), Protocol(turn_limit=2))
     settings_fast = type(settings)(**{**settings.__dict__, "max_retries": 0})
     evaluation.settings = settings_fast
-    [result] = evaluation.run(select(load_suite()["tasks"], ["web-01"], None))
+    [result] = evaluation.run(select(suite.load().tasks, ["web-01"], None))
     assert result.stop == "error" and "CODEACT_LLM_URL" in result.error and not result.success
+
+
+def write_suite(root, **changes) -> str:
+    """A suite of its own, as a user writes one: tasks as JSON lines, one tool, a prompt for the JSON mode."""
+    root.mkdir()
+    meta = {"name": "inventory", "version": "0.3", "tools": "tools.py", "prompts": {"json": "json.txt"},
+            **changes}
+    (root / "suite.json").write_text(json.dumps(meta))
+    (root / "tasks.jsonl").write_text(
+        json.dumps({"id": "stock-1", "prompt": "How many bolts are in stock?", "answer": 40,
+                    "answer_type": "number"}) + "\n"
+        + json.dumps({"id": "stock-2", "prompt": "Which part is out of stock?", "answer": "washer",
+                      "tools": ["stock"]}) + "\n")
+    (root / "tools.py").write_text(
+        'def stock(part: str) -> int:\n    """Units of a part in stock."""\n'
+        '    return {"bolt": 40, "nut": 12, "washer": 0}[part]\n\nTOOLS = [stock]\n')
+    (root / "json.txt").write_text('Answer with JSON only. {"tool": name, "arguments": {...}} or {"answer": ...}.'
+                                   "\n{note}\nTools:\n{tools}")
+    return str(root)
+
+
+def test_a_suite_of_ones_own_runs_under_the_feedback_protocol_and_the_report_says_so(local_sandbox, tmp_path):
+    inventory = suite.load(write_suite(tmp_path / "inventory"))
+    assert [(t["id"], t["domain"], t["answer_type"]) for t in inventory.tasks] == [
+        ("stock-1", "default", "number"), ("stock-2", "default", "string")]
+    script = [
+        # stock-1, code: wrong first, told so, right the second time (the tool was shipped to the kernel)
+        "<solution>12</solution>", "<execute>print(stock('bolt'))</execute>", "<solution>40</solution>",
+        # stock-1, json: the suite's own prompt; right at once
+        json.dumps({"tool": "stock", "arguments": {"part": "bolt"}}), json.dumps({"answer": "40 bolts"}),
+        # stock-2, code: wrong, then wrong again until the turn limit (3 replies)
+        "<solution>nut</solution>", "<solution>bolt</solution>", "<solution>nut</solution>",
+        # stock-2, json: "Washer" is right when checking is tolerant, not when it is exact
+        json.dumps({"answer": "Washer"}),
+    ]
+    with ScriptedModelServer() as model:
+        model.enqueue(*script)
+        settings = resolve(llm_url=model.url, sandbox_url=local_sandbox.url, sandbox_token=local_sandbox.token)
+        protocol = Protocol(turn_limit=3, feedback=True, temperature=0.2, max_tokens=100)
+        evaluation = Evaluation(settings, str(tmp_path / "run"), ["code", "json"], inventory, protocol)
+        results = evaluation.run(inventory.tasks)
+        requests = list(model.requests)
+    outcome = {(r.task, r.mode): (r.success, r.turns, r.answer) for r in results}
+    assert outcome == {("stock-1", "code"): (True, 3, "40"), ("stock-1", "json"): (True, 2, "40 bolts"),
+                       ("stock-2", "code"): (False, 3, "nut"), ("stock-2", "json"): (True, 1, "Washer")}
+    assert requests[1]["messages"][-1] == {"role": "user", "content": FEEDBACK}
+    assert requests[3]["messages"][0]["content"].startswith("Answer with JSON only.")
+    assert "stock(part: str) -> int\n    Units of a part in stock." in requests[3]["messages"][0]["content"]
+    assert {(r["temperature"], r["max_tokens"]) for r in requests} == {(0.2, 100)}
+    text = report.markdown(report.build(evaluation.run_info, results))
+    assert "Suite inventory 0.3; model scripted at" in text
+    assert "Protocol: turn limit 3, feedback after a wrong answer, tolerant answer checking, temperature 0.2" in text
+
+    exact = Evaluation(settings, str(tmp_path / "exact"), ["json"], inventory, Protocol(check="exact"))
+    with ScriptedModelServer() as model:
+        model.enqueue(json.dumps({"answer": "Washer"}))
+        exact.settings = resolve(llm_url=model.url)
+        [result] = exact.run(inventory.tasks[1:])
+    assert not result.success and result.answer == "Washer"
+    with pytest.raises(ConfigError, match="protocol"):  # a run directory of another protocol is not resumed
+        Evaluation(exact.settings, str(tmp_path / "exact"), ["json"], inventory, Protocol()).run(inventory.tasks[1:])
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"name": ""}, "at least a \"name\""),
+    ({"tools": "missing.py"}, "no such file"),
+    ({"check": "fuzzy"}, "check must be one of"),
+    ({"tasks": "nothing.json"}, "has no nothing.json"),
+])
+def test_a_malformed_suite_is_refused_with_what_is_wrong(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        suite.load(write_suite(tmp_path / "bad", **change))
+
+
+def test_a_task_naming_an_unknown_tool_or_lacking_an_answer_is_refused(tmp_path):
+    path = write_suite(tmp_path / "bad")
+    (tmp_path / "bad" / "tasks.jsonl").write_text(json.dumps({"id": "a", "prompt": "?", "answer": 1,
+                                                              "tools": ["drill"]}) + "\n")
+    with pytest.raises(ConfigError, match="does not define: drill"):
+        suite.load(path)
+    (tmp_path / "bad" / "tasks.jsonl").write_text(json.dumps({"id": "a", "prompt": "?"}) + "\n")
+    with pytest.raises(ConfigError, match="task a has no answer"):
+        suite.load(path)
+    with pytest.raises(ConfigError, match="is not a task suite"):
+        suite.load(str(tmp_path))
+
+
+def test_codeact_eval_takes_a_suite_path_and_writes_the_report(tmp_path):
+    import subprocess
+    import sys
+
+    path = write_suite(tmp_path / "inventory")
+    with ScriptedModelServer() as model:
+        model.enqueue(json.dumps({"answer": 40}), json.dumps({"answer": "washer"}))
+        done = subprocess.run([sys.executable, "-m", "codeact_sdk", "eval", "--suite", path, "--modes", "json",
+                               "--llm-url", model.url, "--output", str(tmp_path / "out"), "--check", "exact"],
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "| json | 2 | 100% |" in done.stdout and "exact answer checking" in done.stdout
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["run"]["suite"] == "inventory" and saved["run"]["protocol"]["check"] == "exact"

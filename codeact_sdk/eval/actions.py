@@ -20,9 +20,9 @@ ANSWER_NOTE = "Give only the final answer, exactly in the format the task asks f
 
 JSON_PROMPT = """\
 You are a helpful assistant that solves tasks with tools. To call a tool, reply with only a JSON object:
-{{"tool": "<tool name>", "arguments": {{"<parameter>": <value>, ...}}}}
+{"tool": "<tool name>", "arguments": {"<parameter>": <value>, ...}}
 You get the tool's result back. Call one tool per reply. When you know the answer, reply with only:
-{{"answer": "<the answer>"}}
+{"answer": "<the answer>"}
 {note}
 
 Tools:
@@ -54,12 +54,13 @@ class Action:
     problem: str | None = None
 
 
-def system_prompt(mode: str, tools: list[Tool]) -> str:
+def system_prompt(mode: str, tools: list[Tool], template: str | None = None) -> str:
+    """The mode's system prompt; a suite's own `template` may use {tools} and {note} (JSON and text modes)."""
     descriptions = [describe(tool) for tool in tools]
     if mode == CODE:
-        return protocol.system_prompt(descriptions, CODE_PROMPT)
-    template = JSON_PROMPT if mode == JSON else TEXT_PROMPT
-    return template.format(note=ANSWER_NOTE, tools="\n\n".join(descriptions))
+        return protocol.system_prompt(descriptions, template or CODE_PROMPT)
+    template = template or (JSON_PROMPT if mode == JSON else TEXT_PROMPT)
+    return template.replace("{note}", ANSWER_NOTE).replace("{tools}", "\n\n".join(descriptions))
 
 
 JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)

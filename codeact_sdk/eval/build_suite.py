@@ -1,5 +1,6 @@
-"""Writes data/tasks.json: the task suite. Run `python -m codeact_sdk.eval.build_suite` after changing it;
-the expected answers come from each task's reference solution run against the tools, so they are exact.
+"""Writes suites/codeact/tasks.json: the project's own task suite (its version is in suite.json). Run
+`python -m codeact_sdk.eval.build_suite` after changing it; the expected answers come from each task's
+reference solution run against the tools, so they are exact.
 
 Every task needs several tool calls composed. A task: id, domain, question, answer_type (number, string or
 list), answer, and the reference solution (Python over the domain's tools; its last line is the answer).
@@ -11,8 +12,6 @@ import json
 import os
 
 from .domains import DOMAINS
-
-SUITE_VERSION = "1.0"
 
 
 def decoding_tasks() -> list[tuple[str, str, str]]:
@@ -212,12 +211,12 @@ def build() -> dict:
             answer = evaluate(domain, solution)
             tasks.append({"id": f"{domain}-{number:02d}", "domain": domain, "question": question,
                           "answer_type": answer_type, "answer": answer, "solution": solution})
-    return {"version": SUITE_VERSION, "tasks": tasks}
+    return {"tasks": tasks}
 
 
 def main() -> None:
     suite = build()
-    path = os.path.join(os.path.dirname(__file__), "data", "tasks.json")
+    path = os.path.join(os.path.dirname(__file__), "suites", "codeact", "tasks.json")
     with open(path, "w") as handle:
         json.dump(suite, handle, indent=1)
         handle.write("\n")

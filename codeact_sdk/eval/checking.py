@@ -1,5 +1,5 @@
 """Answer checking, tolerant of form: numbers within rounding, strings without case or surrounding
-punctuation, comma-separated lists element by element."""
+punctuation, comma-separated lists element by element. Or exact, for protocols that ask for it."""
 
 from __future__ import annotations
 
@@ -37,9 +37,12 @@ def item_matches(expected: object, given: str) -> bool:
     return normalize(given) == normalize(str(expected))
 
 
-def check(answer_type: str, expected: object, given: str | None) -> bool:
+def check(answer_type: str, expected: object, given: str | None, exact: bool = False) -> bool:
+    """Whether `given` answers `expected`; exact: the same text, surrounding whitespace aside."""
     if given is None:
         return False
+    if exact:
+        return str(given).strip() == str(expected).strip()
     if answer_type == "number":
         # The last number in the answer: "3 items cost 12.5" answers 12.5.
         numbers = [as_number(match.group(0)) for match in NUMBER.finditer(str(given))]

@@ -34,9 +34,14 @@ def build(run: Run, results: list[Result]) -> dict:
 
 def markdown(report: dict) -> str:
     run = report["run"]
+    protocol = run["protocol"]
     lines = [f"## CodeAct evaluation: {run['model']}", "",
-             f"Endpoint {run['endpoint']}, {run['date']}, suite {run['suite_version']}, turn limit "
-             f"{run['turn_limit']}.", "",
+             f"Suite {run['suite']} {run['suite_version']}; model {run['model']} at {run['endpoint']}; "
+             f"{run['date']}.", "",
+             f"Protocol: turn limit {protocol['turn_limit']}, "
+             f"{'feedback after a wrong answer' if protocol['feedback'] else 'no feedback (the first answer counts)'}, "
+             f"{protocol['check']} answer checking, temperature {protocol['temperature']:g}, "
+             f"at most {protocol['max_tokens']} tokens a reply.", "",
              "| mode | tasks | success rate | avg turns | avg tokens | turn limit hit | errors |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for mode, row in report["by_mode"].items():

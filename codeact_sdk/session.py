@@ -286,7 +286,7 @@ class Session:
                 self._append("assistant", completion.text)
                 yield from self._finish(completion.text, turns, STOPPED)
                 return
-            code, kept = protocol.parse_action(completion.text)
+            code, kept = protocol.parse_action(completion.text, self.settings.fenced_code)
             turn = Turn(model_output=completion.text, code=code, model_seconds=completion.seconds,
                         first_token_seconds=completion.first_token_seconds, usage=completion.usage)
             turns.append(turn)

@@ -36,6 +36,7 @@ class Settings:
     max_tokens: int = 1024
     observation_head: int = 2000  # characters of execution output kept from the start...
     observation_tail: int = 2000  # ...and from the end; the middle is replaced by a marker
+    fenced_code: bool = True  # a ```python block in a reply without <execute> is an action (protocol.parse_action)
 
 
 def resolve(environ: dict[str, str] | None = None, **explicit: object) -> Settings:

@@ -20,8 +20,10 @@ import threading
 from .launch import Launch
 from .supervisor import StartError, Supervisor
 
+# The demo's task, and its answer, which the demo checks (a wrong answer is an error, not a result).
 DEMO_TASK = ("What is the sum of the first 50 prime numbers? Compute it with Python, then give the number in "
              "<solution></solution> tags.")
+DEMO_ANSWER = "5117"
 
 
 def free_port() -> int:
@@ -130,8 +132,14 @@ def demo(args: argparse.Namespace) -> int:
             reply = session.chat(args.task, on_event=lambda event: render(event, paint, sys.stdout, workspace))
         print(paint("note", f"\n--- {len(reply.executions)} code execution(s), stop reason: {reply.stop_reason}, "
                             f"{reply.usage.get('completion_tokens', 0)} tokens generated ---"))
-        print(f"Answer: {reply.solution if reply.solution is not None else reply.text.strip()}")
-        return 0 if reply.stop_reason == ANSWERED else 1
+        answer = reply.solution if reply.solution is not None else reply.text.strip()
+        expected = args.expect if args.expect is not None else DEMO_ANSWER if args.task == DEMO_TASK else None
+        if expected is None:
+            print(f"Answer: {answer}")
+            return 0 if reply.stop_reason == ANSWERED else 1
+        right = reply.stop_reason == ANSWERED and answer.strip() == expected
+        print(f"Answer: {answer} ({'right' if right else f'wrong: the answer is {expected}'})")
+        return 0 if right else 1
     except (StartError, CodeActError) as error:
         print(f"demo: {error}", file=sys.stderr)
         return 1
@@ -153,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ready-timeout", type=float, default=900.0,
                         help="seconds each server may take to become ready (the first run joins the model)")
     parser.add_argument("--task", default=DEMO_TASK, help="demo: the task to run")
+    parser.add_argument("--expect", help="demo: the right answer, checked (default: the default task's own)")
     args = parser.parse_args(argv)
     sys.exit(serve(args) if args.command == "serve" else demo(args))
 

@@ -33,7 +33,7 @@ def test_loop_runs_code_feeds_output_back_and_ends_at_a_solution(model, local_sa
     assert reply.turns[0].execution.stdout == "6765\n"
     observation = model.requests[1]["messages"][-1]
     assert observation == {"role": "user", "content": "Execution Output:\n6765\n"}
-    assert model.requests[0]["stop"] == ["</execute>", "<|im_end|>"]
+    assert model.requests[0]["stop"] == ["</execute>", "<|im_end|>", "```output"]
     assert reply.usage["completion_tokens"] > 0 and reply.turns[0].model_seconds > 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -53,6 +54,7 @@ def start(model: str, *options: str) -> tuple[subprocess.Popen, str, float]:
 def stop(process: subprocess.Popen) -> None:
     process.send_signal(signal.SIGTERM)
     process.wait(30)
+    shutil.rmtree(process.args[process.args.index("--log-dir") + 1], ignore_errors=True)  # ours, from start()
 
 
 def stream_timing(url: str, messages: list[dict], max_tokens: int) -> tuple[float, float, int]:

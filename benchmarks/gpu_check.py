@@ -30,7 +30,7 @@ import requests
 
 from model_server import gpus
 
-from .measure import free_port
+from .measure import free_port, wait_answering
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE_VLLM = os.path.join(ROOT, "tests", "fakes", "vllm")
@@ -120,7 +120,7 @@ def supervised(found: list[gpus.Gpu]) -> None:
                                      "--port", str(port), "--log-dir", scratch], cwd=ROOT, env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            answered = wait_until(lambda: answers(port), 60)
+            answered = wait_answering(f"http://127.0.0.1:{port}/v1/models", launcher, 60)
             started = json.loads(pathlib.Path(record).read_text().splitlines()[0]) if os.path.exists(record) else {}
         finally:
             launcher.send_signal(signal.SIGTERM)
@@ -142,7 +142,7 @@ def real_vllm(model: str | None, found: list[gpus.Gpu]) -> None:
                                      "--max-model-len", "4096"], cwd=ROOT)
         started = time.monotonic()
         try:
-            ready = wait_until(lambda: answers(port), 900)
+            ready = wait_answering(f"http://127.0.0.1:{port}/v1/models", launcher, 900)
             text = ""
             if ready:
                 reply = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
@@ -154,22 +154,6 @@ def real_vllm(model: str | None, found: list[gpus.Gpu]) -> None:
         finally:
             launcher.send_signal(signal.SIGTERM)
             launcher.wait(60)
-
-
-def answers(port: int) -> bool:
-    try:
-        return requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200
-    except requests.RequestException:
-        return False
-
-
-def wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 if __name__ == "__main__":

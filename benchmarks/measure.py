@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 
 from model_server.stack import free_port  # noqa: F401 - re-exported for the benchmarks
+from model_server.supervisor import answers
 
 
 def sample(action: Callable[[], object], count: int, warmup: int = 5) -> list[float]:
@@ -44,3 +46,13 @@ def table(title: str, rows: list[tuple[str, dict[str, float], str]]) -> str:
 def rss_kb(pid: int, field: str = "VmRSS") -> int:
     with open(f"/proc/{pid}/status") as handle:
         return next(int(line.split()[1]) for line in handle if line.startswith(field + ":"))
+
+
+def wait_answering(url: str, process: subprocess.Popen, timeout: float, interval: float = 0.05) -> bool:
+    """Poll `url` until it answers 200 (True); False once `process` has exited or `timeout` has passed."""
+    deadline = time.monotonic() + timeout
+    while not answers(url, timeout=1):
+        if process.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True

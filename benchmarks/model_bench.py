@@ -26,7 +26,7 @@ import requests
 from codeact_sdk import protocol
 from model_server import embedded
 
-from .measure import free_port, rss_kb
+from .measure import free_port, rss_kb, wait_answering
 
 TURNS = 5  # interleaved conversations
 LONG_TURNS = 12  # one conversation filling most of the default 8192-token context
@@ -39,16 +39,9 @@ def start(model: str, *options: str) -> tuple[subprocess.Popen, str, float]:
     started = time.perf_counter()
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            if requests.get(url + "/models", timeout=1).status_code == 200:
-                return process, url, time.perf_counter() - started
-        except requests.RequestException:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{model} did not start")
-        time.sleep(0.05)
+    if not wait_answering(url + "/models", process, 300):
+        raise RuntimeError(f"{model} did not start")
+    return process, url, time.perf_counter() - started
 
 
 def stop(process: subprocess.Popen) -> None:

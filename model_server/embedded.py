@@ -83,7 +83,7 @@ def part_paths(model: EmbeddedModel) -> list[str]:
 
 
 def fingerprint(paths: list[str]) -> list[list]:
-    return [[path, os.stat(path).st_size, os.stat(path).st_mtime_ns] for path in paths]
+    return [[path, (status := os.stat(path)).st_size, status.st_mtime_ns] for path in paths]
 
 
 def load(model: EmbeddedModel, progress: TextIO | None = sys.stderr) -> int:

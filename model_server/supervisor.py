@@ -25,6 +25,14 @@ class StartError(RuntimeError):
     """A server exited during start-up or did not become ready before its deadline."""
 
 
+def answers(url: str, timeout: float = 2.0) -> bool:
+    """Whether a GET of `url` answers 200 (a refused connection or a timeout: no)."""
+    try:
+        return requests.get(url, timeout=timeout).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 class Supervised:
     """One server process and its log file."""
 
@@ -65,9 +73,9 @@ class Supervised:
             health = requests.get(base + "/health", timeout=2)
             if health.status_code not in (200, 404):  # llama-cpp-python has no /health: ready_path decides
                 return False
-            return requests.get(base + self.launch.ready_path, timeout=2).status_code == 200
         except requests.RequestException:
             return False
+        return answers(base + self.launch.ready_path)
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM to the process group, then SIGKILL past `timeout`."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -125,3 +126,12 @@ def model():
     """The scripted model server: queue replies with `model.enqueue(...)`."""
     with ScriptedModelServer() as server:
         yield server
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    """Poll `predicate` until it holds; an AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)

@@ -12,11 +12,11 @@ import sys
 import time
 
 import pytest
-import requests
 
 from model_server.launch import VllmOptions, vllm_launches
 from model_server.stack import free_port
-from tests.conftest import processes_mentioning
+from model_server.supervisor import answers
+from tests.conftest import processes_mentioning, wait_for
 
 FAKES = os.path.join(os.path.dirname(__file__), "fakes")
 
@@ -102,21 +102,6 @@ def test_bad_numbers_are_refused_by_the_parser(fake_env, option, value):
     assert result.returncode == 2 and f"argument {option}:" in result.stderr
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
-def answers(port: int) -> bool:
-    try:
-        return requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200
-    except requests.RequestException:
-        return False
-
-
 def test_supervisor_restarts_a_crashed_server_and_stops_everything_on_sigterm(fake_env, tmp_path):
     port = free_port()
     crashes = tmp_path / "crashes"
@@ -126,9 +111,9 @@ def test_supervisor_restarts_a_crashed_server_and_stops_everything_on_sigterm(fa
                                  "--port", str(port), "--log-dir", str(tmp_path / "logs")], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for(lambda: answers(port), 30, "the first start")
+        wait_for(lambda: answers(f"http://127.0.0.1:{port}/v1/models"), 30, "the first start")
         wait_for(lambda: len((tmp_path / "record.jsonl").read_text().splitlines()) == 2, 30, "a restart")
-        wait_for(lambda: answers(port), 30, "the restarted server")
+        wait_for(lambda: answers(f"http://127.0.0.1:{port}/v1/models"), 30, "the restarted server")
         starts = [json.loads(line) for line in (tmp_path / "record.jsonl").read_text().splitlines()]
         assert [start["cuda"] for start in starts] == ["1", "1"]
         assert processes_mentioning("marker-model-xyz"), "the fake server runs"

@@ -9,10 +9,13 @@ import signal
 import site
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
+
+from model_server.stack import free_port
+from model_server.supervisor import answers
+from tests.conftest import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,7 +94,8 @@ def test_the_wheel_with_every_extra_runs_each_command_for_real(wheel, tmp_path):
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: answers(url + "/health"), sandbox, 60)
+        wait_for(lambda: answers(url + "/health") or sandbox.poll() is not None, 60, "codeact-sandbox")
+        assert sandbox.poll() is None, sandbox.communicate()[1][-1500:]
         executed = requests.post(url + "/execute", json={"convid": "wheel", "code": "print(6 * 7)"}, timeout=60,
                                  headers={"Authorization": "Bearer t0ken"}).json()
         assert "42" in json.dumps(executed), executed
@@ -107,7 +111,8 @@ def test_the_wheel_with_every_extra_runs_each_command_for_real(wheel, tmp_path):
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(tmp_path))
     try:
         url = f"http://127.0.0.1:{port}/v1"
-        wait_until(lambda: answers(url + "/models"), model, 300)
+        wait_for(lambda: answers(url + "/models") or model.poll() is not None, 300, "codeact-model")
+        assert model.poll() is None, f"codeact-model exited ({model.returncode})"
         reply = requests.post(url + "/chat/completions", timeout=120, json={
             "model": "qwen2.5-coder-0.5b", "max_tokens": 8, "temperature": 0,
             "messages": [{"role": "user", "content": "Say hi."}]}).json()
@@ -116,8 +121,8 @@ def test_the_wheel_with_every_extra_runs_each_command_for_real(wheel, tmp_path):
         model.send_signal(signal.SIGTERM)
         model.wait(30)
 
-    # codeact: a task through a private sandbox it starts itself (the [server] extra), with a host tool over
-    # MCP-free code (the [mcp] extra is checked by import: its client needs a server process of its own)
+    # codeact: a task through a private sandbox it starts itself (the [server] extra); the [mcp] extra is
+    # checked by import (its client needs an MCP server process of its own)
     script = ("from codeact_sdk.testing import ScriptedModelServer\n"
               "import subprocess, sys\n"
               "import codeact_sdk.mcp_tools\n"
@@ -148,25 +153,3 @@ for line in metadata.requires("codeact"):
         unmet.append(f"{line}: {version} is installed")
 print("\\n".join(unmet))
 """
-
-
-def free_port() -> int:
-    from model_server.stack import free_port as free
-
-    return free()
-
-
-def answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=2).status_code < 500
-    except requests.RequestException:
-        return False
-
-
-def wait_until(ready, process: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"did not start (exit {process.poll()})")
-        time.sleep(0.2)

@@ -6,17 +6,23 @@ send a token). It must not be open to web pages the user visits: a page can POST
 127.0.0.1 can drive the whole API (DNS rebinding). So without a token the server answers only requests
 whose `Host` is a loopback name and whose `Origin`, when a browser sent one, is the server itself.
 With a token these checks are moot: a page cannot learn the token.
+
+Clients that cannot send headers (the original chat-ui fork calls `JUPYTER_API_URL + "/execute"` with none)
+get a second token, in the URL path: POST /t/<execute token>/execute, the original route and nothing else.
+A URL is copied into configuration files and logs more easily than a header, so that token opens no other
+route, and the server's logs mask it.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
 from urllib.parse import urlsplit
 
 from tornado.httputil import split_host_and_port
 
-from .errors import Forbidden, Unauthorized
+from .errors import Forbidden, NotFound, Unauthorized
 
 MISSING_TOKEN = ("missing or wrong token: send 'Authorization: Bearer <token>' with the server's --token / "
                  "CODEACT_SANDBOX_TOKEN")
@@ -68,3 +74,20 @@ def check(token: str | None, headers, public: bool = False, query_token: str | N
     if origin is not None and not origin_is_this_server(origin, host_header):
         raise Forbidden(f"cross-origin request from {origin!r} refused: web pages may not call a sandbox "
                         "server that has no token")
+
+
+def check_execute_token(expected: str | None, offered: str) -> None:
+    """The path token of POST /t/<token>/execute: the route exists only on a server given --execute-token."""
+    if not expected:
+        raise NotFound("no route /t/.../execute: this server has no --execute-token; use /execute with its token")
+    if not hmac.compare_digest(offered.encode(), expected.encode()):
+        raise Unauthorized("wrong execute token in the URL")
+
+
+PATH_TOKEN = re.compile(r"^/t/[^/?]*")
+QUERY_TOKEN = re.compile(r"([?&]token=)[^&]*")
+
+
+def masked(uri: str) -> str:
+    """A request URI as logs may show it: the path token and a websocket's ?token= replaced."""
+    return QUERY_TOKEN.sub(r"\1***", PATH_TOKEN.sub("/t/***", uri))

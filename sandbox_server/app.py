@@ -37,6 +37,7 @@ def make_app(manager: SessionManager, config: Config, metrics: Metrics) -> web.A
         (SESSION + r"/files", handlers.FilesHandler),
         (SESSION + r"/files/(.+)", handlers.FileHandler),
         (r"/execute", handlers.CompatExecuteHandler),
+        (r"/t/([^/]+)/execute", handlers.PathTokenExecuteHandler),
     ]
     return web.Application(
         [(pattern, handler, dependencies) for pattern, handler in routes],

@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 
-from .config import TOKEN_ENV, Config, from_environment
+from .config import EXECUTE_TOKEN_ENV, TOKEN_ENV, Config, from_environment
 
 # One line of help per Config field; the parser is built from the dataclass so the two never drift.
 HELP = {
@@ -17,6 +17,8 @@ HELP = {
     "port": "port to bind (0 picks a free one)",
     "port_file": "write the bound port to this file once listening (useful with --port 0)",
     "token": f"bearer token required on every route but /health (or set {TOKEN_ENV})",
+    "execute_token": "a second token, for clients that cannot send headers: POST /t/<token>/execute is the "
+                     f"original /execute route, and it opens nothing else (or set {EXECUTE_TOKEN_ENV})",
     "backend": "where kernels run: local (confined processes here) or gateway (a Kernel/Enterprise Gateway)",
     "gateway_url": "with --backend gateway: the gateway's base URL, e.g. http://gateway:8888",
     "gateway_token": "with --backend gateway: its auth token (sent as 'Authorization: token ...')",

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, replace
 
-# Environment variable for the bearer token (the only setting read from the environment besides
-# those listed in ENVIRONMENT below); kept apart so the kernel environment scrubber can name it.
+# Environment variables for the secrets (the only settings read from the environment): safer there than on a
+# command line that `ps` shows.
 TOKEN_ENV = "CODEACT_SANDBOX_TOKEN"
+EXECUTE_TOKEN_ENV = "CODEACT_SANDBOX_EXECUTE_TOKEN"
+URL_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,}")  # a token that goes in a URL path as it is
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
@@ -19,6 +22,9 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8081
     token: str | None = None
+    # For clients that cannot send headers (the original CodeAct chat-ui fork): POST /t/<execute_token>/execute
+    # is the original /execute route, and that token opens nothing else.
+    execute_token: str | None = None
     port_file: str | None = None  # written with the bound port once listening (for --port 0)
 
     # Where kernels run: "local" (confined processes here) or "gateway" (Kernel / Enterprise Gateway).
@@ -75,6 +81,13 @@ class Config:
                 f"refusing to serve {self.host} without a token: pass --token or set {TOKEN_ENV}, "
                 "or bind 127.0.0.1"
             )
+        if self.execute_token is not None:
+            if not URL_TOKEN.fullmatch(self.execute_token):
+                raise ValueError("--execute-token must be at least 16 characters of A-Z, a-z, 0-9, _ and - (it goes "
+                                 "in a URL path)")
+            if self.execute_token == self.token:
+                raise ValueError("--execute-token must differ from --token: a URL is logged and shared more "
+                                 "easily than a header, so it opens only /execute")
         if self.backend not in ("local", "gateway"):
             raise ValueError("--backend must be local or gateway")
         if self.backend == "gateway" and not self.gateway_url:
@@ -91,9 +104,11 @@ class Config:
 
 
 def from_environment(base: Config | None = None, environ: dict[str, str] | None = None) -> Config:
-    """Fill the token from the environment when it was not given explicitly."""
+    """Fill the tokens from the environment where they were not given explicitly."""
     base = base or Config()
     environ = os.environ if environ is None else environ
     if base.token is None and environ.get(TOKEN_ENV):
-        return replace(base, token=environ[TOKEN_ENV])
+        base = replace(base, token=environ[TOKEN_ENV])
+    if base.execute_token is None and environ.get(EXECUTE_TOKEN_ENV):
+        base = replace(base, execute_token=environ[EXECUTE_TOKEN_ENV])
     return base

@@ -61,8 +61,21 @@ def positive_timeout(body: dict) -> float | None:
     return float(timeout) if timeout is not None else None
 
 
+class MaskedLogs(web.RequestHandler):
+    """Tornado's request logs (the access log, warnings, uncaught errors) without tokens in URLs."""
+
+    def _request_summary(self) -> str:
+        return f"{self.request.method} {access.masked(self.request.uri or '')} ({self.request.remote_ip})"
+
+    def log_exception(self, typ, value, tb) -> None:
+        if isinstance(value, web.HTTPError):
+            super().log_exception(typ, value, tb)
+        else:  # Tornado's own line adds the request's repr, which holds the URI unmasked
+            web.app_log.error("Uncaught exception %s", self._request_summary(), exc_info=(typ, value, tb))
+
+
 @web.stream_request_body
-class BaseHandler(web.RequestHandler):
+class BaseHandler(MaskedLogs):
     """Auth, bounded JSON bodies and JSON errors for every route."""
 
     public = False  # /health opts out of auth
@@ -80,8 +93,11 @@ class BaseHandler(web.RequestHandler):
     def body_limit(self) -> int:
         return getattr(self.config, self.body_limit_name)
 
-    def prepare(self) -> None:
+    def authorize(self) -> None:
         access.check(self.config.token, self.request.headers, public=self.public)
+
+    def prepare(self) -> None:
+        self.authorize()
         length = self.request.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > self.body_limit:
             raise TooLarge(f"request body of {length} bytes exceeds the {self.body_limit}-byte limit "
@@ -234,7 +250,7 @@ class FileHandler(BaseHandler):
 class CompatExecuteHandler(BaseHandler):
     """POST /execute {convid, code} -> {result, new_kernel_created}: the original CodeAct contract."""
 
-    async def post(self) -> None:
+    async def post(self, *_: str) -> None:
         body = self.json_body()
         convid = field(body, "convid", str, required=True)
         code = field(body, "code", str, required=True)
@@ -247,12 +263,19 @@ class CompatExecuteHandler(BaseHandler):
         })
 
 
+class PathTokenExecuteHandler(CompatExecuteHandler):
+    """POST /t/{execute token}/execute: the original route for clients that cannot send headers."""
+
+    def authorize(self) -> None:
+        access.check_execute_token(self.config.execute_token, self.path_args[0])
+
+
 class NotFoundHandler(BaseHandler):
     def prepare(self) -> None:
         raise NotFound(f"no route {self.request.method} {self.request.path}; see docs/sandbox-api.md")
 
 
-class StreamHandler(websocket.WebSocketHandler):
+class StreamHandler(websocket.WebSocketHandler, MaskedLogs):
     """WS /v1/sessions/{id}/ws: executes queue in order; events stream as the kernel produces them.
 
     Client messages: {"type": "execute", "code", "timeout"?}, {"type": "input_reply", "value"},

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 
 import pytest
 import requests
 
-from tests.conftest import processes_mentioning, start_sandbox
+from tests.conftest import processes_mentioning, start_sandbox, wait_for
 
 # -- the original CodeAct /execute contract -------------------------------------------------------------
 
 
 def compat(sandbox, convid: str, code: str) -> dict:
     # The original clients send a JSON body with no Content-Type.
-    import json
-
     response = requests.post(sandbox.url + "/execute", data=json.dumps({"convid": convid, "code": code}),
                              headers=sandbox.headers, timeout=120)
     assert response.status_code == 200, response.text
@@ -101,9 +100,13 @@ def test_oversized_body_is_413_and_server_stays_up(sandbox):
 # -- auth ------------------------------------------------------------------------------------------------
 
 
+EXECUTE_TOKEN = "only-for-execute-0123456789"
+
+
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
-    server = start_sandbox(str(tmp_path_factory.mktemp("guarded")), pool_size=1, token="s3cret-token")
+    server = start_sandbox(str(tmp_path_factory.mktemp("guarded")), "--execute-token", EXECUTE_TOKEN, pool_size=1,
+                           token="s3cret-token")
     yield server
     server.stop()
 
@@ -137,6 +140,51 @@ def test_websocket_rejects_a_wrong_token(guarded):
     assert caught.value.status_code == 401
     websocket.create_connection(url + "?token=s3cret-token", timeout=10).close()
     guarded.close(session)
+
+
+def test_the_execute_token_in_the_path_opens_the_original_route_and_nothing_else(guarded):
+    """chat-ui reached over a network sends no headers: POST {JUPYTER_API_URL}/execute, with the token in
+    JUPYTER_API_URL. That token runs code on the original route only, and never shows in the server's logs."""
+    import websocket
+
+    original = json.dumps({"convid": "path-token", "code": "print(6 * 7)"})
+    # What chat-ui sends: no Authorization, a Host that is not loopback (the server is reached by name).
+    response = requests.post(f"{guarded.url}/t/{EXECUTE_TOKEN}/execute", data=original, timeout=60,
+                             headers={"Host": "sandbox.example:8081", "Content-Type": "application/json"})
+    assert response.status_code == 200 and response.json()["result"] == "42\n"
+    for wrong in ("s3cret-token", EXECUTE_TOKEN[:-1], EXECUTE_TOKEN + "x"):
+        assert requests.post(f"{guarded.url}/t/{wrong}/execute", data=original, timeout=10).status_code == 401
+    scoped = {"Authorization": f"Bearer {EXECUTE_TOKEN}"}
+    assert requests.post(guarded.url + "/v1/sessions", json={}, headers=scoped, timeout=10).status_code == 401
+    assert requests.post(guarded.url + "/execute", data=original, headers=scoped, timeout=10).status_code == 401
+    assert requests.post(f"{guarded.url}/t/{EXECUTE_TOKEN}/v1/sessions", json={}, timeout=10).status_code == 404
+    session = guarded.create()
+    ws_url = guarded.url.replace("http", "ws") + f"/v1/sessions/{session}/ws?token=s3cret-token"
+    websocket.create_connection(ws_url, timeout=10).close()
+    assert requests.get(f"{guarded.url}/v1/sessions/nope?token=s3cret-token", timeout=10).status_code == 401
+    guarded.close(session)
+    wait_for(lambda: any("/t/***/execute" in line for line in guarded.log), 10, "the access log line")
+    assert not [line for line in guarded.log if EXECUTE_TOKEN in line or "s3cret-token" in line]
+
+
+def test_without_an_execute_token_the_path_route_does_not_exist(sandbox):
+    response = requests.post(sandbox.url + "/t/only-for-execute-0123456789/execute", timeout=10,
+                             data=json.dumps({"convid": "none", "code": "1"}))
+    assert response.status_code == 404 and "--execute-token" in response.json()["message"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--execute-token", "short"], "at least 16 characters"),
+    (["--execute-token", "has/a/slash-0123456789"], "at least 16 characters"),
+    (["--token", "same-as-the-other-0123", "--execute-token", "same-as-the-other-0123"], "must differ"),
+])
+def test_execute_tokens_that_cannot_work_are_refused(args, message):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "sandbox_server", "--port", "0", *args], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode != 0 and message in result.stderr
 
 
 def test_non_loopback_bind_without_token_refuses_to_start(tmp_path):

@@ -8,7 +8,8 @@ Usage:
 
 Script entries: a reply text, or a `Fault`: an HTTP error (optionally with Retry-After), a delay before
 answering, a stream cut off after some text, or a malformed stream event. Like real servers, a reply is
-cut at the first of the request's stop sequences, which is dropped.
+cut at the first of the request's stop sequences, which is dropped, or kept with `return_stop_strings`
+(as `codeact-model --return-stop-strings` and the vLLM the original CodeAct clients were written for).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ class Fault:
 
 class ScriptedModelServer:
     def __init__(self, models: tuple[str, ...] = ("scripted",), api_key: str | None = None,
-                 chunk_size: int = 4) -> None:
+                 chunk_size: int = 4, return_stop_strings: bool = False) -> None:
         self.models = models
         self.api_key = api_key
         self.chunk_size = chunk_size
+        self.return_stop_strings = return_stop_strings
         self.script: deque = deque()
         self.requests: list[dict] = []
         self.lock = threading.Lock()
@@ -123,7 +125,7 @@ class ScriptedModelServer:
                     headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
                     self.send_json(fault.status, {"error": {"message": f"scripted {fault.status}"}}, headers)
                     return
-                text = cut_at_stop(fault.text or "", body.get("stop") or [])
+                text = cut_at_stop(fault.text or "", body.get("stop") or [], scripted.return_stop_strings)
                 usage = {"prompt_tokens": sum(len(m.get("content", "")) for m in body.get("messages", [])) // 4,
                          "completion_tokens": max(len(text) // 4, 1)}
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -164,6 +166,11 @@ class ScriptedModelServer:
         return Handler
 
 
-def cut_at_stop(text: str, stops: list[str]) -> str:
-    positions = [text.find(stop) for stop in stops if stop and stop in text]
-    return text[: min(positions)] if positions else text
+def cut_at_stop(text: str, stops: list[str] | str, keep: bool = False) -> str:
+    """The text up to the first stop sequence it completes, which is kept or dropped."""
+    stops = [stops] if isinstance(stops, str) else stops
+    cuts = [(text.find(stop) + len(stop), text.find(stop)) for stop in stops if stop and stop in text]
+    if not cuts:
+        return text
+    end, start = min(cuts)
+    return text[:end] if keep else text[:start]

@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--served-model-name", help="the name clients use (default: the model's name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind")
     parser.add_argument("--port", type=positive(int), default=8080, help="port (replicas take the following ports)")
+    parser.add_argument("--return-stop-strings", action="store_true",
+                        help="end a reply cut by a stop string with that string (vLLM's include_stop_str_in_output, "
+                             "by default for every request), as the original CodeAct clients need to run code; "
+                             "on in make serve")
     gpu = parser.add_argument_group("GPU (vLLM)")
     gpu.add_argument("--gpus", help="comma-separated GPU indices, e.g. 0,1 (default: all), pinned with "
                                     "CUDA_VISIBLE_DEVICES")
@@ -111,7 +115,7 @@ def plan(args: argparse.Namespace, extra: list[str]) -> list[Launch]:
             port=args.port, served_model_name=args.served_model_name, parallel=args.parallel,
             replicas=args.replicas, max_model_len=args.max_model_len,
             gpu_memory_utilization=args.gpu_memory_utilization, prefix_caching=not args.no_prefix_caching,
-            extra=extra, executable=args.vllm))
+            return_stop_strings=args.return_stop_strings, extra=extra, executable=args.vllm))
     if not args.dry_run and importlib.util.find_spec("llama_cpp") is None:
         raise ValueError("the CPU model server needs the [cpu] extra (llama_cpp is not installed): "
                          "pip install 'codeact[cpu]'")
@@ -134,7 +138,7 @@ def plan(args: argparse.Namespace, extra: list[str]) -> list[Launch]:
     return [llama_launch(LlamaOptions(model_path=path, alias=args.served_model_name or alias, host=args.host,
                                       port=args.port, context=args.context, threads=args.threads,
                                       prompt_cache=args.prompt_cache, cache_size=args.cache_size, model_fd=fd,
-                                      extra=extra))]
+                                      return_stop_strings=args.return_stop_strings, extra=extra))]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,8 @@
 vLLM: tensor parallel over the given GPUs by default; data parallel, or independent replicas (one per
 GPU group, on consecutive ports) when asked; prefix caching on, since every CodeAct turn resends the whole
 conversation; pinned with CUDA_VISIBLE_DEVICES. llama.cpp: `python -m model_server.llama_server`
-(llama-cpp-python's server, with usage in streamed replies) on a GGUF file.
+(llama-cpp-python's server, with usage in streamed replies) on a GGUF file. Either can return the stop
+string that ended a reply, as the original CodeAct clients need.
 """
 
 from __future__ import annotations
@@ -49,8 +50,14 @@ class VllmOptions:
     max_model_len: int | None = None
     gpu_memory_utilization: float | None = None
     prefix_caching: bool = True
+    return_stop_strings: bool = False  # include_stop_str_in_output by default (vllm_path/codeact_vllm.py)
     extra: list[str] = field(default_factory=list)  # after `--`, passed through untouched
     executable: str = "vllm"
+
+
+# The directory of the vLLM middleware module, put on vLLM's PYTHONPATH: stdlib only, it loads in any
+# environment vLLM runs in, which need not be ours.
+VLLM_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_path")
 
 
 def vllm_launches(options: VllmOptions) -> list[Launch]:
@@ -78,10 +85,13 @@ def vllm_launches(options: VllmOptions) -> list[Launch]:
             argv += ["--max-model-len", str(options.max_model_len)]
         if options.gpu_memory_utilization:
             argv += ["--gpu-memory-utilization", str(options.gpu_memory_utilization)]
-        argv += options.extra
         # nvidia-smi numbers GPUs in PCI bus order; CUDA by default numbers the fastest first. On a machine
         # with mixed GPUs, index 1 of one is not index 1 of the other unless CUDA is told the order.
         env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(str(index) for index in group)}
+        if options.return_stop_strings:
+            argv += ["--middleware", "codeact_vllm.IncludeStopStrings"]
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [VLLM_PATH, os.environ.get("PYTHONPATH")]))
+        argv += options.extra
         launches.append(Launch(f"vllm-{number}" if len(groups) > 1 else "vllm", argv, env, port, options.host))
     return launches
 
@@ -96,6 +106,7 @@ class LlamaOptions:
     threads: int | None = None  # generation threads; default: leave a core for the sandbox
     prompt_cache: bool = False  # llama-cpp-python's RAM cache; see docs/model-server.md before turning it on
     cache_size: int = 1 << 30  # the RAM cache's bound in bytes, when it is on
+    return_stop_strings: bool = False  # end a reply cut by a stop string with it (llama_server.py)
     model_fd: int | None = None  # model_path is /proc/self/fd/N of this descriptor, passed to the server
     extra: list[str] = field(default_factory=list)
 
@@ -124,6 +135,7 @@ def llama_launch(options: LlamaOptions) -> Launch:
             "--logits_all", "false",
             # By default a new request (even a readiness probe of /v1/models) cuts off the completion being
             # streamed; requests must queue instead.
-            "--interrupt_requests", "false", *options.extra]
+            "--interrupt_requests", "false",
+            *(["--return_stop_strings", "true"] if options.return_stop_strings else []), *options.extra]
     fds = (options.model_fd,) if options.model_fd is not None else ()
     return Launch("llama.cpp", argv, {}, options.port, options.host, pass_fds=fds)

@@ -64,7 +64,10 @@ def port_owner(port: int) -> str | None:
 
 
 def launches(model: str | None, model_port: int, sandbox_port: int, device: str) -> list[Launch]:
-    model_args = [sys.executable, "-m", "model_server", "--port", str(model_port), "--device", device]
+    # Stop strings returned: the original CodeAct clients (its demo, its chat-ui fork) run code only when the
+    # reply ends with its `</execute>`; the SDK works either way.
+    model_args = [sys.executable, "-m", "model_server", "--port", str(model_port), "--device", device,
+                  "--return-stop-strings"]
     if model:
         model_args += ["--model", model]
     sandbox_args = [sys.executable, "-m", "sandbox_server", "--port", str(sandbox_port), "--pool-size", "2"]

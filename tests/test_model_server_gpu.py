@@ -180,7 +180,7 @@ def test_generated_command_lines_parse_with_vllms_own_parser(fake_env):
                               "--max-num-seqs", "8", "--enforce-eager")
         + dry_run_command_lines(four_gpus, "--model", "m", "--parallel", "data")
         + dry_run_command_lines(fake_env, "--model", "/models/m", "--gpus", "1", "--no-prefix-caching",
-                                "--port", "9000")
+                                "--port", "9000", "--return-stop-strings")
         + dry_run_command_lines(four_gpus, "--model", "m", "--parallel", "replicas", "--replicas", "2"))
 
     assert "error" not in tensor, tensor["error"]
@@ -193,6 +193,8 @@ def test_generated_command_lines_parse_with_vllms_own_parser(fake_env):
 
     assert data["arguments"]["data_parallel_size"] == 4 and data["arguments"]["tensor_parallel_size"] == 1
     assert no_cache["arguments"]["enable_prefix_caching"] is False and no_cache["arguments"]["port"] == 9000
+    assert no_cache["arguments"]["middleware"] == ["codeact_vllm.IncludeStopStrings"]
+    assert tensor["arguments"]["middleware"] == []
     assert [(r["arguments"]["port"], r["arguments"]["tensor_parallel_size"]) for r in replicas] == [(8080, 2),
                                                                                                   (8081, 2)]
 
@@ -201,3 +203,77 @@ def test_vllms_parser_refuses_what_vllm_would_refuse():
     """The check above means something only if the parser can say no."""
     (misspelt,) = parsed_by_vllm([["serve", "m", "--tensor-paralel-size", "2"]])
     assert "unrecognized arguments: --tensor-paralel-size" in misspelt["error"]
+
+
+# -- stop strings returned (for the original CodeAct clients): vLLM's include_stop_str_in_output by default --
+
+
+def test_return_stop_strings_starts_vllm_with_our_middleware_importable_on_its_own(fake_env):
+    result = model_server(fake_env, "--dry-run", "--model", "m", "--gpus", "0", "--return-stop-strings")
+    assert result.returncode == 0, result.stderr
+    env_words = shlex.split(result.stdout)[:3]
+    (python_path,) = [word.split("=", 1)[1] for word in env_words if word.startswith("PYTHONPATH=")]
+    assert "--middleware codeact_vllm.IncludeStopStrings" in result.stdout
+    # vLLM may run in an environment of its own: the module must load there with nothing of ours (-S: no
+    # site-packages at all, -I would drop PYTHONPATH itself).
+    loaded = subprocess.run([sys.executable, "-S", "-c", "import codeact_vllm; print(codeact_vllm.__file__)"],
+                            env={"PYTHONPATH": python_path.split(os.pathsep)[0]}, capture_output=True, text=True,
+                            timeout=30)
+    assert loaded.returncode == 0 and loaded.stdout.startswith(python_path.split(os.pathsep)[0]), loaded.stderr
+
+
+@pytest.fixture(scope="module")
+def echo_app_with_middleware():
+    """A real ASGI server (uvicorn and Starlette, under vLLM's FastAPI) echoing request bodies, with the
+    middleware added the way `vllm serve --middleware` adds a class (app.add_middleware)."""
+    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("starlette")
+    import threading
+
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from model_server.vllm_path.codeact_vllm import IncludeStopStrings
+
+    async def echo(request):
+        raw = await request.body()
+        return JSONResponse({"raw": raw.decode(errors="replace"), "length": request.headers.get("content-length")})
+
+    app = Starlette(routes=[Route("/{path:path}", echo, methods=["POST"])])
+    app.add_middleware(IncludeStopStrings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.config.port}"
+    wait_for(lambda: server.started, 30, "uvicorn")
+    yield url
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_the_middleware_asks_for_stop_strings_unless_the_request_says_otherwise(echo_app_with_middleware):
+    import requests
+
+    url = echo_app_with_middleware
+
+    def sent(path: str, data) -> dict:
+        response = requests.post(url + path, data=data, headers={"Content-Type": "application/json"}, timeout=10)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "é 🙂"}], "stop": ["</execute>"]}
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        echoed = sent(path, json.dumps(body))
+        assert json.loads(echoed["raw"]) == {**body, "include_stop_str_in_output": True}
+        assert int(echoed["length"]) == len(echoed["raw"].encode())
+    # The request's own choice stands.
+    explicit = {**body, "include_stop_str_in_output": False}
+    assert json.loads(sent("/v1/chat/completions", json.dumps(explicit))["raw"]) == explicit
+    # A body sent in chunks (several ASGI messages) is read whole.
+    chunked = sent("/v1/chat/completions", (part.encode() for part in (json.dumps(body)[:9], json.dumps(body)[9:])))
+    assert json.loads(chunked["raw"])["include_stop_str_in_output"] is True
+    # Not JSON, not an object, another route: untouched, for vLLM to answer in its own words.
+    assert sent("/v1/chat/completions", b"{not json")["raw"] == "{not json"
+    assert sent("/v1/chat/completions", b"[1, 2]")["raw"] == "[1, 2]"
+    assert sent("/v1/embeddings", json.dumps(body))["raw"] == json.dumps(body)

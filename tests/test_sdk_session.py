@@ -45,6 +45,28 @@ def test_state_persists_across_turns_and_unclosed_blocks_run(model, local_sandbo
     assert model.requests[1]["messages"][2]["content"] == "<execute>\nx = 21\n</execute>"
 
 
+def test_the_loop_is_the_same_whether_the_server_returns_its_stop_strings_or_not(local_sandbox):
+    """`codeact-model --return-stop-strings` (on in make serve, for the original CodeAct clients) ends a reply
+    with the stop string that cut it; servers by default drop it. Same code run, same history, either way."""
+    from codeact_sdk.testing import ScriptedModelServer
+
+    script = ["First x.\n<execute>\nx = 21\nprint(x)\n</execute>\nExecution Output: 21 (invented)",
+              "```python\nprint(x * 2)\n```\n```output\n43 (invented)\n```", "Done: <solution>42</solution>"]
+    runs = []
+    for returned in (False, True):
+        with ScriptedModelServer(return_stop_strings=returned) as model:
+            model.enqueue(*script)
+            with session(model, local_sandbox) as s:
+                reply = s.chat("go")
+            runs.append(([t.execution.stdout for t in reply.turns if t.execution], reply.solution,
+                         model.requests[-1]["messages"][1:]))
+            if returned:
+                assert [t.model_output for t in reply.turns][:2] == [script[0].split("\nExecution")[0],
+                                                                      script[1].split("\n43")[0]]
+    assert runs[0] == runs[1] == (["21\n", "42\n"], "42", runs[0][2])
+    assert runs[0][2][1]["content"] == "First x.\n<execute>\nx = 21\nprint(x)\n</execute>"
+
+
 def test_only_the_first_of_several_blocks_runs(model, local_sandbox):
     model.enqueue("<execute>print('one')</execute> and <execute>print('two')</execute>", "finished")
     with session(model, local_sandbox) as s:

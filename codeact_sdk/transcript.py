@@ -14,6 +14,8 @@ import os
 import time
 from typing import Any
 
+from .errors import ConfigError
+
 SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
 
 
@@ -42,21 +44,35 @@ class TranscriptWriter:
 
 
 def read(path: str) -> tuple[dict[str, Any], list[dict[str, str]]]:
-    """The meta record and the messages of a transcript; a torn last line (a kill mid-write) is ignored."""
+    """The meta record and the messages of a transcript; a torn line (a kill mid-write) is ignored, as are
+    records that do not shape the conversation (turns, tool calls). A message or take_back record that is
+    malformed is a ConfigError naming its line: resuming past it would give the model another conversation
+    than the one written."""
     meta: dict[str, Any] = {}
     messages: list[dict[str, str]] = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
+    try:
+        handle = open(path, encoding="utf-8")  # noqa: SIM115 - closed below, after the loop
+    except OSError as error:
+        raise ConfigError(f"cannot read the transcript {path}: {error.strerror}") from None
+    with handle:
+        for number, line in enumerate(handle, 1):
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if record.get("type") == "meta":
+            kind = record.get("type") if isinstance(record, dict) else None
+            if kind == "meta":
                 meta = record
-            elif record.get("type") == "take_back":  # a turn that did not finish
-                del messages[len(messages) - min(record["messages"], len(messages)):]
-            elif record.get("type") == "message":
-                message = {"role": record["role"], "content": record["content"]}
+            elif kind == "take_back":  # a turn that did not finish
+                count = record.get("messages")
+                if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                    raise ConfigError(f"{path}:{number}: a take_back record needs a message count, got {count!r}")
+                del messages[len(messages) - min(count, len(messages)):]
+            elif kind == "message":
+                message = {"role": record.get("role"), "content": record.get("content")}
+                if message["role"] not in SHAREGPT_ROLES or not isinstance(message["content"], str):
+                    raise ConfigError(f"{path}:{number}: a message record needs a role (system, user or assistant) "
+                                      "and a text content")
                 if message["role"] == "system" and len(messages) == 1 and messages[0]["role"] == "system":
                     messages[0] = message  # the prompt, completed once MCP tools were listed
                 else:

@@ -18,6 +18,7 @@ from codeact_sdk.eval.runner import FEEDBACK, Evaluation, Protocol, select
 from codeact_sdk.settings import resolve
 from codeact_sdk.testing import ScriptedModelServer
 from codeact_sdk.tools import as_tool, setup_code
+from codeact_sdk.transcript import read as read_transcript
 
 
 @pytest.mark.parametrize(("answer_type", "expected", "given", "ok"), [
@@ -187,9 +188,11 @@ def test_a_suite_of_ones_own_runs_under_the_feedback_protocol_and_the_report_say
         evaluation = Evaluation(settings, str(tmp_path / "run"), ["code", "json"], inventory, protocol)
         results = evaluation.run(inventory.tasks)
         requests = list(model.requests)
-    outcome = {(r.task, r.mode): (r.success, r.turns, r.answer) for r in results}
-    assert outcome == {("stock-1", "code"): (True, 3, "40"), ("stock-1", "json"): (True, 2, "40 bolts"),
-                       ("stock-2", "code"): (False, 3, "nut"), ("stock-2", "json"): (True, 1, "Washer")}
+    outcome = {(r.task, r.mode): (r.success, r.turns, r.answer, r.stop) for r in results}
+    assert outcome == {("stock-1", "code"): (True, 3, "40", "answer"),
+                       ("stock-1", "json"): (True, 2, "40 bolts", "answer"),
+                       ("stock-2", "code"): (False, 3, "nut", "turn_limit"),
+                       ("stock-2", "json"): (True, 1, "Washer", "answer")}
     assert requests[1]["messages"][-1] == {"role": "user", "content": FEEDBACK}
     assert requests[3]["messages"][0]["content"].startswith("Answer with JSON only.")
     assert "stock(part: str) -> int\n    Units of a part in stock." in requests[3]["messages"][0]["content"]
@@ -197,6 +200,17 @@ def test_a_suite_of_ones_own_runs_under_the_feedback_protocol_and_the_report_say
     text = report.markdown(report.build(evaluation.run_info, results))
     assert "Suite inventory 0.3; model scripted at" in text
     assert "Protocol: turn limit 3, feedback after a wrong answer, tolerant answer checking, temperature 0.2" in text
+
+    # Wrong on the last turn the limit allows: the same stop in every mode, and no feedback nobody reads.
+    with ScriptedModelServer() as model:
+        model.enqueue(json.dumps({"answer": "nut"}), json.dumps({"answer": "bolt"}))
+        limited = Evaluation(resolve(llm_url=model.url), str(tmp_path / "limit"), ["json"], inventory,
+                             Protocol(turn_limit=2, feedback=True))
+        [result] = limited.run(inventory.tasks[1:])
+        assert len(model.requests) == 2 and model.requests[1]["messages"][-1]["content"] == FEEDBACK
+    assert (result.success, result.turns, result.stop) == (False, 2, "turn_limit")
+    transcript = tmp_path / "limit" / "transcripts" / "stock-2-json.jsonl"
+    assert read_transcript(str(transcript))[1][-1] == {"role": "assistant", "content": json.dumps({"answer": "bolt"})}
 
     exact = Evaluation(settings, str(tmp_path / "exact"), ["json"], inventory, Protocol(check="exact"))
     with ScriptedModelServer() as model:

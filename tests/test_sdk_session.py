@@ -163,6 +163,26 @@ def test_transcript_resume_and_export(model, local_sandbox, tmp_path):
     assert written["conversations"][2]["value"] == "<execute>secret = 7\n</execute>"
 
 
+@pytest.mark.parametrize("record, says", [
+    ({"type": "take_back", "messages": "2"}, ":3: a take_back record needs a message count, got '2'"),
+    ({"type": "take_back", "messages": -1}, ":3: a take_back record needs a message count, got -1"),
+    ({"type": "take_back"}, ":3: a take_back record needs a message count, got None"),
+    ({"type": "message", "role": "tool", "content": "x"}, ":3: a message record needs a role"),
+    ({"type": "message", "role": "user", "content": ["x"]}, ":3: a message record needs a role"),
+])
+def test_a_malformed_transcript_is_a_clear_error_naming_its_line(tmp_path, record, says):
+    from codeact_sdk import ConfigError
+
+    path = tmp_path / "broken.jsonl"
+    lines = [{"type": "meta", "version": 1}, {"type": "message", "role": "user", "content": "hi"}, record]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines) + "[1, 2]\n{torn")
+    with pytest.raises(ConfigError) as caught:
+        Session.resume(str(path), llm_url="http://127.0.0.1:9/v1")
+    assert str(caught.value).startswith(f"{path}{says}")
+    with pytest.raises(ConfigError, match="cannot read the transcript"):
+        Session.resume(str(tmp_path / "missing.jsonl"), llm_url="http://127.0.0.1:9/v1")
+
+
 def test_transcript_survives_sigkill_mid_turn(model, local_sandbox, tmp_path):
     path = str(tmp_path / "killed.jsonl")
     model.enqueue("<execute>print('step one')</execute>", Fault(text="thinking very slowly " * 20, delay=0.5))

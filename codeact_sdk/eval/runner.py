@@ -117,7 +117,8 @@ def run_tool_mode(task: dict, mode: str, suite: Suite, protocol: Protocol, setti
                 if not protocol.feedback or judge(task, result.answer, protocol):
                     break
                 result.stop = "turn_limit"  # wrong: told so, and tries again while turns are left
-                add("user", FEEDBACK)
+                if result.turns < protocol.turn_limit:
+                    add("user", FEEDBACK)
             elif action.problem:
                 add("user", f"Error: {action.problem}. Follow the format in the instructions.")
             else:
@@ -154,7 +155,10 @@ def run_code_mode(task: dict, suite: Suite, protocol: Protocol, settings: Settin
                 result.stop = "answer"
                 result.answer = reply.solution if reply.solution is not None else reply.text.strip()
                 left = protocol.turn_limit - result.turns
-                if not protocol.feedback or judge(task, result.answer, protocol) or left <= 0:
+                if not protocol.feedback or judge(task, result.answer, protocol):
+                    break
+                if left <= 0:  # wrong, and no turn left to try again: as in the JSON and text modes
+                    result.stop = "turn_limit"
                     break
                 # Wrong: told so, and tries again with the replies it has left.
                 session.settings = replace(session.settings, max_executions=left - 1)

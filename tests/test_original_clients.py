@@ -34,11 +34,13 @@ EXECUTE_TOKEN = "chat-ui-path-token-0123456789"
 def stack(tmp_path_factory):
     """`make serve`'s stack (python -m model_server.stack serve), on the 0.5B model and free ports."""
     model_port, sandbox_port = free_port(), free_port()
-    log_path = tmp_path_factory.mktemp("stack") / "stack.log"
-    with open(log_path, "w") as log:
+    directory = tmp_path_factory.mktemp("stack")
+    log_path = directory / "stack.log"
+    with open(log_path, "w") as log:  # TMPDIR: the stack's log directories go with the test's files
         process = subprocess.Popen([sys.executable, "-m", "model_server.stack", "serve", "--model", MODEL,
                                     "--model-port", str(model_port), "--sandbox-port", str(sandbox_port)],
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, "TMPDIR": str(directory)})
     model_url, sandbox_url = f"http://127.0.0.1:{model_port}/v1", f"http://127.0.0.1:{sandbox_port}"
     try:
         wait_for(lambda: process.poll() is not None or (answers(model_url + "/models")

@@ -84,10 +84,12 @@ def check_execute_token(expected: str | None, offered: str) -> None:
         raise Unauthorized("wrong execute token in the URL")
 
 
-PATH_TOKEN = re.compile(r"^/t/[^/?]*")
-QUERY_TOKEN = re.compile(r"([?&]token=)[^&]*")
+# A "t" segment and the one after it, wherever it stands: a client may send `//t/...` or the absolute form
+# `http://host/t/...`, which no route answers but the access log still shows. Masking more is harmless.
+PATH_TOKEN = re.compile(r"(?<![^/])t/[^/?#]*")
+QUERY_TOKEN = re.compile(r"([?&]token=)[^&#]*")
 
 
 def masked(uri: str) -> str:
     """A request URI as logs may show it: the path token and a websocket's ?token= replaced."""
-    return QUERY_TOKEN.sub(r"\1***", PATH_TOKEN.sub("/t/***", uri))
+    return QUERY_TOKEN.sub(r"\1***", PATH_TOKEN.sub("t/***", uri))

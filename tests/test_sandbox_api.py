@@ -158,6 +158,7 @@ def test_the_execute_token_in_the_path_opens_the_original_route_and_nothing_else
     assert requests.post(guarded.url + "/v1/sessions", json={}, headers=scoped, timeout=10).status_code == 401
     assert requests.post(guarded.url + "/execute", data=original, headers=scoped, timeout=10).status_code == 401
     assert requests.post(f"{guarded.url}/t/{EXECUTE_TOKEN}/v1/sessions", json={}, timeout=10).status_code == 404
+    assert requests.post(f"{guarded.url}//t/{EXECUTE_TOKEN}/execute", data=original, timeout=10).status_code == 404
     session = guarded.create()
     ws_url = guarded.url.replace("http", "ws") + f"/v1/sessions/{session}/ws?token=s3cret-token"
     websocket.create_connection(ws_url, timeout=10).close()

@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@echo "Installing the SDK, the sandbox server, the CPU model server, MCP support and test tools into $(VENV)"
 	@echo "(the first time, llama.cpp is compiled: about 5 minutes on 2 cores)"
-	$(BIN)/python -m pip install --progress-bar off -e '.[server,cpu,mcp,dev]'
+	$(BIN)/python -m pip install --progress-bar off -e '.[server,cpu,mcp,web,dev]'
 	touch $(STAMP)
 
 test: install

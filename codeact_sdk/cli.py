@@ -143,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--transcript", help="also write a JSONL transcript here")
     evaluate = commands.add_parser("eval", help="compare code, JSON and text actions on the task suite")
     eval_cli.add_arguments(evaluate)
+    page = commands.add_parser("web", help="the chat page's server on 127.0.0.1 (the [web] extra)")
+    add_connection_options(page)
+    page.add_argument("--host", default="127.0.0.1", help="address to bind; beyond loopback --token is required")
+    page.add_argument("--port", type=positive(int, zero=True), default=8090, help="port (0 picks a free one)")
+    page.add_argument("--db", help="the conversations' SQLite file (default: web.sqlite3 in the user's data "
+                                   "directory, ~/.local/share/codeact)")
+    page.add_argument("--token", help="login token, required beyond loopback (or set CODEACT_WEB_TOKEN)")
     exporter = commands.add_parser("export", help="transcript (JSONL) to the ShareGPT conversations format")
     exporter.add_argument("transcript")
     exporter.add_argument("-o", "--output", help="write here (default: standard output)")
@@ -322,8 +329,35 @@ def run(args: argparse.Namespace) -> int:
     return 0 if reply.stop_reason == ANSWERED else 1
 
 
+def web(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .web.store import default_path
+
+    try:
+        from .web.server import WebConfig, serve
+    except ImportError as error:
+        print(f"codeact: the web page needs the [web] extra ({error.name} is not installed): "
+              "pip install 'codeact[web]'", file=sys.stderr)
+        return 2
+    defaults = {key: value for key, value in (("model", args.model), ("llm_url", args.llm_url),
+                                               ("timeout", args.timeout), ("max_executions", args.max_executions))
+                if value is not None}
+    config = WebConfig(host=args.host, port=args.port, token=args.token or os.environ.get("CODEACT_WEB_TOKEN"),
+                       db_path=args.db or default_path(), defaults=defaults)
+    try:
+        config.check()
+        asyncio.run(serve(config, ready=lambda line: print(line, flush=True)))
+    except (ValueError, OSError) as error:
+        print(f"codeact: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command == "web":
+        sys.exit(web(args))
     if args.command == "eval":
         sys.exit(eval_cli.run(args))
     if args.command == "export":

@@ -54,7 +54,8 @@ def test_the_wheel_installs_and_its_commands_work_or_name_the_missing_extra(whee
     planned = run([str(bin_dir / "codeact-model"), "--dry-run", "--device", "cpu"])
     assert planned.returncode == 0 and "model_server.llama_server" in planned.stdout, planned.stderr[-1500:]
     # Missing extras: one line that names the extra, no traceback.
-    missing = ((["codeact-sandbox", "--help"], "[server]"), (["codeact-model", "--device", "cpu"], "[cpu]"))
+    missing = ((["codeact-sandbox", "--help"], "[server]"), (["codeact-model", "--device", "cpu"], "[cpu]"),
+               (["codeact", "web", "--port", "0", "--db", str(tmp_path / "web.sqlite3")], "[web]"))
     for command, extra in missing:
         done = run([str(bin_dir / command[0]), *command[1:]])
         lines = done.stderr.strip().splitlines()
@@ -120,6 +121,20 @@ def test_the_wheel_with_every_extra_runs_each_command_for_real(wheel, tmp_path):
     finally:
         model.send_signal(signal.SIGTERM)
         model.wait(30)
+
+    # codeact web [web]: serves its API over the conversations' file
+    web = subprocess.Popen([str(bin_dir / "codeact"), "web", "--port", "0", "--db", str(tmp_path / "web.sqlite3")],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+    try:
+        line = web.stdout.readline()
+        assert "http://127.0.0.1:" in line, line + web.stderr.read()
+        url = line.split()[2].rstrip("/")
+        assert requests.get(url + "/api/conversations", timeout=10).json() == {"conversations": []}
+    finally:
+        web.send_signal(signal.SIGTERM)
+        web.wait(30)
+        web.stdout.close()
+        web.stderr.close()
 
     # codeact: a task through a private sandbox it starts itself (the [server] extra); the [mcp] extra is
     # checked by import (its client needs an MCP server process of its own)

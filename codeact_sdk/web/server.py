@@ -1,0 +1,248 @@
+"""The web chat's server (`codeact web`): Tornado, thin over the SDK and the conversation store.
+
+Routes (JSON unless said otherwise):
+    GET    /api/conversations                      {"conversations": [...]}, the latest first
+    POST   /api/conversations                      {title?, settings?} -> 201 the conversation
+    GET    /api/conversations/{id}                 {"conversation", "items"}
+    PATCH  /api/conversations/{id}                 {title?, settings?} -> the conversation
+    DELETE /api/conversations/{id}                 204
+    GET    /api/conversations/{id}/export?format=jsonl|sharegpt   a download
+
+Who may call (access.py's rules, the sandbox server's): bound to loopback by default, where the server
+answers only requests for a loopback name from no foreign page (no DNS rebinding, no cross-site requests);
+beyond loopback a token is required (the server refuses to start without one). The page's own requests
+that change anything carry Tornado's XSRF token (cookie and header); a script may send
+`Authorization: Bearer <token>` instead.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from tornado import web
+from tornado.httputil import split_host_and_port
+
+from sandbox_server.access import is_loopback_name, origin_is_this_server
+
+from .store import NotFound, Store
+
+SETTINGS_KEYS = {"model": str, "llm_url": str, "timeout": (int, float), "max_executions": int}
+MAX_BODY = 1 << 20
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    host: str = "127.0.0.1"
+    port: int = 8090
+    token: str | None = None
+    db_path: str = ""
+    defaults: dict[str, Any] = field(default_factory=dict)  # a new conversation's settings
+
+    @property
+    def is_loopback(self) -> bool:
+        return is_loopback_name(self.host)
+
+    def check(self) -> None:
+        if not self.token and not self.is_loopback:
+            raise ValueError(f"refusing to serve {self.host} without a token: pass --token (or set "
+                             "CODEACT_WEB_TOKEN), or bind 127.0.0.1")
+
+
+class ApiError(web.HTTPError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, reason=None)
+        self.message = message
+
+
+class BaseHandler(web.RequestHandler):
+    def initialize(self, store: Store, config: WebConfig) -> None:
+        self.store = store
+        self.config = config
+
+    def prepare(self) -> None:
+        self.authorize()
+        if self.request.method == "GET":
+            self.xsrf_token  # noqa: B018 - sets the XSRF cookie the page echoes in a header when it changes things
+
+    def authorize(self) -> None:
+        if self.config.token:
+            if not self.bearer_ok() and not self.cookie_ok():
+                raise ApiError(401, "log in: open /login?token=<the server's token>, or send "
+                                    "'Authorization: Bearer <token>'")
+            return
+        host = self.request.headers.get("Host", "")
+        if not is_loopback_name(split_host_and_port(host)[0]):
+            raise ApiError(403, f"Host {host!r} is not a loopback name: a server without a token answers only "
+                                "127.0.0.1 / localhost")
+        origin = self.request.headers.get("Origin")
+        if origin is not None and not origin_is_this_server(origin, host):
+            raise ApiError(403, f"cross-origin request from {origin!r} refused")
+
+    def bearer_ok(self) -> bool:
+        offered = self.request.headers.get("Authorization", "")
+        return offered.startswith("Bearer ") and hmac.compare_digest(offered[7:].encode(), self.config.token.encode())
+
+    def cookie_ok(self) -> bool:
+        return hmac.compare_digest((self.get_cookie(LOGIN_COOKIE) or "").encode(), login_value(self.config).encode())
+
+    def check_xsrf_cookie(self) -> None:
+        if not (self.config.token and self.bearer_ok()):  # a header a page cannot send cross-site is proof enough
+            super().check_xsrf_cookie()
+
+    def json_body(self) -> dict[str, Any]:
+        if len(self.request.body) > MAX_BODY:
+            raise ApiError(413, f"request body over {MAX_BODY} bytes")
+        try:
+            value = json.loads(self.request.body or b"{}")
+        except ValueError as error:
+            raise ApiError(400, f"body is not valid JSON: {error}") from None
+        if not isinstance(value, dict):
+            raise ApiError(400, "body must be a JSON object")
+        return value
+
+    def send(self, payload: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(payload, ensure_ascii=False))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info", (None, None))[1]
+        message = getattr(error, "message", None) or getattr(error, "log_message", None) or self._reason
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": status_code, "message": message}))
+
+    def conversation_or_404(self, conversation_id: str):
+        try:
+            return self.store.get(conversation_id)
+        except NotFound:
+            raise ApiError(404, f"no conversation {conversation_id!r}") from None
+
+
+LOGIN_COOKIE = "codeact_login"
+
+
+def login_value(config: WebConfig) -> str:
+    """The login cookie's value: derived from the token, so the token itself never sits in a cookie."""
+    return hmac.new(config.token.encode(), b"codeact web login", "sha256").hexdigest()
+
+
+def title_and_settings(body: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+    title = body.get("title")
+    if title is not None and not isinstance(title, str):
+        raise ApiError(400, "field 'title' must be a string")
+    settings = body.get("settings")
+    if settings is not None:
+        if not isinstance(settings, dict):
+            raise ApiError(400, "field 'settings' must be an object")
+        for key, value in settings.items():
+            if key not in SETTINGS_KEYS:
+                raise ApiError(400, f"unknown setting {key!r} (known: {', '.join(sorted(SETTINGS_KEYS))})")
+            if not isinstance(value, SETTINGS_KEYS[key]) or isinstance(value, bool):
+                raise ApiError(400, f"setting {key!r} has the wrong type")
+    return title, settings
+
+
+class ConversationsHandler(BaseHandler):
+    def get(self) -> None:
+        self.send({"conversations": [c.summary() for c in self.store.list()]})
+
+    def post(self) -> None:
+        title, settings = title_and_settings(self.json_body())
+        conversation = self.store.create(title or "New conversation", {**self.config.defaults, **(settings or {})})
+        self.send(conversation.summary(), 201)
+
+
+class ConversationHandler(BaseHandler):
+    def get(self, conversation_id: str) -> None:
+        conversation = self.conversation_or_404(conversation_id)
+        self.send({"conversation": conversation.summary(), "items": self.store.items(conversation_id)})
+
+    def patch(self, conversation_id: str) -> None:
+        conversation = self.conversation_or_404(conversation_id)
+        title, settings = title_and_settings(self.json_body())
+        if title is not None:
+            conversation = self.store.rename(conversation_id, title)
+        if settings is not None:
+            conversation = self.store.configure(conversation_id, {**conversation.settings, **settings})
+        self.send(conversation.summary())
+
+    def delete(self, conversation_id: str) -> None:
+        self.conversation_or_404(conversation_id)
+        self.store.delete(conversation_id)
+        self.set_status(204)
+        self.finish()
+
+
+class ExportHandler(BaseHandler):
+    def get(self, conversation_id: str) -> None:
+        conversation = self.conversation_or_404(conversation_id)
+        kind = self.get_query_argument("format", "jsonl")
+        if kind == "jsonl":
+            body, extension, mime = self.store.export_jsonl(conversation_id), "jsonl", "application/x-ndjson"
+        elif kind == "sharegpt":
+            body = json.dumps(self.store.export_sharegpt(conversation_id), ensure_ascii=False, indent=1)
+            extension, mime = "json", "application/json"
+        else:
+            raise ApiError(400, "format must be jsonl or sharegpt")
+        name = "".join(c if c.isalnum() or c in "-_" else "-" for c in conversation.title)[:60] or "conversation"
+        self.set_header("Content-Type", f"{mime}; charset=utf-8")
+        self.set_header("Content-Disposition", f'attachment; filename="{name}.{extension}"')
+        self.finish(body.encode())
+
+
+class LoginHandler(BaseHandler):
+    """GET /login?token=...: sets the login cookie (HttpOnly, SameSite=Strict) and sends the browser to the page,
+    so the token leaves the address bar at once."""
+
+    def authorize(self) -> None:
+        pass  # this is where one becomes authorized
+
+    def get(self) -> None:
+        offered = self.get_query_argument("token", "")
+        if not self.config.token or not hmac.compare_digest(offered.encode(), self.config.token.encode()):
+            raise ApiError(401, "wrong token")
+        self.set_cookie(LOGIN_COOKIE, login_value(self.config), httponly=True, samesite="Strict")
+        self.redirect("/")
+
+
+ID = r"([0-9a-f]{32})"
+
+
+def make_app(store: Store, config: WebConfig) -> web.Application:
+    dependencies = {"store": store, "config": config}
+    routes = [
+        (r"/login", LoginHandler),
+        (r"/api/conversations", ConversationsHandler),
+        (rf"/api/conversations/{ID}", ConversationHandler),
+        (rf"/api/conversations/{ID}/export", ExportHandler),
+    ]
+    return web.Application([(pattern, handler, dependencies) for pattern, handler in routes], xsrf_cookies=True)
+
+
+async def serve(config: WebConfig, ready=print) -> None:
+    """Serve until SIGINT or SIGTERM; `ready` is told the URL once listening (port 0 picks a free port)."""
+    import asyncio
+    import signal
+
+    from tornado.httpserver import HTTPServer
+    from tornado.netutil import bind_sockets
+
+    store = Store(config.db_path)
+    server = HTTPServer(make_app(store, config), max_body_size=MAX_BODY)
+    sockets = bind_sockets(config.port, config.host)
+    server.add_sockets(sockets)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for number in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(number, stop.set)
+    port = sockets[0].getsockname()[1]
+    ready(f"codeact web: http://{config.host}:{port}/ (conversations in {config.db_path}); Ctrl-C stops it")
+    try:
+        await stop.wait()
+    finally:
+        server.stop()
+        await asyncio.wait_for(server.close_all_connections(), 5)
+        store.close()

@@ -22,7 +22,7 @@ from .eval import cli as eval_cli
 from .line_editor import LineEditor
 from .progress import Progress
 from .session import ANSWERED, WITHDRAWN, Reply, Session
-from .settings import DEFAULT_LLM_URL, ENVIRONMENT
+from .settings import DEFAULT_LLM_URL, ENVIRONMENT, resolve
 from .transcript import export
 
 DATA_DIR = os.path.join(os.path.expanduser("~"), ".local", "share", "codeact")
@@ -343,8 +343,10 @@ def web(args: argparse.Namespace) -> int:
     defaults = {key: value for key, value in (("model", args.model), ("llm_url", args.llm_url),
                                                ("timeout", args.timeout), ("max_executions", args.max_executions))
                 if value is not None}
+    base = resolve(llm_url=args.llm_url, model=args.model, api_key=args.api_key, sandbox_url=args.sandbox_url,
+                   sandbox_token=args.sandbox_token)
     config = WebConfig(host=args.host, port=args.port, token=args.token or os.environ.get("CODEACT_WEB_TOKEN"),
-                       db_path=args.db or default_path(), defaults=defaults)
+                       db_path=args.db or default_path(), defaults=defaults, base=base)
     try:
         config.check()
         asyncio.run(serve(config, ready=lambda line: print(line, flush=True)))

@@ -197,11 +197,16 @@ class Session:
         meta, messages = transcript.read(path)
         kwargs.setdefault("model", meta.get("model"))
         session = cls(transcript_path=None, **kwargs)
-        session.messages = messages or session.messages
+        session.continue_from(messages)
         session.transcript_path = path
-        if any(m["role"] == "assistant" for m in messages):
-            session._notes.append(protocol.KERNEL_REPLACED_NOTE)
         return session
+
+    def continue_from(self, messages: list[dict[str, str]]) -> None:
+        """Take up a conversation kept elsewhere (a transcript, the web chat's store): the model sees its
+        history; the kernel is fresh, and the model is told so with the next message."""
+        self.messages = list(messages) or self.messages
+        if any(m["role"] == "assistant" for m in messages):
+            self._notes.append(protocol.KERNEL_REPLACED_NOTE)
 
     # -- the turn loop -----------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -18,9 +19,12 @@ from codeact_sdk.web.store import Store
 class Web:
     """A `codeact web` process on a free port, and a browser-like client: cookies kept, XSRF header sent."""
 
-    def __init__(self, db: str, *args: str) -> None:
+    def __init__(self, db: str, *args: str, sandbox=None, llm_url: str = "http://127.0.0.1:9/v1") -> None:
+        # With a sandbox given, the server uses it; without, it starts a private one.
+        env = {**os.environ, "CODEACT_SANDBOX_URL": sandbox.url, "CODEACT_SANDBOX_TOKEN": sandbox.token} \
+            if sandbox is not None else dict(os.environ)
         self.process = subprocess.Popen([sys.executable, "-m", "codeact_sdk", "web", "--port", "0", "--db", db,
-                                         "--llm-url", "http://127.0.0.1:9/v1", *args],
+                                         "--llm-url", llm_url, *args], env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.process.stdout.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
@@ -44,8 +48,8 @@ class Web:
 
 
 @pytest.fixture
-def web(tmp_path):
-    server = Web(str(tmp_path / "web.sqlite3"), "--model", "qwen", "--max-executions", "4")
+def web(tmp_path, local_sandbox):
+    server = Web(str(tmp_path / "web.sqlite3"), "--model", "qwen", "--max-executions", "4", sandbox=local_sandbox)
     yield server
     server.stop()
 
@@ -65,7 +69,7 @@ def test_conversations_are_created_renamed_listed_deleted_and_survive_a_restart(
     assert web.call("GET", f"/api/conversations/{other['id']}").status_code == 404
     web.stop()
 
-    restarted = Web(str(tmp_path / "web.sqlite3"))
+    restarted = Web(str(tmp_path / "web.sqlite3"))  # and its own private sandbox, as a user's first run has
     try:
         shown = restarted.call("GET", f"/api/conversations/{conversation['id']}").json()
         assert shown["conversation"]["title"] == "Sales by month" and shown["items"] == []
@@ -114,8 +118,8 @@ def test_pages_elsewhere_cannot_call_a_server_without_a_token(web):
     assert web.call("GET", "/api/conversations").status_code == 200
 
 
-def test_with_a_token_only_a_login_opens_it(tmp_path):
-    web = Web(str(tmp_path / "web.sqlite3"), "--token", "s3cret-web-token")
+def test_with_a_token_only_a_login_opens_it(tmp_path, local_sandbox):
+    web = Web(str(tmp_path / "web.sqlite3"), "--token", "s3cret-web-token", sandbox=local_sandbox)
     try:
         assert requests.get(web.url + "/api/conversations", timeout=10).status_code == 401
         assert requests.get(web.url + "/login?token=wrong", timeout=10).status_code == 401
@@ -145,3 +149,140 @@ def test_the_json_errors_never_echo_markup_as_html(web):
     response = web.call("GET", "/api/conversations/" + "0" * 32)
     assert response.status_code == 404 and response.headers["Content-Type"] == "application/json"
     assert json.loads(response.text)["message"] == f"no conversation {'0' * 32!r}"
+
+
+# -- turns over the websocket ---------------------------------------------------------------------------
+
+
+class Tab:
+    """A page's websocket on one conversation."""
+
+    def __init__(self, web: Web, conversation_id: str, **options) -> None:
+        import websocket
+
+        url = web.url.replace("http", "ws") + f"/api/conversations/{conversation_id}/ws"
+        self.socket = websocket.create_connection(url, timeout=60, **options)
+        assert self.receive()["type"] == "hello"
+
+    def receive(self) -> dict:
+        return json.loads(self.socket.recv())
+
+    def send(self, **message) -> None:
+        self.socket.send(json.dumps(message))
+
+    def until_end(self) -> list[dict]:
+        """Messages up to the item that ends the turn."""
+        seen = []
+        while not seen or seen[-1].get("kind") not in ("end", "error"):
+            seen.append(self.receive())
+        return seen
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+@pytest.fixture
+def turns(tmp_path, local_sandbox, model):
+    server = Web(str(tmp_path / "web.sqlite3"), sandbox=local_sandbox, llm_url=model.url)
+    yield server, model
+    server.stop()
+
+
+def test_a_turn_streams_to_every_tab_watching_and_is_kept(turns, tmp_path):
+    web, model = turns
+    model.enqueue("Let me compute.\n<execute>\nprint(sum(range(11)))\n</execute>", "The sum is <solution>55</solution>")
+    conversation = web.call("POST", "/api/conversations", json={"title": "sums"}).json()
+    first, second = Tab(web, conversation["id"]), Tab(web, conversation["id"])
+    first.send(type="send", text="Sum 0..10")
+    seen, other = first.until_end(), second.until_end()
+    first.close()
+    second.close()
+    assert seen == other  # two tabs, one turn
+    kinds = [m["type"] if m["type"] != "item" else m["kind"] for m in seen]
+    assert kinds[0] == "user" and "delta" in kinds and kinds[-1] == "end"
+    assert [k for k in kinds if k != "delta"] == ["user", "assistant", "cell_start", "output", "cell", "assistant",
+                                                  "end"]
+    assert "".join(m["text"] for m in seen if m["type"] == "delta").startswith("Let me compute.")
+    cell = next(m for m in seen if m.get("kind") == "cell")
+    assert cell["data"]["outputs"] == [{"type": "stream", "name": "stdout", "text": "55\n"}]
+    assert (cell["data"]["status"], cell["kernel"]) == ("ok", "idle")
+    assert seen[-1]["data"]["solution"] == "55" and seen[-1]["data"]["stop_reason"] == "answer"
+    # A reload shows the same items; the model's history is kept for the next turn and the exports.
+    shown = web.call("GET", f"/api/conversations/{conversation['id']}").json()["items"]
+    assert [i["kind"] for i in shown] == ["user", "assistant", "cell", "assistant", "end"]
+    exported = web.call("GET", f"/api/conversations/{conversation['id']}/export?format=jsonl").text
+    assert [json.loads(line)["role"] for line in exported.splitlines()[1:]] == [
+        "system", "user", "assistant", "user", "assistant"]
+
+
+def test_stop_interrupts_the_running_code_and_the_next_message_goes_on(turns):
+    web, model = turns
+    model.enqueue("<execute>\nimport time\nprint('started', flush=True)\ntime.sleep(60)\n</execute>",
+                  "Stopped early. <solution>later</solution>", "Fine: <solution>ok</solution>")
+    conversation = web.call("POST", "/api/conversations", json={}).json()
+    tab = Tab(web, conversation["id"])
+    tab.send(type="send", text="wait a minute")
+    while tab.receive().get("type") != "output":
+        pass  # the code runs
+    tab.send(type="send", text="and meanwhile?")
+    assert tab.receive() == {"type": "error", "message": "a reply is in progress: stop it or wait for it"}
+    tab.send(type="stop")
+    rest = tab.until_end()
+    assert rest[-1]["data"]["stop_reason"] == "stopped"
+    interrupted = next(m for m in rest if m.get("kind") == "cell")["data"]
+    assert (interrupted["status"], interrupted["error"]["name"]) == ("error", "KeyboardInterrupt")
+    tab.send(type="send", text="and now?")
+    after = tab.until_end()
+    assert after[-1]["data"]["stop_reason"] == "answer"
+    tab.send(type="nonsense")
+    assert tab.receive()["type"] == "error"
+    tab.close()
+
+
+def test_the_history_comes_back_after_a_restart_with_a_fresh_kernel(tmp_path, local_sandbox, model):
+    web = Web(str(tmp_path / "web.sqlite3"), sandbox=local_sandbox, llm_url=model.url)
+    model.enqueue("<execute>secret = 7</execute>", "Stored. <solution>done</solution>")
+    conversation = web.call("POST", "/api/conversations", json={}).json()
+    tab = Tab(web, conversation["id"])
+    tab.send(type="send", text="remember 7")
+    tab.until_end()
+    tab.close()
+    web.stop()
+    web = Web(str(tmp_path / "web.sqlite3"), sandbox=local_sandbox, llm_url=model.url)
+    try:
+        model.enqueue("It was <solution>7</solution>")
+        tab = Tab(web, conversation["id"])
+        tab.send(type="send", text="what was it?")
+        assert tab.until_end()[-1]["data"]["solution"] == "7"
+        tab.close()
+    finally:
+        web.stop()
+    sent = model.requests[-1]["messages"]
+    assert [m["role"] for m in sent] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert sent[1]["content"] == "remember 7" and "earlier variables and imports are gone" in sent[-1]["content"]
+
+
+def test_a_model_that_is_down_is_said_on_the_page_and_the_server_stays_up(tmp_path, local_sandbox):
+    web = Web(str(tmp_path / "web.sqlite3"), sandbox=local_sandbox)  # nothing listens at its model URL
+    try:
+        conversation = web.call("POST", "/api/conversations", json={}).json()
+        tab = Tab(web, conversation["id"])
+        tab.send(type="send", text="hello?")
+        error = tab.until_end()[-1]
+        assert error["kind"] == "error" and "127.0.0.1:9" in error["data"]["message"]
+        tab.close()
+        assert web.call("GET", "/api/conversations").status_code == 200
+    finally:
+        web.stop()
+
+
+def test_a_websocket_from_another_origin_or_to_no_conversation_is_refused(web):
+    import websocket
+
+    conversation = web.call("POST", "/api/conversations", json={}).json()
+    with pytest.raises(websocket.WebSocketBadStatusException) as caught:
+        Tab(web, conversation["id"], origin="https://evil.example")
+    assert caught.value.status_code == 403
+    with pytest.raises(websocket.WebSocketBadStatusException) as caught:
+        Tab(web, "0" * 32)
+    assert caught.value.status_code == 404

@@ -7,12 +7,15 @@ Routes (JSON unless said otherwise):
     PATCH  /api/conversations/{id}                 {title?, settings?} -> the conversation
     DELETE /api/conversations/{id}                 204
     GET    /api/conversations/{id}/export?format=jsonl|sharegpt   a download
+    WS     /api/conversations/{id}/ws              the turns: {"type": "send", "text"} or {"type": "stop"}
+                                                   in; out, each event of a turn as turns.py says
 
 Who may call (access.py's rules, the sandbox server's): bound to loopback by default, where the server
 answers only requests for a loopback name from no foreign page (no DNS rebinding, no cross-site requests);
 beyond loopback a token is required (the server refuses to start without one). The page's own requests
 that change anything carry Tornado's XSRF token (cookie and header); a script may send
-`Authorization: Bearer <token>` instead.
+`Authorization: Bearer <token>` instead. A websocket, which a page elsewhere could open with the user's
+cookies, must come from this server's own origin.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from tornado import web
+from tornado import web, websocket
 from tornado.httputil import split_host_and_port
 
 from sandbox_server.access import is_loopback_name, origin_is_this_server
 
+from ..settings import Settings
 from .store import NotFound, Store
+from .turns import Chats
 
 SETTINGS_KEYS = {"model": str, "llm_url": str, "timeout": (int, float), "max_executions": int}
 MAX_BODY = 1 << 20
@@ -40,6 +45,7 @@ class WebConfig:
     token: str | None = None
     db_path: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)  # a new conversation's settings
+    base: Settings = field(default_factory=Settings)  # the model and the sandbox (none: a private one is started)
 
     @property
     def is_loopback(self) -> bool:
@@ -57,15 +63,11 @@ class ApiError(web.HTTPError):
         self.message = message
 
 
-class BaseHandler(web.RequestHandler):
-    def initialize(self, store: Store, config: WebConfig) -> None:
-        self.store = store
-        self.config = config
+class Access:
+    """Who may call, for the HTTP handlers and the websocket alike."""
 
-    def prepare(self) -> None:
-        self.authorize()
-        if self.request.method == "GET":
-            self.xsrf_token  # noqa: B018 - sets the XSRF cookie the page echoes in a header when it changes things
+    config: WebConfig
+    request: Any
 
     def authorize(self) -> None:
         if self.config.token:
@@ -87,6 +89,18 @@ class BaseHandler(web.RequestHandler):
 
     def cookie_ok(self) -> bool:
         return hmac.compare_digest((self.get_cookie(LOGIN_COOKIE) or "").encode(), login_value(self.config).encode())
+
+
+class BaseHandler(Access, web.RequestHandler):
+    def initialize(self, store: Store, config: WebConfig, chats: Chats) -> None:
+        self.store = store
+        self.config = config
+        self.chats = chats
+
+    def prepare(self) -> None:
+        self.authorize()
+        if self.request.method == "GET":
+            self.xsrf_token  # noqa: B018 - sets the XSRF cookie the page echoes in a header when it changes things
 
     def check_xsrf_cookie(self) -> None:
         if not (self.config.token and self.bearer_ok()):  # a header a page cannot send cross-site is proof enough
@@ -169,8 +183,9 @@ class ConversationHandler(BaseHandler):
             conversation = self.store.configure(conversation_id, {**conversation.settings, **settings})
         self.send(conversation.summary())
 
-    def delete(self, conversation_id: str) -> None:
+    async def delete(self, conversation_id: str) -> None:
         self.conversation_or_404(conversation_id)
+        await self.chats.forget(conversation_id)
         self.store.delete(conversation_id)
         self.set_status(204)
         self.finish()
@@ -208,16 +223,75 @@ class LoginHandler(BaseHandler):
         self.redirect("/")
 
 
+class TurnSocket(Access, websocket.WebSocketHandler):
+    """WS /api/conversations/{id}/ws: a page's turns. Every page watching a conversation gets its events."""
+
+    def initialize(self, store: Store, config: WebConfig, chats: Chats) -> None:
+        self.store = store
+        self.config = config
+        self.chats = chats
+        self.chat = None
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            self.authorize()
+            self.store.get(args[0])
+        except (ApiError, NotFound) as error:
+            status, message = (error.status_code, error.message) if isinstance(error, ApiError) else (
+                404, f"no conversation {args[0]!r}")
+            self.set_status(status)
+            self.set_header("Content-Type", "application/json")
+            self.finish(json.dumps({"error": status, "message": message}))
+            return
+        await super().get(*args, **kwargs)
+
+    def check_origin(self, origin: str) -> bool:
+        # Browsers always send Origin on a websocket: it must be this page, whatever the token says (a login
+        # cookie is sent along with a page elsewhere's handshake unless SameSite stops it).
+        return origin_is_this_server(origin, self.request.headers.get("Host", "")) or (
+            bool(self.config.token) and super().check_origin(origin))
+
+    def open(self, conversation_id: str) -> None:
+        self.chat = self.chats.chat(conversation_id)
+        self.chat.watchers.add(self.send)
+        self.send({"type": "hello", "busy": self.chat.busy})
+
+    def on_message(self, raw: str | bytes) -> None:
+        try:
+            message = json.loads(raw)
+            kind = message.get("type") if isinstance(message, dict) else None
+        except ValueError:
+            kind = None
+        if kind == "send" and isinstance(message.get("text"), str) and message["text"].strip():
+            if self.chat.busy:
+                self.send({"type": "error", "message": "a reply is in progress: stop it or wait for it"})
+            else:
+                self.chats.send(self.chat, message["text"])
+        elif kind == "stop":
+            self.chats.stop(self.chat)
+        else:
+            self.send({"type": "error", "message": 'send {"type": "send", "text": "..."} or {"type": "stop"}'})
+
+    def on_close(self) -> None:
+        if self.chat is not None:
+            self.chat.watchers.discard(self.send)
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.ws_connection is not None and not self.ws_connection.is_closing():
+            self.write_message(json.dumps(message, ensure_ascii=False))
+
+
 ID = r"([0-9a-f]{32})"
 
 
-def make_app(store: Store, config: WebConfig) -> web.Application:
-    dependencies = {"store": store, "config": config}
+def make_app(store: Store, config: WebConfig, chats: Chats) -> web.Application:
+    dependencies = {"store": store, "config": config, "chats": chats}
     routes = [
         (r"/login", LoginHandler),
         (r"/api/conversations", ConversationsHandler),
         (rf"/api/conversations/{ID}", ConversationHandler),
         (rf"/api/conversations/{ID}/export", ExportHandler),
+        (rf"/api/conversations/{ID}/ws", TurnSocket),
     ]
     return web.Application([(pattern, handler, dependencies) for pattern, handler in routes], xsrf_cookies=True)
 
@@ -230,19 +304,30 @@ async def serve(config: WebConfig, ready=print) -> None:
     from tornado.httpserver import HTTPServer
     from tornado.netutil import bind_sockets
 
+    private = None
+    sandbox_url, sandbox_token = config.base.sandbox_url, config.base.sandbox_token
+    if sandbox_url is None:  # one private sandbox server for every conversation (the [server] extra)
+        from ..local_sandbox import LocalSandbox
+
+        private = await asyncio.to_thread(LocalSandbox().start)
+        sandbox_url, sandbox_token = private.url, private.token
     store = Store(config.db_path)
-    server = HTTPServer(make_app(store, config), max_body_size=MAX_BODY)
-    sockets = bind_sockets(config.port, config.host)
-    server.add_sockets(sockets)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for number in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(number, stop.set)
-    port = sockets[0].getsockname()[1]
-    ready(f"codeact web: http://{config.host}:{port}/ (conversations in {config.db_path}); Ctrl-C stops it")
+    chats = Chats(store, sandbox_url, sandbox_token, config.base)
+    server = HTTPServer(make_app(store, config, chats), max_body_size=MAX_BODY)
     try:
+        sockets = bind_sockets(config.port, config.host)
+        server.add_sockets(sockets)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for number in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(number, stop.set)
+        port = sockets[0].getsockname()[1]
+        ready(f"codeact web: http://{config.host}:{port}/ (conversations in {config.db_path}); Ctrl-C stops it")
         await stop.wait()
     finally:
         server.stop()
+        await chats.close()
         await asyncio.wait_for(server.close_all_connections(), 5)
         store.close()
+        if private is not None:
+            await asyncio.to_thread(private.stop)

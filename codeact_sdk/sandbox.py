@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import requests
 import websocket
@@ -120,10 +121,10 @@ class SandboxClient:
     # -- files ---------------------------------------------------------------------------------------
 
     def upload(self, session_id: str, path: str, data: bytes) -> None:
-        self._call("PUT", f"/v1/sessions/{session_id}/files/{path}", data=data)
+        self._call("PUT", f"/v1/sessions/{session_id}/files/{quote(path, safe='/')}", data=data)
 
     def download(self, session_id: str, path: str) -> bytes:
-        return self._call("GET", f"/v1/sessions/{session_id}/files/{path}").content
+        return self._call("GET", f"/v1/sessions/{session_id}/files/{quote(path, safe='/')}").content
 
     def list_files(self, session_id: str) -> list[dict]:
         return self._call("GET", f"/v1/sessions/{session_id}/files").json()["files"]

@@ -286,3 +286,29 @@ def test_a_websocket_from_another_origin_or_to_no_conversation_is_refused(web):
     with pytest.raises(websocket.WebSocketBadStatusException) as caught:
         Tab(web, "0" * 32)
     assert caught.value.status_code == 404
+
+
+def test_a_file_put_into_a_conversation_is_read_by_its_code_and_what_it_writes_comes_back(turns):
+    web, model = turns
+    conversation = web.call("POST", "/api/conversations", json={}).json()
+    base = f"/api/conversations/{conversation['id']}/files"
+    put = web.call("PUT", base + "/sales%20q3.csv", data=b"month,units\njan,3\nfeb,5\n")
+    assert put.status_code == 201 and put.json() == {"path": "sales q3.csv", "size": 24}
+    model.enqueue("<execute>\nimport pandas as pd\ndf = pd.read_csv('sales q3.csv')\n"
+                  "df.assign(double=df.units * 2).to_csv('out #1.csv', index=False)\nprint(df.units.sum())\n"
+                  "</execute>", "<solution>8</solution>")
+    tab = Tab(web, conversation["id"])
+    tab.send(type="send", text="total units, and a doubled copy")
+    seen = tab.until_end()
+    tab.close()
+    assert next(m for m in seen if m.get("kind") == "cell")["data"]["outputs"][0]["text"] == "8\n"
+    listed = {f["path"] for f in web.call("GET", base).json()["files"]}
+    assert {"sales q3.csv", "out #1.csv"} <= listed
+    download = web.call("GET", base + "/out%20%231.csv")
+    assert download.status_code == 200 and download.content == b"month,units,double\njan,3,6\nfeb,5,10\n"
+    assert download.headers["Content-Disposition"] == "attachment; filename*=UTF-8''out%20%231.csv"
+    # Refusals are the sandbox's own: a path out of the directory, a file that is not there.
+    escape = web.call("GET", base + "/..%2F..%2Fetc%2Fpasswd")
+    assert escape.status_code in (400, 404) and "root:" not in escape.text, escape.text
+    assert web.call("GET", base + "/missing.csv").status_code == 404
+    assert web.call("PUT", base + "/no-xsrf.csv", data=b"x", headers={"X-XSRFToken": ""}).status_code == 403

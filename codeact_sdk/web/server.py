@@ -7,6 +7,9 @@ Routes (JSON unless said otherwise):
     PATCH  /api/conversations/{id}                 {title?, settings?} -> the conversation
     DELETE /api/conversations/{id}                 204
     GET    /api/conversations/{id}/export?format=jsonl|sharegpt   a download
+    GET    /api/conversations/{id}/files           {"files": [{path, size, modified}]}: the session's directory
+    PUT    /api/conversations/{id}/files/{path}    the body is the file (up to MAX_UPLOAD bytes) -> 201
+    GET    /api/conversations/{id}/files/{path}    a download
     WS     /api/conversations/{id}/ws              the turns: {"type": "send", "text"} or {"type": "stop"}
                                                    in; out, each event of a turn as turns.py says
 
@@ -24,18 +27,21 @@ import hmac
 import json
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 from tornado import web, websocket
 from tornado.httputil import split_host_and_port
 
 from sandbox_server.access import is_loopback_name, origin_is_this_server
 
+from ..errors import CodeActError, SandboxError
 from ..settings import Settings
 from .store import NotFound, Store
 from .turns import Chats
 
 SETTINGS_KEYS = {"model": str, "llm_url": str, "timeout": (int, float), "max_executions": int}
-MAX_BODY = 1 << 20
+MAX_BODY = 1 << 20  # JSON requests
+MAX_UPLOAD = 100 << 20  # a file put into a conversation's session (the sandbox's own --max-file default)
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,16 @@ class BaseHandler(Access, web.RequestHandler):
     def check_xsrf_cookie(self) -> None:
         if not (self.config.token and self.bearer_ok()):  # a header a page cannot send cross-site is proof enough
             super().check_xsrf_cookie()
+
+    async def session_of(self, conversation_id: str):
+        """The conversation's AsyncSession, its sandbox session created if this is its first use."""
+        self.conversation_or_404(conversation_id)
+        chat = self.chats.chat(conversation_id)
+        try:
+            await self.chats.ready(chat)
+        except CodeActError as error:
+            raise ApiError(502, str(error)) from None
+        return chat.session
 
     def json_body(self) -> dict[str, Any]:
         if len(self.request.body) > MAX_BODY:
@@ -208,6 +224,37 @@ class ExportHandler(BaseHandler):
         self.finish(body.encode())
 
 
+class FilesHandler(BaseHandler):
+    async def get(self, conversation_id: str) -> None:
+        session = await self.session_of(conversation_id)
+        self.send({"files": await sandbox_call(session.files())})
+
+
+class FileHandler(BaseHandler):
+    async def get(self, conversation_id: str, path: str) -> None:
+        session = await self.session_of(conversation_id)
+        data = await sandbox_call(session.download(path))
+        name = path.rsplit("/", 1)[-1]
+        self.set_header("Content-Type", "application/octet-stream")
+        self.set_header("Content-Disposition", f"attachment; filename*=UTF-8''{quote(name)}")
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.finish(data)
+
+    async def put(self, conversation_id: str, path: str) -> None:
+        session = await self.session_of(conversation_id)
+        await sandbox_call(session.upload(path, self.request.body))
+        self.send({"path": path, "size": len(self.request.body)}, 201)
+
+
+async def sandbox_call(awaitable):
+    """A files call to the sandbox, its refusals (a path that leaves the directory, a missing file) as the
+    sandbox words them, with its status."""
+    try:
+        return await awaitable
+    except SandboxError as error:
+        raise ApiError(error.status or 502, str(error)) from None
+
+
 class LoginHandler(BaseHandler):
     """GET /login?token=...: sets the login cookie (HttpOnly, SameSite=Strict) and sends the browser to the page,
     so the token leaves the address bar at once."""
@@ -292,6 +339,8 @@ def make_app(store: Store, config: WebConfig, chats: Chats) -> web.Application:
         (rf"/api/conversations/{ID}", ConversationHandler),
         (rf"/api/conversations/{ID}/export", ExportHandler),
         (rf"/api/conversations/{ID}/ws", TurnSocket),
+        (rf"/api/conversations/{ID}/files", FilesHandler),
+        (rf"/api/conversations/{ID}/files/(.+)", FileHandler),
     ]
     return web.Application([(pattern, handler, dependencies) for pattern, handler in routes], xsrf_cookies=True)
 
@@ -313,7 +362,7 @@ async def serve(config: WebConfig, ready=print) -> None:
         sandbox_url, sandbox_token = private.url, private.token
     store = Store(config.db_path)
     chats = Chats(store, sandbox_url, sandbox_token, config.base)
-    server = HTTPServer(make_app(store, config, chats), max_body_size=MAX_BODY)
+    server = HTTPServer(make_app(store, config, chats), max_body_size=MAX_UPLOAD)
     try:
         sockets = bind_sockets(config.port, config.host)
         server.add_sockets(sockets)

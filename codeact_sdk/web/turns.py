@@ -76,9 +76,7 @@ class Chats:
         chat.broadcast({"type": "item", **self.item(cid, "user", {"text": text})})
         cell: dict[str, Any] | None = None
         try:
-            if not chat.opened:
-                await chat.session.open()
-                chat.opened = True
+            await self.ready(chat)
             async for event in chat.session.stream(text):
                 if isinstance(event, events.ModelDelta):
                     chat.broadcast({"type": "delta", "text": event.text})
@@ -112,6 +110,12 @@ class Chats:
             log.exception("turn of conversation %s failed", cid)
             chat.broadcast({"type": "item", **self.item(cid, "error", {"message": "internal error; see the "
                                                                                   "server's log"})})
+
+    async def ready(self, chat: Chat) -> None:
+        """The conversation's sandbox session, created at its first use (a message, a file)."""
+        if not chat.opened:
+            await chat.session.open()
+            chat.opened = True
 
     def stop(self, chat: Chat) -> None:
         if chat.busy:

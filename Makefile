@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # llama-cpp-python compiles llama.cpp on first install (about 5 minutes on 2 cores); pip caches the wheel.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install test serve demo bench check-vllm lint clean
+.PHONY: install browser test serve demo bench check-vllm lint clean
 
 install: $(STAMP)
 
@@ -18,7 +18,12 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --progress-bar off -e '.[server,cpu,mcp,web,dev]'
 	touch $(STAMP)
 
-test: install
+# The web page's tests drive Debian's Chromium, headless, through Playwright (installed with [dev]).
+browser:
+	@command -v chromium >/dev/null || { echo "Installing Debian's chromium for the web page's tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: install browser
 	$(BIN)/python -m pytest
 
 serve: install

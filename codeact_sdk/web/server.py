@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -197,6 +198,7 @@ class ConversationHandler(BaseHandler):
             conversation = self.store.rename(conversation_id, title)
         if settings is not None:
             conversation = self.store.configure(conversation_id, {**conversation.settings, **settings})
+            self.chats.reconfigure(conversation_id)
         self.send(conversation.summary())
 
     async def delete(self, conversation_id: str) -> None:
@@ -253,6 +255,33 @@ async def sandbox_call(awaitable):
         return await awaitable
     except SandboxError as error:
         raise ApiError(error.status or 502, str(error)) from None
+
+
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+# The page loads only its own files; model text that slipped past the escaping could still run nothing.
+PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+               "connect-src 'self'; frame-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+               "frame-ancestors 'none'")
+
+
+class PageHandler(BaseHandler):
+    """GET /: the chat page (static/index.html). Loading it sets the XSRF cookie its requests echo."""
+
+    def get(self) -> None:
+        self.set_header("Content-Security-Policy", PAGE_POLICY)
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        with open(os.path.join(STATIC, "index.html"), "rb") as handle:
+            self.finish(handle.read())
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        if status_code == 401:  # a browser with no login yet: say how, as a page
+            self.set_header("Content-Type", "text/html; charset=utf-8")
+            self.finish("<!doctype html><title>CodeAct: log in</title><p>This server needs its token: open "
+                        "<code>/login?token=&lt;token&gt;</code> once (the token is printed where the server "
+                        "was started, or set in CODEACT_WEB_TOKEN).</p>")
+            return
+        super().write_error(status_code, **kwargs)
 
 
 class LoginHandler(BaseHandler):
@@ -334,6 +363,7 @@ ID = r"([0-9a-f]{32})"
 def make_app(store: Store, config: WebConfig, chats: Chats) -> web.Application:
     dependencies = {"store": store, "config": config, "chats": chats}
     routes = [
+        (r"/", PageHandler),
         (r"/login", LoginHandler),
         (r"/api/conversations", ConversationsHandler),
         (rf"/api/conversations/{ID}", ConversationHandler),
@@ -342,7 +372,9 @@ def make_app(store: Store, config: WebConfig, chats: Chats) -> web.Application:
         (rf"/api/conversations/{ID}/files", FilesHandler),
         (rf"/api/conversations/{ID}/files/(.+)", FileHandler),
     ]
-    return web.Application([(pattern, handler, dependencies) for pattern, handler in routes], xsrf_cookies=True)
+    handlers = [(pattern, handler, dependencies) for pattern, handler in routes]
+    handlers.append((r"/static/(.*)", web.StaticFileHandler, {"path": STATIC}))  # the page's files, not secret
+    return web.Application(handlers, xsrf_cookies=True)
 
 
 async def serve(config: WebConfig, ready=print) -> None:

@@ -34,10 +34,15 @@ class Chat:
     watchers: set = field(default_factory=set)  # of Send
     turn: asyncio.Task | None = None
     opened: bool = False
+    stale: bool = False  # its settings changed: the next turn starts a session with the new ones
 
     @property
     def busy(self) -> bool:
         return self.turn is not None and not self.turn.done()
+
+    def busy_elsewhere(self) -> bool:
+        """A turn runs that is not the caller's own (ready() is called from within a starting turn too)."""
+        return self.busy and self.turn is not asyncio.current_task()
 
     def broadcast(self, message: dict[str, Any]) -> None:
         for send in list(self.watchers):
@@ -57,15 +62,23 @@ class Chats:
 
     def chat(self, conversation_id: str) -> Chat:
         if conversation_id not in self.chats:
-            settings = self.store.get(conversation_id).settings
-            session = AsyncSession(settings=resolve(
-                llm_url=settings.get("llm_url", self.base.llm_url), model=settings.get("model", self.base.model),
-                api_key=self.base.api_key, sandbox_url=self.sandbox_url, sandbox_token=self.sandbox_token,
-                timeout=settings.get("timeout", self.base.timeout),
-                max_executions=settings.get("max_executions", self.base.max_executions)))
-            session.session.continue_from(self.store.messages(conversation_id))
-            self.chats[conversation_id] = Chat(conversation_id, session)
+            self.chats[conversation_id] = Chat(conversation_id, self.session_for(conversation_id))
         return self.chats[conversation_id]
+
+    def session_for(self, conversation_id: str) -> AsyncSession:
+        """A session with the conversation's settings, taking up its history (with a fresh kernel)."""
+        settings = self.store.get(conversation_id).settings
+        session = AsyncSession(settings=resolve(
+            llm_url=settings.get("llm_url", self.base.llm_url), model=settings.get("model", self.base.model),
+            api_key=self.base.api_key, sandbox_url=self.sandbox_url, sandbox_token=self.sandbox_token,
+            timeout=settings.get("timeout", self.base.timeout),
+            max_executions=settings.get("max_executions", self.base.max_executions)))
+        session.session.continue_from(self.store.messages(conversation_id))
+        return session
+
+    def reconfigure(self, conversation_id: str) -> None:
+        if conversation_id in self.chats:
+            self.chats[conversation_id].stale = True
 
     def send(self, chat: Chat, text: str) -> None:
         """Start a turn; refused (an error to the sender's page) while one runs."""
@@ -113,6 +126,10 @@ class Chats:
 
     async def ready(self, chat: Chat) -> None:
         """The conversation's sandbox session, created at its first use (a message, a file)."""
+        if chat.stale and not chat.busy_elsewhere():
+            if chat.opened:
+                await chat.session.close()
+            chat.session, chat.opened, chat.stale = self.session_for(chat.conversation_id), False, False
         if not chat.opened:
             await chat.session.open()
             chat.opened = True

@@ -340,13 +340,10 @@ def web(args: argparse.Namespace) -> int:
         print(f"codeact: the web page needs the [web] extra ({error.name} is not installed): "
               "pip install 'codeact[web]'", file=sys.stderr)
         return 2
-    defaults = {key: value for key, value in (("model", args.model), ("llm_url", args.llm_url),
-                                               ("timeout", args.timeout), ("max_executions", args.max_executions))
-                if value is not None}
     base = resolve(llm_url=args.llm_url, model=args.model, api_key=args.api_key, sandbox_url=args.sandbox_url,
-                   sandbox_token=args.sandbox_token)
+                   sandbox_token=args.sandbox_token, timeout=args.timeout, max_executions=args.max_executions)
     config = WebConfig(host=args.host, port=args.port, token=args.token or os.environ.get("CODEACT_WEB_TOKEN"),
-                       db_path=args.db or default_path(), defaults=defaults, base=base)
+                       db_path=args.db or default_path(), base=base)
     try:
         config.check()
         asyncio.run(serve(config, ready=lambda line: print(line, flush=True)))

@@ -1,7 +1,7 @@
 """The local stack: the model server and the sandbox server together (`make serve`), and a real CodeAct
 task run through the SDK on the embedded model (`make demo`).
 
-    python -m model_server.stack serve [--model NAME] [--model-port 8080] [--sandbox-port 8081]
+    python -m model_server.stack serve [--model NAME] [--model-port 8080] [--sandbox-port 8081] [--web-port 8090]
     python -m model_server.stack demo  [--model NAME] [--task TEXT]
 
 Each server is waited for; one Ctrl-C stops both.
@@ -63,7 +63,8 @@ def port_owner(port: int) -> str | None:
     return "another program"
 
 
-def launches(model: str | None, model_port: int, sandbox_port: int, device: str) -> list[Launch]:
+def launches(model: str | None, model_port: int, sandbox_port: int, device: str,
+             web_port: int | None = None) -> list[Launch]:
     # Stop strings returned: the original CodeAct clients (its demo, its chat-ui fork) run code only when the
     # reply ends with its `</execute>`; the SDK works either way.
     model_args = [sys.executable, "-m", "model_server", "--port", str(model_port), "--device", device,
@@ -71,15 +72,20 @@ def launches(model: str | None, model_port: int, sandbox_port: int, device: str)
     if model:
         model_args += ["--model", model]
     sandbox_args = [sys.executable, "-m", "sandbox_server", "--port", str(sandbox_port), "--pool-size", "2"]
-    return [Launch("model", model_args, port=model_port),
-            Launch("sandbox", sandbox_args, port=sandbox_port, ready_path="/health", api_path="")]
+    started = [Launch("model", model_args, port=model_port),
+               Launch("sandbox", sandbox_args, port=sandbox_port, ready_path="/health", api_path="")]
+    if web_port is not None:  # the chat page, over the two
+        web_args = [sys.executable, "-m", "codeact_sdk", "web", "--port", str(web_port),
+                    "--llm-url", f"http://127.0.0.1:{model_port}/v1", "--sandbox-url", f"http://127.0.0.1:{sandbox_port}"]
+        started.append(Launch("web", web_args, port=web_port, ready_path="/", api_path=""))
+    return started
 
 
-def start(args: argparse.Namespace, model_port: int, sandbox_port: int) -> Supervisor:
+def start(args: argparse.Namespace, model_port: int, sandbox_port: int, web_port: int | None = None) -> Supervisor:
     # The sandbox runs open on loopback: drop a token from the caller's environment so the SDK and the
     # server agree.
     os.environ.pop("CODEACT_SANDBOX_TOKEN", None)
-    supervisor = Supervisor(launches(args.model, model_port, sandbox_port, args.device),
+    supervisor = Supervisor(launches(args.model, model_port, sandbox_port, args.device, web_port),
                             tempfile.mkdtemp(prefix="codeact-stack-"), ready_timeout=args.ready_timeout,
                             max_restarts=3)
     supervisor.start()
@@ -90,20 +96,22 @@ def serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     supervisor = None
-    for option, port in (("--model-port", args.model_port), ("--sandbox-port", args.sandbox_port)):
+    for option, port in (("--model-port", args.model_port), ("--sandbox-port", args.sandbox_port),
+                         ("--web-port", args.web_port)):
         owner = port_owner(port)
         if owner:
             print(f"stack: port {port} is in use by {owner}: another `make serve`? Stop it, or pass {option}",
                   file=sys.stderr)
             return 1
     try:
-        supervisor = start(args, args.model_port, args.sandbox_port)
+        supervisor = start(args, args.model_port, args.sandbox_port, args.web_port)
         model_url = f"http://127.0.0.1:{args.model_port}/v1"
         sandbox_url = f"http://127.0.0.1:{args.sandbox_port}"
-        print(f"\nmodel server:   {model_url}\nsandbox server: {sandbox_url}\n\n"
+        print(f"\nchat page:      http://127.0.0.1:{args.web_port}/\nmodel server:   {model_url}\n"
+              f"sandbox server: {sandbox_url}\n\n"
               f"try:  curl -s -X POST {sandbox_url}/execute -d '{{\"convid\": \"demo\", \"code\": \"print(6 * 7)\"}}'\n"
               f"or:   CODEACT_LLM_URL={model_url} CODEACT_SANDBOX_URL={sandbox_url} codeact chat\n\n"
-              "Ctrl-C stops both.", flush=True)
+              "Ctrl-C stops them all.", flush=True)
         supervisor.watch(stop)
     except StartError as error:
         print(f"stack: {error}", file=sys.stderr)
@@ -161,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto", help="where the model runs")
     parser.add_argument("--model-port", type=int, default=8080, help="serve: model server port")
     parser.add_argument("--sandbox-port", type=int, default=8081, help="serve: sandbox server port")
+    parser.add_argument("--web-port", type=int, default=8090, help="serve: the chat page's port")
     parser.add_argument("--ready-timeout", type=float, default=900.0,
                         help="seconds each server may take to become ready (the first run joins the model)")
     parser.add_argument("--task", default=DEMO_TASK, help="demo: the task to run")

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pytest
 import requests
@@ -30,23 +31,32 @@ MODEL = "qwen2.5-coder-0.5b"
 EXECUTE_TOKEN = "chat-ui-path-token-0123456789"
 
 
+class Stack(NamedTuple):
+    model_url: str
+    sandbox_url: str
+    web_url: str
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """`make serve`'s stack (python -m model_server.stack serve), on the 0.5B model and free ports."""
-    model_port, sandbox_port = free_port(), free_port()
+    model_port, sandbox_port, web_port = free_port(), free_port(), free_port()
     directory = tmp_path_factory.mktemp("stack")
     log_path = directory / "stack.log"
     with open(log_path, "w") as log:  # TMPDIR: the stack's log directories go with the test's files
         process = subprocess.Popen([sys.executable, "-m", "model_server.stack", "serve", "--model", MODEL,
-                                    "--model-port", str(model_port), "--sandbox-port", str(sandbox_port)],
+                                    "--model-port", str(model_port), "--sandbox-port", str(sandbox_port),
+                                    "--web-port", str(web_port)],
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                    env={**os.environ, "TMPDIR": str(directory)})
     model_url, sandbox_url = f"http://127.0.0.1:{model_port}/v1", f"http://127.0.0.1:{sandbox_port}"
+    web_url = f"http://127.0.0.1:{web_port}"
     try:
-        wait_for(lambda: process.poll() is not None or (answers(model_url + "/models")
-                                                         and answers(sandbox_url + "/health")), 600, "make serve")
+        wait_for(lambda: process.poll() is not None or "Ctrl-C stops them all" in log_path.read_text(), 600,
+                 "make serve")
         assert process.poll() is None, log_path.read_text()[-3000:]
-        yield model_url, sandbox_url
+        assert answers(model_url + "/models") and answers(sandbox_url + "/health") and answers(web_url + "/")
+        yield Stack(model_url, sandbox_url, web_url)
     finally:
         process.send_signal(signal.SIGTERM)  # SIGINT may be ignored where the tests run in the background
         try:
@@ -119,7 +129,7 @@ def chat(url: str, stop: list[str], stream: bool) -> tuple[str, str | None, dict
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_make_serves_model_server_ends_a_reply_with_its_stop_string(stack, stream):
-    model_url, _ = stack
+    model_url = stack.model_url
     text, finish, usage = chat(model_url, ["gamma"], stream)
     assert text.endswith("gamma") and "delta" not in text and finish == "stop", text
     assert usage["prompt_tokens"] > 10 and usage["completion_tokens"] > 0
@@ -132,7 +142,7 @@ def test_make_serves_model_server_ends_a_reply_with_its_stop_string(stack, strea
 
 
 def test_a_text_completion_ends_with_its_stop_string_too(stack):
-    model_url, _ = stack
+    model_url = stack.model_url
     response = requests.post(model_url + "/completions", timeout=300, json={
         "model": MODEL, "prompt": "alpha beta gamma delta epsilon alpha beta", "temperature": 0,
         "max_tokens": 30, "stop": ["delta"]})
@@ -144,7 +154,7 @@ def test_a_text_completion_ends_with_its_stop_string_too(stack):
 
 
 def test_the_original_demo_runs_code_against_make_serve(stack, demo_python, tmp_path):
-    model_url, sandbox_url = stack
+    model_url, sandbox_url, _ = stack
     directory = copy_of(os.path.join(CLIENTS, "code-act"), tmp_path)
     messages = run_demo(demo_python, directory, model_url, sandbox_url + "/execute",
                         "Use Python to compute 123 * 456. Put the code in <execute> tags.")
@@ -192,8 +202,33 @@ def test_chat_ui_runs_code_through_the_path_token_when_the_stop_string_is_return
 def test_chat_ui_runs_code_against_make_serve(stack):
     """The fork's env.template parameters (temperature 0.5) on the embedded model: its first block runs. Seen
     executing in 15 runs of 15 while this test was written."""
-    model_url, sandbox_url = stack
+    model_url, sandbox_url, _ = stack
     result = run_chat_ui(model_url, sandbox_url, "Use Python to compute 123 * 456. Put the code in <execute> tags.",
                          model=MODEL)
     outputs = [m["content"] for m in result["messages"] if m["content"].startswith("Execution Output:")]
     assert outputs and "56088" in outputs[0], result
+
+
+
+def test_make_serves_chat_page_runs_a_turn_on_the_embedded_model(stack):
+    """The page's server, started by make serve over its model and sandbox servers: one turn through its
+    websocket, as the page sends it."""
+    import websocket
+
+    web_url = stack.web_url
+    browser = requests.Session()
+    browser.get(web_url + "/", timeout=10)  # the page's load sets the XSRF cookie
+    conversation = browser.post(web_url + "/api/conversations", json={}, timeout=10,
+                                headers={"X-XSRFToken": browser.cookies["_xsrf"]}).json()
+    socket = websocket.create_connection(web_url.replace("http", "ws") + f"/api/conversations/{conversation['id']}/ws",
+                                         timeout=300)
+    try:
+        socket.send(json.dumps({"type": "send", "text": "Use Python to compute 123 * 456. Put the code in <execute> "
+                                                        "tags."}))
+        seen = []
+        while not seen or seen[-1].get("kind") not in ("end", "error"):
+            seen.append(json.loads(socket.recv()))
+    finally:
+        socket.close()
+    cells = [m["data"] for m in seen if m.get("kind") == "cell"]
+    assert cells and "56088" in json.dumps(cells[0]["outputs"]), seen

@@ -58,7 +58,9 @@ def test_conversations_are_created_renamed_listed_deleted_and_survive_a_restart(
     created = web.call("POST", "/api/conversations", json={"title": "Sales"})
     assert created.status_code == 201, created.text
     conversation = created.json()
-    assert conversation["settings"] == {"model": "qwen", "max_executions": 4, "llm_url": "http://127.0.0.1:9/v1"}
+    # Only what was set for it: the server's own (--model, --max-executions) apply when it runs, so a server
+    # restarted with another model URL does not leave its conversations pointing at the old one.
+    assert conversation["settings"] == {}
     other = web.call("POST", "/api/conversations", json={}).json()
     renamed = web.call("PATCH", f"/api/conversations/{conversation['id']}",
                        json={"title": "Sales by month", "settings": {"timeout": 30}})
@@ -312,3 +314,34 @@ def test_a_file_put_into_a_conversation_is_read_by_its_code_and_what_it_writes_c
     assert escape.status_code in (400, 404) and "root:" not in escape.text, escape.text
     assert web.call("GET", base + "/missing.csv").status_code == 404
     assert web.call("PUT", base + "/no-xsrf.csv", data=b"x", headers={"X-XSRFToken": ""}).status_code == 403
+
+
+def test_a_conversations_own_settings_apply_to_its_turns(turns):
+    web, model = turns
+    conversation = web.call("POST", "/api/conversations", json={"settings": {"model": "not-listed"}}).json()
+    tab = Tab(web, conversation["id"])
+    tab.send(type="send", text="hi")
+    error = tab.until_end()[-1]
+    assert error["kind"] == "error" and "not-listed" in error["data"]["message"], error
+    # Changed, the settings apply from the next message, with a fresh session.
+    web.call("PATCH", f"/api/conversations/{conversation['id']}", json={"settings": {"model": "scripted"}})
+    model.enqueue("<solution>listed</solution>")
+    tab.send(type="send", text="and now?")
+    assert tab.until_end()[-1]["data"]["solution"] == "listed"
+    assert model.requests[-1]["model"] == "scripted"
+    tab.close()
+
+
+def test_an_untitled_conversation_is_named_after_its_first_message(turns):
+    web, model = turns
+    model.enqueue("<solution>4</solution>", "<solution>5</solution>")
+    conversation = web.call("POST", "/api/conversations", json={}).json()
+    tab = Tab(web, conversation["id"])
+    tab.send(type="send", text="  What is 2 + 2?\nShow your work.")
+    assert tab.receive() == {"type": "title", "title": "What is 2 + 2?"}
+    tab.until_end()
+    tab.send(type="send", text="And 2 + 3?")
+    assert [m for m in tab.until_end() if m["type"] == "title"] == []
+    tab.close()
+    assert web.call("GET", f"/api/conversations/{conversation['id']}").json()["conversation"]["title"] == \
+        "What is 2 + 2?"

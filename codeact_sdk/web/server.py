@@ -37,7 +37,7 @@ from sandbox_server.access import is_loopback_name, origin_is_this_server
 
 from ..errors import CodeActError, SandboxError
 from ..settings import Settings
-from .store import NotFound, Store
+from .store import UNTITLED, NotFound, Store
 from .turns import Chats
 
 SETTINGS_KEYS = {"model": str, "llm_url": str, "timeout": (int, float), "max_executions": int}
@@ -51,8 +51,9 @@ class WebConfig:
     port: int = 8090
     token: str | None = None
     db_path: str = ""
-    defaults: dict[str, Any] = field(default_factory=dict)  # a new conversation's settings
-    base: Settings = field(default_factory=Settings)  # the model and the sandbox (none: a private one is started)
+    # The model, the sandbox (none: a private one is started) and the defaults a conversation's own settings
+    # override; applied when a conversation runs, so a conversation keeps only what was set for it.
+    base: Settings = field(default_factory=Settings)
 
     @property
     def is_loopback(self) -> bool:
@@ -182,7 +183,7 @@ class ConversationsHandler(BaseHandler):
 
     def post(self) -> None:
         title, settings = title_and_settings(self.json_body())
-        conversation = self.store.create(title or "New conversation", {**self.config.defaults, **(settings or {})})
+        conversation = self.store.create(title or UNTITLED, settings or {})
         self.send(conversation.summary(), 201)
 
 

@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS items (
 );
 """
 TITLE_LIMIT = 200  # characters
+UNTITLED = "New conversation"
 
 
 class NotFound(KeyError):
@@ -85,7 +86,7 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
-    def create(self, title: str = "New conversation", settings: dict[str, Any] | None = None) -> Conversation:
+    def create(self, title: str = UNTITLED, settings: dict[str, Any] | None = None) -> Conversation:
         now = time.time()
         conversation = Conversation(uuid.uuid4().hex, clean_title(title), now, now, settings or {})
         self.db.execute("INSERT INTO conversations (id, title, created, updated, settings) VALUES (?, ?, ?, ?, ?)",
@@ -169,4 +170,4 @@ class Store:
 def clean_title(title: str) -> str:
     """One line of at most TITLE_LIMIT characters; never empty."""
     title = " ".join(str(title).split())[:TITLE_LIMIT]
-    return title or "New conversation"
+    return title or UNTITLED

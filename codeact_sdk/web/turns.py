@@ -20,10 +20,11 @@ from .. import events
 from ..async_session import AsyncSession
 from ..errors import CodeActError
 from ..settings import Settings, resolve
-from .store import Store
+from .store import UNTITLED, Store
 
 log = logging.getLogger("codeact.web")
 
+TITLE_FROM_MESSAGE = 60  # characters of a first message that become the conversation's title
 Send = Callable[[dict[str, Any]], None]  # one watcher: a websocket's write
 
 
@@ -86,6 +87,9 @@ class Chats:
 
     async def run_turn(self, chat: Chat, text: str) -> None:
         cid = chat.conversation_id
+        if self.store.get(cid).title == UNTITLED and not self.store.items(cid):  # named after its first message
+            title = self.store.rename(cid, text.strip().splitlines()[0][:TITLE_FROM_MESSAGE]).title
+            chat.broadcast({"type": "title", "title": title})
         chat.broadcast({"type": "item", **self.item(cid, "user", {"text": text})})
         cell: dict[str, Any] | None = None
         try:

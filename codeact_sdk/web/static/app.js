@@ -101,6 +101,7 @@ function onEvent(event) {
     case "item": showItem(event); if (event.kernel) setKernel(event.kernel); break;
     case "error": say(event.message); break;
     case "deleted": say("This conversation was deleted.", "info"); setBusy(false); break;
+    case "title": $("title").textContent = event.title; document.title = `${event.title} - CodeAct`; loadConversations(); break;
   }
   scrollDown();
 }

@@ -4,7 +4,7 @@ task run through the SDK on the embedded model (`make demo`).
     python -m model_server.stack serve [--model NAME] [--model-port 8080] [--sandbox-port 8081] [--web-port 8090]
     python -m model_server.stack demo  [--model NAME] [--task TEXT]
 
-Each server is waited for; one Ctrl-C stops both.
+Each server is waited for; one Ctrl-C stops them all (serve also starts the chat page, `codeact web`).
 """
 
 from __future__ import annotations

@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     page.add_argument("--db", help="the conversations' SQLite file (default: web.sqlite3 in the user's data "
                                    "directory, ~/.local/share/codeact)")
     page.add_argument("--token", help="login token, required beyond loopback (or set CODEACT_WEB_TOKEN)")
+    page.add_argument("--mcp-config", metavar="FILE", help='MCP servers whose tools every conversation\'s code can '
+                                                          'call: JSON {"mcpServers": {name: {command, args, env} or '
+                                                          '{url, headers}}} (the [mcp] extra)')
     exporter = commands.add_parser("export", help="transcript (JSONL) to the ShareGPT conversations format")
     exporter.add_argument("transcript")
     exporter.add_argument("-o", "--output", help="write here (default: standard output)")
@@ -332,6 +335,7 @@ def run(args: argparse.Namespace) -> int:
 def web(args: argparse.Namespace) -> int:
     import asyncio
 
+    from .mcp_tools import load_config
     from .web.store import default_path
 
     try:
@@ -342,12 +346,13 @@ def web(args: argparse.Namespace) -> int:
         return 2
     base = resolve(llm_url=args.llm_url, model=args.model, api_key=args.api_key, sandbox_url=args.sandbox_url,
                    sandbox_token=args.sandbox_token, timeout=args.timeout, max_executions=args.max_executions)
-    config = WebConfig(host=args.host, port=args.port, token=args.token or os.environ.get("CODEACT_WEB_TOKEN"),
-                       db_path=args.db or default_path(), base=base)
     try:
+        mcp_servers = tuple(load_config(args.mcp_config)) if args.mcp_config else ()
+        config = WebConfig(host=args.host, port=args.port, token=args.token or os.environ.get("CODEACT_WEB_TOKEN"),
+                           db_path=args.db or default_path(), base=base, mcp_servers=mcp_servers)
         config.check()
         asyncio.run(serve(config, ready=lambda line: print(line, flush=True)))
-    except (ValueError, OSError) as error:
+    except (CodeActError, ValueError, OSError) as error:  # a bad --mcp-config, a port in use, no sandbox
         print(f"codeact: {error}", file=sys.stderr)
         return 2
     return 0

@@ -67,6 +67,38 @@ class MCPServer:
             raise ConfigError(f"MCP server {self.name!r}: give a command (stdio) or a url (streamable HTTP)")
 
 
+def load_config(path: str) -> list[MCPServer]:
+    """MCP servers from a JSON file in the shape other MCP clients read (`mcpServers`):
+
+        {"mcpServers": {"files": {"command": "python", "args": ["files_server.py"], "env": {"ROOT": "/data"}},
+                        "github": {"url": "https://mcp.example.com/mcp", "headers": {"Authorization": "..."}}}}
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except OSError as error:
+        raise ConfigError(f"cannot read the MCP configuration {path}: {error.strerror}") from None
+    except ValueError as error:
+        raise ConfigError(f"the MCP configuration {path} is not valid JSON: {error}") from None
+    servers = data.get("mcpServers") if isinstance(data, dict) else None
+    if not isinstance(servers, dict):
+        raise ConfigError(f"the MCP configuration {path} needs an object \"mcpServers\": {{name: server}}")
+    loaded = []
+    for name, entry in servers.items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: MCP server {name!r} must be an object with a command or a url")
+        strings = isinstance(entry.get("args", []), list) and all(isinstance(a, str) for a in entry.get("args", []))
+        mappings = all(isinstance(entry.get(key, {}), dict) for key in ("env", "headers"))
+        if not strings or not mappings or not isinstance(entry.get("command", ""), str):
+            raise ConfigError(f"{path}: MCP server {name!r}: args is a list of strings, env and headers objects")
+        if entry.get("url"):
+            loaded.append(MCPServer.http(name, entry["url"], entry.get("headers")))
+        else:
+            command = [entry["command"], *entry.get("args", [])] if entry.get("command") else []
+            loaded.append(MCPServer.stdio(name, command, entry.get("env")))
+    return loaded
+
+
 def identifier(name: str) -> str:
     text = re.sub(r"\W", "_", name)
     return text if text.isidentifier() else f"_{text}"

@@ -82,6 +82,9 @@ def test_a_conversation_streams_runs_code_shows_a_plot_and_is_there_after_a_relo
     page.reload()
     page.wait_for_selector(".cell.ok img.result-image")
     assert page.inner_text(".message.user") == "Plot 1, 3, 2" and page.inner_text(".solution") == "3"
+    page.click("#settings summary")  # the operator's part of the settings, beside the conversation's own
+    assert page.inner_text("#server-config") == "No MCP servers configured (codeact web --mcp-config)."
+    assert page.get_attribute("#settings-form input[name=max_executions]", "placeholder") == "5"
     assert dialogs == []
 
 

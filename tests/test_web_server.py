@@ -345,3 +345,39 @@ def test_an_untitled_conversation_is_named_after_its_first_message(turns):
     tab.close()
     assert web.call("GET", f"/api/conversations/{conversation['id']}").json()["conversation"]["title"] == \
         "What is 2 + 2?"
+
+
+def test_the_operators_mcp_servers_are_in_every_conversations_kernel(tmp_path, local_sandbox, model):
+    server = os.path.join(os.path.dirname(__file__), "mcp_server.py")
+    config = tmp_path / "mcp.json"
+    config.write_text(json.dumps({"mcpServers": {"orders": {"command": sys.executable, "args": [server, "stdio"],
+                                                            "env": {"SECRET": "kept-on-the-server"}}}}))
+    web = Web(str(tmp_path / "web.sqlite3"), "--mcp-config", str(config), sandbox=local_sandbox, llm_url=model.url)
+    try:
+        shown = web.call("GET", "/api/config").json()
+        assert shown["mcp_servers"] == [{"name": "orders", "transport": "stdio"}]
+        assert "kept-on-the-server" not in json.dumps(shown)
+        model.enqueue("<execute>print(orders.add(a=2, b=3))</execute>", "<solution>5</solution>")
+        conversation = web.call("POST", "/api/conversations", json={}).json()
+        tab = Tab(web, conversation["id"])
+        tab.send(type="send", text="add 2 and 3 with the orders tool")
+        cell = next(m for m in tab.until_end() if m.get("kind") == "cell")
+        tab.close()
+        assert cell["data"]["outputs"] == [{"type": "stream", "name": "stdout", "text": "5\n"}], cell
+        assert "orders.add(" in model.requests[0]["messages"][0]["content"]
+    finally:
+        web.stop()
+
+
+@pytest.mark.parametrize("content, says", [
+    ("{", "not valid JSON"), ('{"servers": {}}', 'needs an object "mcpServers"'),
+    ('{"mcpServers": {"x": {"command": "a", "args": "b"}}}', "args is a list of strings"),
+    ('{"mcpServers": {"bad name": {"command": "a"}}}', "must be a Python identifier"),
+    ('{"mcpServers": {"x": {}}}', "give a command (stdio) or a url"),
+])
+def test_a_bad_mcp_configuration_is_one_line_at_start(tmp_path, content, says):
+    config = tmp_path / "mcp.json"
+    config.write_text(content)
+    done = subprocess.run([sys.executable, "-m", "codeact_sdk", "web", "--port", "0", "--db", str(tmp_path / "w"),
+                           "--mcp-config", str(config)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and says in done.stderr, done.stderr

@@ -1,6 +1,7 @@
 """The web chat's server (`codeact web`): Tornado, thin over the SDK and the conversation store.
 
 Routes (JSON unless said otherwise):
+    GET    /api/config                             the server's defaults and MCP servers (names only)
     GET    /api/conversations                      {"conversations": [...]}, the latest first
     POST   /api/conversations                      {title?, settings?} -> 201 the conversation
     GET    /api/conversations/{id}                 {"conversation", "items"}
@@ -36,6 +37,7 @@ from tornado.httputil import split_host_and_port
 from sandbox_server.access import is_loopback_name, origin_is_this_server
 
 from ..errors import CodeActError, SandboxError
+from ..mcp_tools import MCPServer
 from ..settings import Settings
 from .store import UNTITLED, NotFound, Store
 from .turns import Chats
@@ -54,6 +56,7 @@ class WebConfig:
     # The model, the sandbox (none: a private one is started) and the defaults a conversation's own settings
     # override; applied when a conversation runs, so a conversation keeps only what was set for it.
     base: Settings = field(default_factory=Settings)
+    mcp_servers: tuple[MCPServer, ...] = ()  # their tools are in every conversation's kernel
 
     @property
     def is_loopback(self) -> bool:
@@ -175,6 +178,18 @@ def title_and_settings(body: dict[str, Any]) -> tuple[str | None, dict[str, Any]
             if not isinstance(value, SETTINGS_KEYS[key]) or isinstance(value, bool):
                 raise ApiError(400, f"setting {key!r} has the wrong type")
     return title, settings
+
+
+class ConfigHandler(BaseHandler):
+    """GET /api/config: what the operator set for every conversation (the page's settings show it). No
+    secrets: an MCP server's headers and environment stay on the server."""
+
+    def get(self) -> None:
+        base = self.config.base
+        self.send({"defaults": {"llm_url": base.llm_url, "model": base.model, "timeout": base.timeout,
+                                "max_executions": base.max_executions},
+                   "mcp_servers": [{"name": server.name, "transport": "http" if server.url else "stdio"}
+                                   for server in self.config.mcp_servers]})
 
 
 class ConversationsHandler(BaseHandler):
@@ -366,6 +381,7 @@ def make_app(store: Store, config: WebConfig, chats: Chats) -> web.Application:
     routes = [
         (r"/", PageHandler),
         (r"/login", LoginHandler),
+        (r"/api/config", ConfigHandler),
         (r"/api/conversations", ConversationsHandler),
         (rf"/api/conversations/{ID}", ConversationHandler),
         (rf"/api/conversations/{ID}/export", ExportHandler),
@@ -394,7 +410,7 @@ async def serve(config: WebConfig, ready=print) -> None:
         private = await asyncio.to_thread(LocalSandbox().start)
         sandbox_url, sandbox_token = private.url, private.token
     store = Store(config.db_path)
-    chats = Chats(store, sandbox_url, sandbox_token, config.base)
+    chats = Chats(store, sandbox_url, sandbox_token, config.base, config.mcp_servers)
     server = HTTPServer(make_app(store, config, chats), max_body_size=MAX_UPLOAD)
     try:
         sockets = bind_sockets(config.port, config.host)

@@ -19,6 +19,7 @@ from typing import Any
 from .. import events
 from ..async_session import AsyncSession
 from ..errors import CodeActError
+from ..mcp_tools import MCPServer
 from ..settings import Settings, resolve
 from .store import UNTITLED, Store
 
@@ -51,11 +52,13 @@ class Chat:
 
 
 class Chats:
-    """The open conversations of a server. `sandbox` is the one every conversation's session uses."""
+    """The open conversations of a server: every conversation's session uses the one sandbox and the MCP
+    servers the operator configured."""
 
     def __init__(self, store: Store, sandbox_url: str | None, sandbox_token: str | None,
-                 base: Settings | None = None) -> None:
+                 base: Settings | None = None, mcp_servers: tuple[MCPServer, ...] = ()) -> None:
         self.store = store
+        self.mcp_servers = mcp_servers  # the operator's, for every conversation
         self.sandbox_url = sandbox_url
         self.sandbox_token = sandbox_token
         self.base = base or resolve()
@@ -73,7 +76,7 @@ class Chats:
             llm_url=settings.get("llm_url", self.base.llm_url), model=settings.get("model", self.base.model),
             api_key=self.base.api_key, sandbox_url=self.sandbox_url, sandbox_token=self.sandbox_token,
             timeout=settings.get("timeout", self.base.timeout),
-            max_executions=settings.get("max_executions", self.base.max_executions)))
+            max_executions=settings.get("max_executions", self.base.max_executions)), mcp_servers=self.mcp_servers)
         session.session.continue_from(self.store.messages(conversation_id))
         return session
 

@@ -280,7 +280,17 @@ document.addEventListener("DOMContentLoaded", async () => {
   await start().catch((error) => say(error.message));
 });
 
+async function showServerConfig() {
+  const { defaults, mcp_servers: servers } = await api("GET", "/api/config");
+  const form = $("settings-form");
+  for (const key of ["llm_url", "model", "timeout", "max_executions"]) if (defaults[key] !== null) form.elements[key].placeholder = String(defaults[key]);
+  $("server-config").textContent = servers.length
+    ? `Tools from MCP servers (set by the operator): ${servers.map((s) => `${s.name} (${s.transport})`).join(", ")}`
+    : "No MCP servers configured (codeact web --mcp-config).";
+}
+
 async function start() {
+  showServerConfig().catch(() => {});
   await loadConversations();
   const wanted = location.hash.slice(1);
   if (wanted && state.conversations.some((c) => c.id === wanted)) return openConversation(wanted);

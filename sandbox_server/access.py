@@ -20,6 +20,7 @@ import ipaddress
 import re
 from urllib.parse import urlsplit
 
+from tornado import web
 from tornado.httputil import split_host_and_port
 
 from .errors import Forbidden, NotFound, Unauthorized
@@ -93,3 +94,17 @@ QUERY_TOKEN = re.compile(r"([?&]token=)[^&#]*")
 def masked(uri: str) -> str:
     """A request URI as logs may show it: the path token and a websocket's ?token= replaced."""
     return QUERY_TOKEN.sub(r"\1***", PATH_TOKEN.sub("t/***", uri))
+
+
+class MaskedLogs(web.RequestHandler):
+    """Tornado's request logs (the access log, warnings, uncaught errors) without tokens in URLs. The sandbox's
+    handlers and the web chat's (`/login?token=`) use it."""
+
+    def _request_summary(self) -> str:
+        return f"{self.request.method} {masked(self.request.uri or '')} ({self.request.remote_ip})"
+
+    def log_exception(self, typ, value, tb) -> None:
+        if isinstance(value, web.HTTPError):
+            super().log_exception(typ, value, tb)
+        else:  # Tornado's own line adds the request's repr, which holds the URI unmasked
+            web.app_log.error("Uncaught exception %s", self._request_summary(), exc_info=(typ, value, tb))

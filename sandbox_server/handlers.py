@@ -61,21 +61,8 @@ def positive_timeout(body: dict) -> float | None:
     return float(timeout) if timeout is not None else None
 
 
-class MaskedLogs(web.RequestHandler):
-    """Tornado's request logs (the access log, warnings, uncaught errors) without tokens in URLs."""
-
-    def _request_summary(self) -> str:
-        return f"{self.request.method} {access.masked(self.request.uri or '')} ({self.request.remote_ip})"
-
-    def log_exception(self, typ, value, tb) -> None:
-        if isinstance(value, web.HTTPError):
-            super().log_exception(typ, value, tb)
-        else:  # Tornado's own line adds the request's repr, which holds the URI unmasked
-            web.app_log.error("Uncaught exception %s", self._request_summary(), exc_info=(typ, value, tb))
-
-
 @web.stream_request_body
-class BaseHandler(MaskedLogs):
+class BaseHandler(access.MaskedLogs):
     """Auth, bounded JSON bodies and JSON errors for every route."""
 
     public = False  # /health opts out of auth
@@ -275,7 +262,7 @@ class NotFoundHandler(BaseHandler):
         raise NotFound(f"no route {self.request.method} {self.request.path}; see docs/sandbox-api.md")
 
 
-class StreamHandler(websocket.WebSocketHandler, MaskedLogs):
+class StreamHandler(websocket.WebSocketHandler, access.MaskedLogs):
     """WS /v1/sessions/{id}/ws: executes queue in order; events stream as the kernel produces them.
 
     Client messages: {"type": "execute", "code", "timeout"?}, {"type": "input_reply", "value"},

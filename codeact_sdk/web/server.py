@@ -34,7 +34,7 @@ from urllib.parse import quote
 from tornado import web, websocket
 from tornado.httputil import split_host_and_port
 
-from sandbox_server.access import is_loopback_name, origin_is_this_server
+from sandbox_server.access import MaskedLogs, is_loopback_name, origin_is_this_server
 
 from ..errors import CodeActError, SandboxError
 from ..mcp_tools import MCPServer
@@ -102,7 +102,7 @@ class Access:
         return hmac.compare_digest((self.get_cookie(LOGIN_COOKIE) or "").encode(), login_value(self.config).encode())
 
 
-class BaseHandler(Access, web.RequestHandler):
+class BaseHandler(Access, MaskedLogs):
     def initialize(self, store: Store, config: WebConfig, chats: Chats) -> None:
         self.store = store
         self.config = config
@@ -315,7 +315,7 @@ class LoginHandler(BaseHandler):
         self.redirect("/")
 
 
-class TurnSocket(Access, websocket.WebSocketHandler):
+class TurnSocket(Access, websocket.WebSocketHandler, MaskedLogs):
     """WS /api/conversations/{id}/ws: a page's turns. Every page watching a conversation gets its events."""
 
     def initialize(self, store: Store, config: WebConfig, chats: Chats) -> None:

@@ -62,10 +62,14 @@ def with_usage(model: llama_cpp.Llama, chunks: Iterator[dict], prompt_tokens: in
         choice = chunk["choices"][0] if chunk.get("choices") else {}
         text.append(choice.get("delta", {}).get("content") or "")
         if choice.get("finish_reason") is not None:
-            completion_tokens = len(model.tokenize("".join(text).encode(), add_bos=False, special=True))
-            chunk = {**chunk, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                        "total_tokens": prompt_tokens + completion_tokens}}
+            chunk = {**chunk, "usage": usage(model, prompt_tokens, "".join(text))}
         yield chunk
+
+
+def usage(model: llama_cpp.Llama, prompt_tokens: int, completion: str) -> dict:
+    completion_tokens = len(model.tokenize(completion.encode(), add_bos=False, special=True))
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def create_completion_returning_stop_strings(self: llama_cpp.Llama, prompt, *args, stop=None, stream=False,
@@ -103,14 +107,11 @@ def ending_with_stop_string(chunks: Iterator[dict], stops: list[str]) -> Iterato
 def joined(model: llama_cpp.Llama, chunks: list[dict]) -> dict:
     """A reply that is not streamed, from its chunks: llama-cpp-python's text completion."""
     text = "".join(chunk["choices"][0]["text"] for chunk in chunks)
-    prompt_tokens = getattr(model, "codeact_prompt_tokens", 0)
-    completion_tokens = len(model.tokenize(text.encode(), add_bos=False, special=True))
     first = chunks[0] if chunks else {"id": f"cmpl-{time.time_ns()}", "created": int(time.time()), "model": ""}
     return {"id": first["id"], "object": "text_completion", "created": first["created"], "model": first["model"],
             "choices": [{"text": text, "index": 0, "logprobs": None,
                          "finish_reason": chunks[-1]["choices"][0]["finish_reason"] if chunks else "stop"}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+            "usage": usage(model, getattr(model, "codeact_prompt_tokens", 0), text)}
 
 
 def option(argv: list[str], name: str) -> tuple[bool, list[str]]:

@@ -73,8 +73,8 @@ def check(token: str | None, headers, public: bool = False, query_token: str | N
                         "requests for 127.0.0.1 / localhost (set a token to serve other names)")
     origin = headers.get("Origin")
     if origin is not None and not origin_is_this_server(origin, host_header):
-        raise Forbidden(f"cross-origin request from {origin!r} refused: web pages may not call a sandbox "
-                        "server that has no token")
+        raise Forbidden(f"cross-origin request from {origin!r} refused: web pages may not call a server that "
+                        "has no token")
 
 
 def check_execute_token(expected: str | None, offered: str) -> None:

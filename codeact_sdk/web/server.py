@@ -27,13 +27,13 @@ from __future__ import annotations
 import hmac
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import quote
 
 from tornado import web, websocket
-from tornado.httputil import split_host_and_port
 
+from sandbox_server import access
 from sandbox_server.access import MaskedLogs, is_loopback_name, origin_is_this_server
 
 from ..errors import CodeActError, SandboxError
@@ -75,10 +75,16 @@ class ApiError(web.HTTPError):
 
 
 class Access:
-    """Who may call, for the HTTP handlers and the websocket alike."""
+    """Who may call, for the HTTP handlers and the websocket alike: the sandbox server's rules (sandbox_server.
+    access), with a login cookie beside the bearer token."""
 
     config: WebConfig
     request: Any
+
+    def initialize(self, store: Store, config: WebConfig, chats: Chats) -> None:
+        self.store = store
+        self.config = config
+        self.chats = chats
 
     def authorize(self) -> None:
         if self.config.token:
@@ -86,28 +92,19 @@ class Access:
                 raise ApiError(401, "log in: open /login?token=<the server's token>, or send "
                                     "'Authorization: Bearer <token>'")
             return
-        host = self.request.headers.get("Host", "")
-        if not is_loopback_name(split_host_and_port(host)[0]):
-            raise ApiError(403, f"Host {host!r} is not a loopback name: a server without a token answers only "
-                                "127.0.0.1 / localhost")
-        origin = self.request.headers.get("Origin")
-        if origin is not None and not origin_is_this_server(origin, host):
-            raise ApiError(403, f"cross-origin request from {origin!r} refused")
+        try:
+            access.check(None, self.request.headers)  # a loopback Host, and no Origin but this server's
+        except access.Forbidden as error:
+            raise ApiError(403, error.message) from None
 
     def bearer_ok(self) -> bool:
-        offered = self.request.headers.get("Authorization", "")
-        return offered.startswith("Bearer ") and hmac.compare_digest(offered[7:].encode(), self.config.token.encode())
+        return access.token_matches(self.config.token, self.request.headers.get("Authorization", ""))
 
     def cookie_ok(self) -> bool:
         return hmac.compare_digest((self.get_cookie(LOGIN_COOKIE) or "").encode(), login_value(self.config).encode())
 
 
 class BaseHandler(Access, MaskedLogs):
-    def initialize(self, store: Store, config: WebConfig, chats: Chats) -> None:
-        self.store = store
-        self.config = config
-        self.chats = chats
-
     def prepare(self) -> None:
         self.authorize()
         if self.request.method == "GET":
@@ -309,7 +306,7 @@ class LoginHandler(BaseHandler):
 
     def get(self) -> None:
         offered = self.get_query_argument("token", "")
-        if not self.config.token or not hmac.compare_digest(offered.encode(), self.config.token.encode()):
+        if not self.config.token or not access.token_matches(self.config.token, None, offered):
             raise ApiError(401, "wrong token")
         self.set_cookie(LOGIN_COOKIE, login_value(self.config), httponly=True, samesite="Strict")
         self.redirect("/")
@@ -318,11 +315,7 @@ class LoginHandler(BaseHandler):
 class TurnSocket(Access, websocket.WebSocketHandler, MaskedLogs):
     """WS /api/conversations/{id}/ws: a page's turns. Every page watching a conversation gets its events."""
 
-    def initialize(self, store: Store, config: WebConfig, chats: Chats) -> None:
-        self.store = store
-        self.config = config
-        self.chats = chats
-        self.chat = None
+    chat = None  # the conversation's, once open
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         try:
@@ -402,15 +395,14 @@ async def serve(config: WebConfig, ready=print) -> None:
     from tornado.httpserver import HTTPServer
     from tornado.netutil import bind_sockets
 
-    private = None
-    sandbox_url, sandbox_token = config.base.sandbox_url, config.base.sandbox_token
-    if sandbox_url is None:  # one private sandbox server for every conversation (the [server] extra)
+    private, base = None, config.base
+    if base.sandbox_url is None:  # one private sandbox server for every conversation (the [server] extra)
         from ..local_sandbox import LocalSandbox
 
         private = await asyncio.to_thread(LocalSandbox().start)
-        sandbox_url, sandbox_token = private.url, private.token
+        base = replace(base, sandbox_url=private.url, sandbox_token=private.token)
     store = Store(config.db_path)
-    chats = Chats(store, sandbox_url, sandbox_token, config.base, config.mcp_servers)
+    chats = Chats(store, base, config.mcp_servers)
     server = HTTPServer(make_app(store, config, chats), max_body_size=MAX_UPLOAD)
     try:
         sockets = bind_sockets(config.port, config.host)

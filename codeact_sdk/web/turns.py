@@ -52,16 +52,13 @@ class Chat:
 
 
 class Chats:
-    """The open conversations of a server: every conversation's session uses the one sandbox and the MCP
-    servers the operator configured."""
+    """The open conversations of a server: every conversation's session uses the sandbox of `base` and the
+    MCP servers the operator configured."""
 
-    def __init__(self, store: Store, sandbox_url: str | None, sandbox_token: str | None,
-                 base: Settings | None = None, mcp_servers: tuple[MCPServer, ...] = ()) -> None:
+    def __init__(self, store: Store, base: Settings, mcp_servers: tuple[MCPServer, ...] = ()) -> None:
         self.store = store
+        self.base = base  # the server's model, sandbox and defaults
         self.mcp_servers = mcp_servers  # the operator's, for every conversation
-        self.sandbox_url = sandbox_url
-        self.sandbox_token = sandbox_token
-        self.base = base or resolve()
         self.chats: dict[str, Chat] = {}
 
     def chat(self, conversation_id: str) -> Chat:
@@ -74,7 +71,7 @@ class Chats:
         settings = self.store.get(conversation_id).settings
         session = AsyncSession(settings=resolve(
             llm_url=settings.get("llm_url", self.base.llm_url), model=settings.get("model", self.base.model),
-            api_key=self.base.api_key, sandbox_url=self.sandbox_url, sandbox_token=self.sandbox_token,
+            api_key=self.base.api_key, sandbox_url=self.base.sandbox_url, sandbox_token=self.base.sandbox_token,
             timeout=settings.get("timeout", self.base.timeout),
             max_executions=settings.get("max_executions", self.base.max_executions)), mcp_servers=self.mcp_servers)
         session.session.continue_from(self.store.messages(conversation_id))
@@ -151,11 +148,7 @@ class Chats:
 
     async def close(self) -> None:
         for chat in self.chats.values():
-            if chat.busy:
-                chat.session.stop()
-                await asyncio.wait([chat.turn], timeout=10)
-            if chat.opened:
-                await chat.session.close()
+            await end(chat)
         self.chats.clear()
 
     async def forget(self, conversation_id: str) -> None:
@@ -163,11 +156,16 @@ class Chats:
         chat = self.chats.pop(conversation_id, None)
         if chat is not None:
             chat.broadcast({"type": "deleted"})
-            if chat.busy:
-                chat.session.stop()
-                await asyncio.wait([chat.turn], timeout=10)
-            if chat.opened:
-                await chat.session.close()
+            await end(chat)
+
+
+async def end(chat: Chat) -> None:
+    """A conversation's turn stopped and waited for, then its session (and kernel) closed."""
+    if chat.busy:
+        chat.session.stop()
+        await asyncio.wait([chat.turn], timeout=10)
+    if chat.opened:
+        await chat.session.close()
 
 
 def add_output(outputs: list[dict[str, Any]], output: dict[str, Any]) -> None:

@@ -130,6 +130,9 @@ def test_the_wheel_with_every_extra_runs_each_command_for_real(wheel, tmp_path):
         assert "http://127.0.0.1:" in line, line + web.stderr.read()
         url = line.split()[2].rstrip("/")
         assert requests.get(url + "/api/conversations", timeout=10).json() == {"conversations": []}
+        # The page's static files came with the wheel.
+        assert "<title>CodeAct</title>" in requests.get(url + "/", timeout=10).text
+        assert requests.get(url + "/static/app.js", timeout=10).status_code == 200
     finally:
         web.send_signal(signal.SIGTERM)
         web.wait(30)

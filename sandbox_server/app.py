@@ -80,6 +80,8 @@ class Server:
                 self.capabilities = isolation.probe(self.environment, self.config.isolate, self.config.kernel_uid_base)
             log.info("%s", self.capabilities.report(self.config.cpu_limit))
             backend = LocalBackend(self.config, self.capabilities, self.environment)
+            # The pool fills once the template has started (or failed to), so its kernels are forked too.
+            log.info("%s", await backend.kernel_start_report(self.config.kernel_start_timeout))
         if not self.config.token:
             log.warning("no token set (--token / CODEACT_SANDBOX_TOKEN): serving %s without auth",
                         self.config.host)

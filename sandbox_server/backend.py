@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import stat
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ from .isolation import Capabilities, Isolation
 from .kernel import LocalKernel, connection_info, write_connection_file
 from .kernel_env import KernelEnvironment
 from .packages import PackageInstaller
+from .template import KernelTemplate
 from .uids import UidLeases
 
 log = logging.getLogger("sandbox_server.backend")
@@ -154,6 +156,18 @@ class LocalBackend:
         self.context.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
         self.counter = itertools.count(1)
         self.sweep = asyncio.get_running_loop().create_task(remove_trees(stale)) if stale else None
+        self.template = KernelTemplate(environment, config.kernel_preload, self.root) \
+            if config.kernel_start == "fork" and sys.platform.startswith("linux") else None
+        if self.template is not None:
+            self.template.start()
+
+    async def kernel_start_report(self, timeout: float) -> str:
+        """How kernels start here, once the template's first start has ended (for the start-up log)."""
+        if self.template is None:
+            why = "--kernel-start boot" if self.config.kernel_start == "boot" else "fork needs Linux"
+            return f"kernels: booted ({why})"
+        await self.template.wait_started(timeout)
+        return f"kernels: {self.template.describe()}"
 
     def new_home(self) -> Home:
         container = make_new_dir(self.root, "s", 0o711)  # never the name of an earlier session's directory
@@ -175,7 +189,7 @@ class LocalBackend:
         launch = self.isolation.launch(name, home.workdir, home_dir, connection_file, home.uid, network,
                                        env=self.packages.kernel_variables(container, home_dir),
                                        readable=self.packages.readable(container))
-        kernel = LocalKernel(name, launch, runtime_dir, connection, self.context, self.config)
+        kernel = LocalKernel(name, launch, runtime_dir, connection, self.context, self.config, self.template)
         return await start_or_kill(kernel, self.config.kernel_start_timeout)
 
     async def remove_home(self, home: Home) -> None:
@@ -206,6 +220,8 @@ class LocalBackend:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.sweep
         await self.packages.close_all()
+        if self.template is not None:
+            await self.template.close()
         self.isolation.close()
         self.context.destroy(linger=0)
         await files.remove_tree(self.root)

@@ -24,6 +24,11 @@ HELP = {
     "gateway_token": "with --backend gateway: its auth token (sent as 'Authorization: token ...')",
     "gateway_kernel": "with --backend gateway: the kernelspec name to start",
     "pool_size": "warm kernels kept started, so a new session never waits for a boot",
+    "kernel_start": "how local kernels start: fork (from a template process that has imported what a kernel needs; "
+                    "milliseconds each, pages shared) or boot (a new interpreter each, as before); fork boots "
+                    "whenever the template is unavailable",
+    "kernel_preload": "comma-separated modules the kernel template imports for its kernels (with --kernel-start "
+                      "fork), besides ipykernel's own; one that starts threads cannot be preloaded",
     "max_sessions": "open sessions allowed; past it, session creation answers 429 with Retry-After",
     "idle_timeout": "seconds a session may stay unused before it is closed",
     "max_lifetime": "seconds a session may live at most (default: no limit)",

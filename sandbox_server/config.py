@@ -35,6 +35,10 @@ class Config:
 
     # Kernels and sessions.
     pool_size: int = 4  # warm kernels kept ready; creating a session never waits for a boot
+    # "fork": kernels are forked from a template process that has imported what a kernel needs (template.py),
+    # booting only while it is unavailable; "boot": every kernel is a new interpreter. Local backend only.
+    kernel_start: str = "fork"
+    kernel_preload: str = "numpy,pandas,matplotlib"  # what the template imports besides ipykernel's own
     max_sessions: int = 200  # past this, creating a session answers 429 with Retry-After
     idle_timeout: float = 600.0  # sessions idle this long are reaped (the original's 10 minutes)
     max_lifetime: float | None = None  # optional cap on a session's age
@@ -92,6 +96,8 @@ class Config:
             raise ValueError("--backend must be local or gateway")
         if self.backend == "gateway" and not self.gateway_url:
             raise ValueError("--backend gateway needs --gateway-url")
+        if self.kernel_start not in ("fork", "boot"):
+            raise ValueError("--kernel-start must be fork or boot")
         if self.pool_size < 0:
             raise ValueError("--pool-size must be 0 or more")
         if self.max_sessions < 1:

@@ -109,13 +109,16 @@ def scrubbed_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 @dataclass
 class KernelLaunch:
-    """Everything needed to start one confined kernel; `argv` is what the server runs."""
+    """Everything needed to start one confined kernel: `argv` is what the server runs to boot it, `spec` what
+    confine.py (booted) or the kernel template (forked, template.py) applies."""
 
     argv: list[str]
     workdir: str
     uid: int | None
+    spec: dict = field(default_factory=dict)
     cgroups: list[str] = field(default_factory=list)
-    namespaced: bool = False  # the process run is `unshare`, and the kernel is its child
+    namespaced: bool = False  # the kernel has its own namespaces (booted: under `unshare`, as its child)
+    network: bool = False
     dies_with_server: bool = False  # the launch itself arranges to die with the server
 
 
@@ -174,9 +177,9 @@ class Isolation:
                 "PATH": ":".join([os.path.join(home_dir, PREFIX, "bin"), self.environment.bin_dir, *SYSTEM_PATH]),
                 **(env or {}),
             }),
-            "argv": [self.environment.python, "-m", "ipykernel_launcher", "-f", connection_file,
-                     "--HistoryManager.hist_file=:memory:"],
+            "kernel_args": ["-f", connection_file, "--HistoryManager.hist_file=:memory:"],
         }
+        spec["argv"] = [self.environment.python, "-m", "ipykernel_launcher", *spec["kernel_args"]]
         confine = [sys.executable, "-E", "-s", "-S", CONFINE_SCRIPT, json.dumps(spec)]
         if caps.namespaces:
             flags = ["--pid", "--fork", "--kill-child", "--mount-proc", "--ipc", "--uts"]
@@ -189,8 +192,8 @@ class Isolation:
             # The launcher dies with the server (and `--kill-child` takes the kernel with it): no orphans
             # even when the server is killed outright.
             argv = [self.setpriv, "--pdeathsig", "KILL", "--", *argv]
-        return KernelLaunch(argv=argv, workdir=workdir, uid=uid, cgroups=cgroups, namespaced=caps.namespaces,
-                            dies_with_server=self.setpriv is not None)
+        return KernelLaunch(argv=argv, workdir=workdir, uid=uid, spec=spec, cgroups=cgroups,
+                            namespaced=caps.namespaces, network=network, dies_with_server=self.setpriv is not None)
 
     def closed_directories(self, workdir: str) -> dict[str, list[str]]:
         """What to open in the kernel's mount namespace: its interpreter and the server's root (two levels

@@ -67,6 +67,7 @@ class Server:
         self.port: int | None = None
 
     async def start(self) -> None:
+        self.metrics = Metrics()
         if self.config.backend == "gateway":
             backend = GatewayBackend(self.config)
             await backend.check()
@@ -79,13 +80,12 @@ class Server:
             if self.capabilities is None:
                 self.capabilities = isolation.probe(self.environment, self.config.isolate, self.config.kernel_uid_base)
             log.info("%s", self.capabilities.report(self.config.cpu_limit))
-            backend = LocalBackend(self.config, self.capabilities, self.environment)
+            backend = LocalBackend(self.config, self.capabilities, self.environment, self.metrics)
             # The pool fills once the template has started (or failed to), so its kernels are forked too.
             log.info("%s", await backend.kernel_start_report(self.config.kernel_start_timeout))
         if not self.config.token:
             log.warning("no token set (--token / CODEACT_SANDBOX_TOKEN): serving %s without auth",
                         self.config.host)
-        self.metrics = Metrics()
         self.backend = backend
         self.pool = KernelPool(self.backend, self.config.pool_size)
         self.manager = SessionManager(self.config, self.backend, self.pool, self.metrics)

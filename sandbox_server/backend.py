@@ -30,6 +30,7 @@ from .execution import EventSink, Execution
 from .isolation import Capabilities, Isolation
 from .kernel import LocalKernel, connection_info, write_connection_file
 from .kernel_env import KernelEnvironment
+from .metrics import Metrics
 from .packages import PackageInstaller
 from .template import KernelTemplate
 from .uids import UidLeases
@@ -129,8 +130,10 @@ class LocalBackend:
 
     files_through_kernel = False  # the server reads and writes session directories itself
 
-    def __init__(self, config: Config, capabilities: Capabilities, environment: KernelEnvironment) -> None:
+    def __init__(self, config: Config, capabilities: Capabilities, environment: KernelEnvironment,
+                 metrics: Metrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics or Metrics()
         self.capabilities = capabilities
         self.environment = environment
         base = config.root_dir or tempfile.gettempdir()
@@ -190,7 +193,9 @@ class LocalBackend:
                                        env=self.packages.kernel_variables(container, home_dir),
                                        readable=self.packages.readable(container))
         kernel = LocalKernel(name, launch, runtime_dir, connection, self.context, self.config, self.template)
-        return await start_or_kill(kernel, self.config.kernel_start_timeout)
+        await start_or_kill(kernel, self.config.kernel_start_timeout)
+        self.metrics.kernels_started[kernel.started_by] += 1
+        return kernel
 
     async def remove_home(self, home: Home) -> None:
         """Remove the session's container; its uid goes back only once that is done."""

@@ -152,6 +152,12 @@ class MetricsHandler(BaseHandler):
             "codeact_pool_starting": ("Warm kernels starting.", lambda: manager.pool.starting),
             "codeact_pool_start_failures": ("Warm kernel starts that failed.", lambda: manager.pool.failures),
         }
+        template = getattr(manager.backend, "template", None)
+        if template is not None:
+            gauges["codeact_template_up"] = ("1 while the kernel template forks kernels; 0 while they boot.",
+                                             lambda: int(template.available))
+            gauges["codeact_template_deaths"] = ("Times the kernel template died (and was restarted).",
+                                                 lambda: template.deaths)
         self.set_header("Content-Type", "text/plain; version=0.0.4")
         self.finish(self.metrics.render(gauges))
 

@@ -15,6 +15,7 @@ class Metrics:
         self.sessions_created = 0
         self.sessions_reaped = 0
         self.rejected = 0  # creations refused at the session cap
+        self.kernels_started: Counter[str] = Counter()  # local kernels, by way: "fork" or "boot"
         self.bucket_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
 
@@ -47,6 +48,8 @@ class Metrics:
                [("", self.sessions_reaped)])
         metric("codeact_sessions_rejected_total", "counter", "Session creations refused at the cap.",
                [("", self.rejected)])
+        metric("codeact_kernels_started_total", "counter", "Local kernels started, forked from the template or booted.",
+               [(f'{{way="{way}"}}', self.kernels_started[way]) for way in ("fork", "boot")])
         name = "codeact_execute_duration_seconds"
         lines.append(f"# HELP {name} Execute latency, from request to result.")
         lines.append(f"# TYPE {name} histogram")

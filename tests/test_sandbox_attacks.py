@@ -21,11 +21,15 @@ from tests.conftest import start_sandbox
 ROOT_ONLY = os.geteuid() == 0
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A token-less server (as `make serve` runs it) with room for the attacks' loads."""
+@pytest.fixture(scope="module", params=["fork", "boot"])
+def server(request, tmp_path_factory):
+    """A token-less server (as `make serve` runs it) with room for the attacks' loads; every attack runs against
+    kernels forked from the template (the default) and against booted ones."""
     server = start_sandbox(str(tmp_path_factory.mktemp("attacks")), "--memory-limit", str(1 << 30),
-                           "--max-output", "200000", "--interrupt-grace", "0.5", pool_size=2)
+                           "--max-output", "200000", "--interrupt-grace", "0.5", "--kernel-start", request.param,
+                           pool_size=2)
+    way = "forked from a template" if request.param == "fork" else "booted"
+    assert any(f"kernels: {way}" in line for line in server.log), "the kernels do not start the way under test"
     yield server
     server.stop()
     assert server.kernel_pids() == [], "kernels outlived the server"

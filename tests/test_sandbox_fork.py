@@ -1,0 +1,224 @@
+"""Kernels forked from the kernel template (#15), for real: a real server, its real template, real kernels.
+
+The isolation tests of test_sandbox_attacks.py run against forked and booted kernels both (its `server`
+fixture is parametrised); these are what forking adds: nothing shared between kernels or with the template
+or the server, a template that dies mid-burst loses no session, and a server that dies takes every forked
+kernel with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.conftest import processes_mentioning, start_sandbox, wait_for
+
+LINUX = os.uname().sysname == "Linux"
+pytestmark = pytest.mark.skipif(not LINUX, reason="kernels fork from a template on Linux only")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = start_sandbox(str(tmp_path_factory.mktemp("fork")), "--max-sessions", "150", token="fork-test-token",
+                           pool_size=2)
+    yield server
+    server.stop()
+    assert server.kernel_pids() == [], "kernels outlived the server"
+
+
+def started(server, way: str) -> int:
+    text = server.request("GET", "/metrics").text
+    return int(re.search(rf'codeact_kernels_started_total{{way="{way}"}} (\d+)', text).group(1))
+
+
+def template_pid(server) -> int:
+    """The server's child that runs zygote.py (setpriv execs it, so it is the server's direct child)."""
+    with open(f"/proc/{server.process.pid}/task/{server.process.pid}/children") as handle:
+        children = [int(pid) for pid in handle.read().split()]
+    for pid in children:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            if b"zygote.py" in handle.read():
+                return pid
+    raise AssertionError("no kernel template among the server's children")
+
+
+def template_up(server) -> bool:
+    return re.search(r"^codeact_template_up 1$", server.request("GET", "/metrics").text, re.M) is not None
+
+
+def probe(server, session: str, code: str):
+    result = server.execute(session, code)
+    assert result["status"] == "ok", result["text"]
+    return json.loads(result["stdout"])
+
+
+def test_kernels_are_forked_by_default_and_the_start_up_log_says_how(server, tmp_path):
+    before = started(server, "fork")
+    session = server.create()
+    assert server.execute(session, "1+1")["results"][0]["data"]["text/plain"] == "2"
+    wait_for(lambda: started(server, "fork") > before, 10, "the pool to fork a kernel in place of the one taken")
+    assert started(server, "boot") == 0
+    assert any("kernels: forked from a template" in line for line in server.log)
+    booted = start_sandbox(str(tmp_path), "--kernel-start", "boot")
+    try:
+        assert any("kernels: booted (--kernel-start boot)" in line for line in booted.log)
+        assert booted.execute(booted.create(), "1+1")["status"] == "ok"
+        assert started(booted, "fork") == 0 and started(booted, "boot") >= 1
+    finally:
+        booted.stop()
+
+
+RANDOMS = """
+import json, random, multiprocessing, numpy
+print(json.dumps({"random": random.random(), "numpy": float(numpy.random.random()),
+                  "authkey": multiprocessing.current_process().authkey.hex()}))
+"""
+
+
+def test_two_sessions_draw_different_random_streams(server):
+    first, second = (probe(server, server.create(), RANDOMS) for _ in range(2))
+    for name in ("random", "numpy", "authkey"):
+        assert first[name] != second[name], f"two forked kernels share the {name} state"
+
+
+FDS = """
+import json, os
+targets = {}
+for fd in os.listdir('/proc/self/fd'):
+    try:
+        targets[fd] = os.readlink(f'/proc/self/fd/{fd}')
+    except OSError:
+        pass  # the listing's own descriptor, closed by now
+print(json.dumps(targets))
+"""
+
+
+def descriptors(pid: int) -> set[str]:
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            found.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return found
+
+
+def test_no_file_descriptor_is_shared_with_another_kernel_or_the_template(server):
+    first, second = (probe(server, server.create(), FDS) for _ in range(2))
+    # Pipes and sockets are named by inode; anonymous inodes (eventfd, epoll) all read the same, so not compared.
+    shared = {target for target in set(first.values()) & set(second.values())
+              if target.startswith(("pipe:", "socket:"))}
+    assert not shared, f"two kernels hold the same open files: {shared}"
+    template = {target for target in descriptors(template_pid(server)) if ":" in target}
+    assert not template & set(first.values()), "a kernel holds one of the template's descriptors"
+    # Only what the kernel opened itself (ipykernel and zmq: pipes, sockets, eventfds) and its stdio.
+    files = {target for target in first.values() if target.startswith("/")}
+    assert files <= {"/dev/null"} | {target for target in files if target.endswith("/kernel.log")}, files
+
+
+def test_no_namespace_history_or_server_environment_reaches_another_kernel(server):
+    first = server.create()
+    server.execute(first, "secret_of_the_first = 41\nimport os\nos.environ['FIRST_ONLY'] = '1'")
+    seen = probe(server, server.create(), """
+import json, os
+print(json.dumps({"names": sorted(name for name in globals() if 'first' in name),
+                  "history": [cell for cell in In if 'secret_of_' + 'the_first' in cell],
+                  "environ": dict(os.environ),
+                  "process_environ": open('/proc/self/environ', 'rb').read().decode(errors='replace'),
+                  "path": __import__('sys').path}))
+""")
+    assert seen["names"] == [] and seen["history"] == []
+    assert "FIRST_ONLY" not in seen["environ"]
+    for leaked in ("fork-test-token", "CODEACT_SANDBOX_TOKEN"):
+        assert leaked not in json.dumps(seen["environ"]) and leaked not in seen["process_environ"]
+    assert seen["environ"]["HOME"].endswith("/home")
+    assert not any(entry.endswith("sandbox_server") for entry in seen["path"]), "the template's directory"
+
+
+def test_the_template_has_no_threads_and_only_its_own_descriptors(server):
+    pid = template_pid(server)
+    with open(f"/proc/{pid}/status") as handle:
+        assert re.search(r"^Threads:\s+1$", handle.read(), re.M), "the kernel template runs threads"
+    # stdio, its end of the server's socket pair, its wakeup pipe: no zmq context, no session.
+    assert len(os.listdir(f"/proc/{pid}/fd")) <= 6
+
+
+def create_and_add(server, barrier: threading.Barrier | None = None) -> str:
+    if barrier is not None:
+        barrier.wait()
+    session = server.create()
+    result = server.execute(session, "1+1")
+    assert result["results"][0]["data"]["text/plain"] == "2", result
+    return session
+
+
+def test_a_template_killed_mid_burst_loses_no_session_and_comes_back(server):
+    booted = started(server, "boot")
+    killed = template_pid(server)
+    barrier = threading.Barrier(21)
+    with ThreadPoolExecutor(20) as executor:
+        futures = [executor.submit(create_and_add, server, barrier) for _ in range(20)]
+        barrier.wait()
+        time.sleep(0.15)  # some kernels forked, the rest still asked for
+        os.kill(killed, signal.SIGKILL)
+        sessions = [future.result(timeout=120) for future in futures]  # every one answers 1+1
+    assert len(sessions) == 20
+    assert started(server, "boot") > booted, "no kernel booted while the template was down"
+    assert any("kernel template gone" in line for line in server.log)
+    deadline = time.monotonic() + 30
+    while not template_up(server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert template_up(server) and template_pid(server) != killed
+    forked_again = started(server, "fork")
+    more = [server.create() for _ in range(3)]  # past the pool: at least one forked on demand
+    assert all(server.execute(session, "1+1")["status"] == "ok" for session in more)
+    assert started(server, "fork") > forked_again
+    for session in sessions + more:
+        server.close(session)
+
+
+def test_a_hundred_session_burst_has_no_errors_and_leaves_nothing(server):
+    barrier = threading.Barrier(100)
+    with ThreadPoolExecutor(100) as executor:
+        sessions = list(executor.map(lambda _: create_and_add(server, barrier), range(100)))
+    assert len(set(sessions)) == 100
+    with ThreadPoolExecutor(8) as executor:
+        list(executor.map(server.close, sessions))
+    assert server.request("GET", "/health").json()["sessions"] <= 10
+
+
+def test_a_dead_kernel_is_replaced_by_a_fork_with_its_exit_reported(server):
+    session = server.create()
+    forked = started(server, "fork")
+    result = server.execute(session, "import os\nos._exit(3)")
+    assert result["status"] == "died" and "exited with code 3" in result["message"]
+    killed = server.execute(session, "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    assert killed["status"] == "died" and "killed by SIGKILL" in killed["message"]
+    assert server.execute(session, "1+1")["results"][0]["data"]["text/plain"] == "2"
+    assert started(server, "fork") >= forked + 2
+
+
+def test_forked_kernels_die_with_a_server_killed_outright(tmp_path):
+    killed = start_sandbox(str(tmp_path), pool_size=2)
+    session = killed.create()
+    killed.execute(session, "import subprocess\nsubprocess.Popen(['sleep', '301.5'])")
+    assert killed.kernel_pids() and sleepers()
+    killed.process.send_signal(signal.SIGKILL)
+    killed.process.wait(10)
+    deadline = time.monotonic() + 10
+    while (killed.kernel_pids() or sleepers()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert killed.kernel_pids() == [], "forked kernels outlived a killed server"
+    assert sleepers() == [], "what a forked kernel started outlived a killed server"
+    killed.stop()
+
+
+def sleepers() -> list[int]:
+    return processes_mentioning("sleep\x00301.5")

@@ -41,6 +41,9 @@ KEPT_ENV = ("LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM", "PYTHONHASHSEED")
 # shims or another Python's pip).
 SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 CGROUP_ROOT = "/sys/fs/cgroup"
+# The kernel's configuration beyond ipykernel's defaults (a booted kernel gets it on its command line, a forked
+# one as a traitlets Config): IPython's history lives in memory, never in a file of the session's.
+KERNEL_CONFIG = {"HistoryManager": {"hist_file": ":memory:"}}
 
 
 @dataclass(frozen=True)
@@ -177,9 +180,12 @@ class Isolation:
                 "PATH": ":".join([os.path.join(home_dir, PREFIX, "bin"), self.environment.bin_dir, *SYSTEM_PATH]),
                 **(env or {}),
             }),
-            "kernel_args": ["-f", connection_file, "--HistoryManager.hist_file=:memory:"],
+            "connection_file": connection_file,
+            "kernel_config": KERNEL_CONFIG,
         }
-        spec["argv"] = [self.environment.python, "-m", "ipykernel_launcher", *spec["kernel_args"]]
+        spec["argv"] = [self.environment.python, "-m", "ipykernel_launcher", "-f", connection_file,
+                        *(f"--{section}.{name}={value}" for section, values in KERNEL_CONFIG.items()
+                          for name, value in values.items())]
         confine = [sys.executable, "-E", "-s", "-S", CONFINE_SCRIPT, json.dumps(spec)]
         if caps.namespaces:
             flags = ["--pid", "--fork", "--kill-child", "--mount-proc", "--ipc", "--uts"]

@@ -292,16 +292,23 @@ class LocalKernel:
         for name, channel in channels.items():
             poller.register(channel.socket, zmq.POLLIN)
             sockets[channel.socket] = name
+        # A forked kernel's report pipe turns readable the moment its keeper exits: its death is seen at once,
+        # not at the next poll interval.
+        exit_report = self.process.report if isinstance(self.process, ForkedProcess) else None
+        if exit_report is not None:
+            poller.register(exit_report, zmq.POLLIN)
         pacer = Pacer()
         try:
             while (status := await state.verdict(time.monotonic(), self.interrupt)) is None:
                 ready = dict(await poller.poll(timeout=state.wait(time.monotonic(), POLL_INTERVAL) * 1000))
-                if not ready:
+                if not ready or exit_report in ready:
                     if not self.alive:
                         status = DIED
                         break
                     continue
                 for socket in ready:
+                    if socket == exit_report:
+                        continue
                     name = sockets[socket]
                     channel = channels[name]
                     while await channel.msg_ready():

@@ -236,6 +236,7 @@ def helper(control: socket.socket, taken: int, states: list[object]) -> None:
 def keeper(control: socket.socket, spec: dict, report: int, log: int, states: list[object]) -> None:
     try:
         os.close(control.detach())
+        libc().prctl(PR_SET_NAME, b"codeact-keeper", 0, 0, 0)
         os.setsid()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
@@ -342,11 +343,7 @@ def become_kernel(spec: dict, report: int, states: list[object]) -> None:
             sys.modules.pop(name, None)
         reseed(states)
         libc().prctl(PR_SET_NAME, b"codeact-kernel", 0, 0, 0)  # what ps and top show
-        from ipykernel import kernelapp
-
-        sys.argv = [os.path.join(os.path.dirname(kernelapp.__file__), "..", "ipykernel_launcher.py"),
-                    *spec["kernel_args"]]
-        kernelapp.launch_new_instance(argv=spec["kernel_args"])
+        run_kernel(spec["connection_file"], spec["kernel_config"])
         code = 0
     except SystemExit as exit:
         code = exit.code if isinstance(exit.code, int) else 1
@@ -360,8 +357,37 @@ def become_kernel(spec: dict, report: int, states: list[object]) -> None:
         os._exit(code)
 
 
+def run_kernel(connection_file: str, config: dict) -> None:
+    """Set up and run an ipykernel as `python -m ipykernel_launcher -f CONNECTION_FILE` would, with two steps
+    left out that copy much of the template's memory into the kernel for nothing: parsing a command line (we
+    give the configuration as it is: traitlets walks every configurable class to build the parser, 3.4 MB of
+    touched pages), and ipykernel's list of loaded modules' files, which only its debugger reads (every
+    module object and file name touched: 4 MB). The kernel is otherwise ipykernel's own, unchanged."""
+    from ipykernel.kernelapp import IPKernelApp
+    from traitlets.config import Config
+
+    sys.argv = [os.path.join(os.path.dirname(os.path.dirname(sys.modules["ipykernel"].__file__)),
+                             "ipykernel_launcher.py"), "-f", connection_file]
+    app = IPKernelApp.instance(config=Config(config), connection_file=connection_file)
+    app.parse_command_line = lambda argv=None: None
+    init_kernel = app.init_kernel
+
+    def init_kernel_without_module_list() -> None:
+        modules = sys.modules
+        sys.modules = {}  # what IPythonKernel.__init__ lists; the import system keeps the real one
+        try:
+            init_kernel()
+        finally:
+            sys.modules = modules
+
+    app.init_kernel = init_kernel_without_module_list
+    app.initialize([])
+    app.start()
+
+
 def main(argv: list[str]) -> None:
     control = socket.socket(fileno=int(argv[1]))
+    libc().prctl(PR_SET_NAME, b"codeact-template", 0, 0, 0)
     started = time.monotonic()
     imported, failed = preload([name for name in argv[2].split(",") if name], argv[3])
     states = random_states()

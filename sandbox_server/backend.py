@@ -155,6 +155,8 @@ class LocalBackend:
         # hold, whatever it sends: one message at most --max-message, and at most RECEIVE_QUEUE of them
         # waiting per channel (a kernel that floods its iopub between executes queues the rest itself).
         self.context = zmq.asyncio.Context()
+        # Five sockets per kernel client: zmq's default cap of 1023 sockets a context would fail near 200 sessions.
+        self.context.set(zmq.MAX_SOCKETS, max(1023, 6 * (config.max_sessions + config.pool_size) + 64))
         self.context.setsockopt(zmq.MAXMSGSIZE, config.max_message)
         self.context.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
         self.counter = itertools.count(1)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import resource
 import signal
 import sys
 
@@ -117,8 +119,20 @@ def require_server_extra() -> None:
                  "pip install 'codeact[server]'")
 
 
+def raise_open_file_limit() -> None:
+    """Up to the hard limit: each session holds a dozen descriptors (its kernel's five channels, its pip socket,
+    a forked kernel's pidfd and report pipe), so 100 sessions pass the usual soft limit of 1024. Kernels get
+    their own limit (isolation.py)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def main(argv: list[str] | None = None) -> None:
     require_server_extra()
+    raise_open_file_limit()
     from .gateway import GatewayUnavailable
 
     args = build_parser().parse_args(argv)

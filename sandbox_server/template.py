@@ -58,8 +58,9 @@ class ForkedProcess:
     def poll(self) -> int | None:
         """The kernel's exit code (negative: the signal that killed it) once its keeper has exited, else None."""
         if self.returncode is None and self.report >= 0:
-            readable, _, _ = select.select([self.report], [], [], 0)
-            if readable:
+            poller = select.poll()  # not select(): a busy server's descriptors pass 1024
+            poller.register(self.report, select.POLLIN)
+            if poller.poll(0):
                 chunk = os.read(self.report, 64)
                 self._unread += chunk
                 if not chunk:  # every write end is closed: the keeper is gone

@@ -160,6 +160,7 @@ class LocalBackend:
         self.context.setsockopt(zmq.MAXMSGSIZE, config.max_message)
         self.context.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
         self.counter = itertools.count(1)
+        self.cleanups: set[asyncio.Task] = set()  # killed kernels' cgroups and directories being removed
         self.sweep = asyncio.get_running_loop().create_task(remove_trees(stale)) if stale else None
         self.template = KernelTemplate(environment, config.kernel_preload, self.root) \
             if config.kernel_start == "fork" and sys.platform.startswith("linux") else None
@@ -194,7 +195,8 @@ class LocalBackend:
         launch = self.isolation.launch(name, home.workdir, home_dir, connection_file, home.uid, network,
                                        env=self.packages.kernel_variables(container, home_dir),
                                        readable=self.packages.readable(container))
-        kernel = LocalKernel(name, launch, runtime_dir, connection, self.context, self.config, self.template)
+        kernel = LocalKernel(name, launch, runtime_dir, connection, self.context, self.config, self.template,
+                             self.cleanups)
         await start_or_kill(kernel, self.config.kernel_start_timeout)
         self.metrics.kernels_started[kernel.started_by] += 1
         return kernel
@@ -227,6 +229,7 @@ class LocalBackend:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.sweep
         await self.packages.close_all()
+        await asyncio.gather(*self.cleanups, return_exceptions=True)
         if self.template is not None:
             await self.template.close()
         self.isolation.close()

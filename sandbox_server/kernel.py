@@ -69,7 +69,8 @@ class LocalKernel:
     and running, booted otherwise."""
 
     def __init__(self, name: str, launch: KernelLaunch, runtime_dir: str, connection: dict,
-                 context: zmq.asyncio.Context, config: Config, template: KernelTemplate | None = None) -> None:
+                 context: zmq.asyncio.Context, config: Config, template: KernelTemplate | None = None,
+                 cleanups: set[asyncio.Task] | None = None) -> None:
         self.name = name
         self.launch = launch
         self.runtime_dir = runtime_dir
@@ -77,6 +78,7 @@ class LocalKernel:
         self.context = context
         self.config = config
         self.template = template
+        self.cleanups = cleanups if cleanups is not None else set()  # the backend awaits them at shutdown
         self.process: subprocess.Popen | ForkedProcess | None = None
         self.started_by: str | None = None  # "fork" or "boot"
         self.client: AsyncKernelClient | None = None
@@ -122,9 +124,11 @@ class LocalKernel:
         # at start-up, so the first input() of a fresh kernel's first execute hung (4 times in 30).
         paths = [f"{self.connection['ip']}-{self.connection[f'{name}_port']}"
                  for name in ("shell", "iopub", "stdin", "control", "hb")]
+        pause = 0.005
         while not all(os.path.exists(path) for path in paths):
             self._check_starting(deadline, timeout, "bind its sockets")
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(pause)
+            pause = min(pause * 1.25, 0.05)  # 5 ms apart at first; in a burst, 100 kernels wait seconds
         client = AsyncKernelClient(context=self.context)
         client.load_connection_info(self.connection)
         client.start_channels()
@@ -210,7 +214,8 @@ class LocalKernel:
                 os.kill(pid, signal.SIGINT)
 
     async def kill(self) -> None:
-        """Kill at once: the kernel, everything it started, and the launcher; then free its resources."""
+        """Kill at once: the kernel, everything it started, and the launcher. Once its processes are gone this
+        returns (a replacement can start); its cgroups and runtime directory are removed in the background."""
         if self.client is not None:
             self.client.stop_channels()
             self.client = None
@@ -235,10 +240,17 @@ class LocalKernel:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(self.process.pid, signal.SIGKILL)
             deadline = time.monotonic() + 5.0
+            pause = 0.001  # a killed kernel is gone in a few milliseconds: its replacement waits on this
             while self.process.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.02)
             if forked:
                 self.process.close()
+        cleanup = asyncio.get_running_loop().create_task(self._remove_leftovers())
+        self.cleanups.add(cleanup)
+        cleanup.add_done_callback(self.cleanups.discard)
+
+    async def _remove_leftovers(self) -> None:
         # The pid namespace's processes die with its init; the cgroup empties a moment later.
         for _ in range(50):
             Isolation.remove_cgroups(self.launch.cgroups)

@@ -387,7 +387,7 @@ def run_kernel(connection_file: str, config: dict) -> None:
 
 def main(argv: list[str]) -> None:
     control = socket.socket(fileno=int(argv[1]))
-    libc().prctl(PR_SET_NAME, b"codeact-template", 0, 0, 0)
+    libc().prctl(PR_SET_NAME, b"codeact-zygote", 0, 0, 0)
     started = time.monotonic()
     imported, failed = preload([name for name in argv[2].split(",") if name], argv[3])
     states = random_states()

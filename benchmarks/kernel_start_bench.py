@@ -1,0 +1,191 @@
+"""Kernel start: forked from the kernel template against booted (#15), both measured in the same run.
+
+1. bursts of 10, 50 and 100 sessions requested at once, each creating its session and running `1+1`: the
+   time until all have answered, per-session p50/p99, errors;
+2. memory per idle session over 100 sessions (each has run `1+1`): USS (what one more session costs) and
+   PSS of its processes: the kernel and its keeper (forked), or the kernel, its init and `unshare` (booted);
+   and the template's own;
+3. replacement: `POST /restart` (kill, start a new kernel, ready), and an execute of `os._exit(1)` (the death
+   seen, a new kernel started, the answer back).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from codeact_sdk.local_sandbox import LocalSandbox
+
+from .measure import percentile, summary, table
+
+BURSTS = (10, 50, 100)
+IDLE_SESSIONS = 100
+REPLACEMENTS = 20
+
+
+def burst(sandbox: LocalSandbox, count: int) -> dict:
+    """`count` clients, released together, each creating a session and running `1+1`."""
+    headers = {"Authorization": f"Bearer {sandbox.token}"}
+    barrier = threading.Barrier(count)
+
+    def one(_: int) -> tuple[float, float, bool, str | None]:
+        http = requests.Session()
+        http.headers.update(headers)
+        barrier.wait()
+        started = time.perf_counter()
+        created = http.post(sandbox.url + "/v1/sessions", json={}, timeout=300)
+        if created.status_code != 201:
+            return started, time.perf_counter(), False, None
+        session = created.json()["id"]
+        reply = http.post(f"{sandbox.url}/v1/sessions/{session}/execute", json={"code": "1+1"}, timeout=300)
+        ok = reply.status_code == 200 and reply.json()["results"][0]["data"]["text/plain"] == "2"
+        return started, time.perf_counter(), ok, session
+
+    with ThreadPoolExecutor(count) as executor:
+        outcomes = list(executor.map(one, range(count)))
+    first = min(outcome[0] for outcome in outcomes)
+    close_all(sandbox, [outcome[3] for outcome in outcomes if outcome[3]])
+    return {
+        "all": max(outcome[1] for outcome in outcomes) - first,
+        "latency": [outcome[1] - outcome[0] for outcome in outcomes],
+        "errors": sum(not outcome[2] for outcome in outcomes),
+    }
+
+
+def close_all(sandbox: LocalSandbox, sessions: list[str]) -> None:
+    headers = {"Authorization": f"Bearer {sandbox.token}"}
+    with ThreadPoolExecutor(8) as executor:
+        list(executor.map(lambda session: requests.delete(f"{sandbox.url}/v1/sessions/{session}", headers=headers,
+                                                          timeout=60), sessions))
+
+
+def memory_kb(pid: int) -> tuple[int, int]:
+    """(USS, PSS) of one process, in KB."""
+    uss = pss = 0
+    with open(f"/proc/{pid}/smaps_rollup") as handle:
+        for line in handle:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                uss += int(line.split()[1])
+            elif line.startswith("Pss:"):
+                pss += int(line.split()[1])
+    return uss, pss
+
+
+def processes(root_dir: str) -> list[tuple[int, str, bytes]]:
+    """(pid, name, command line) of every process whose command line names the server's root: the server,
+    the template, and every kernel's processes."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                argv = handle.read()
+            with open(f"/proc/{entry}/comm") as handle:
+                name = handle.read().strip()
+        except OSError:
+            continue
+        if root_dir.encode() in argv:
+            found.append((int(entry), name, argv))
+    return found
+
+
+def idle_memory(sandbox: LocalSandbox, root_dir: str) -> dict:
+    headers = {"Authorization": f"Bearer {sandbox.token}"}
+
+    def one(_: int) -> str:
+        session = requests.post(sandbox.url + "/v1/sessions", json={}, headers=headers, timeout=300).json()["id"]
+        requests.post(f"{sandbox.url}/v1/sessions/{session}/execute", json={"code": "1+1"}, headers=headers,
+                      timeout=300)
+        return session
+
+    with ThreadPoolExecutor(8) as executor:
+        sessions = list(executor.map(one, range(IDLE_SESSIONS)))
+    time.sleep(2)  # idle: the pool refilled, every kernel back in its loop
+    kernels = uss = pss = 0
+    template = (0, 0)
+    for pid, name, argv in processes(root_dir):
+        if pid == sandbox.process.pid or b"-m\x00sandbox_server" in argv:
+            continue  # the server
+        if name == "codeact-zygote":
+            template = memory_kb(pid)
+            continue
+        process_uss, process_pss = memory_kb(pid)
+        uss += process_uss
+        pss += process_pss
+        kernels += name == "codeact-kernel" or b"ipykernel_launcher" in argv.split(b"\x00")[:4]
+    close_all(sandbox, sessions)
+    return {"kernels": kernels, "uss_mb": uss / kernels / 1024, "pss_mb": pss / kernels / 1024,
+            "template_uss_mb": template[0] / 1024, "template_pss_mb": template[1] / 1024}
+
+
+def replacements(sandbox: LocalSandbox) -> dict[str, list[float]]:
+    headers = {"Authorization": f"Bearer {sandbox.token}"}
+    session = requests.post(sandbox.url + "/v1/sessions", json={}, headers=headers, timeout=60).json()["id"]
+    url = f"{sandbox.url}/v1/sessions/{session}"
+    restarts, deaths = [], []
+    for _ in range(REPLACEMENTS):
+        started = time.perf_counter()
+        requests.post(url + "/restart", headers=headers, timeout=60).raise_for_status()
+        restarts.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        reply = requests.post(url + "/execute", json={"code": "import os\nos._exit(1)"}, headers=headers,
+                              timeout=60).json()
+        deaths.append(time.perf_counter() - started)
+        assert reply["status"] == "died", reply
+    close_all(sandbox, [session])
+    return {"restart": restarts, "death": deaths}
+
+
+def measure(way: str) -> dict:
+    with tempfile.TemporaryDirectory(prefix="codeact-bench-") as root, \
+            LocalSandbox("--kernel-start", way, "--max-sessions", "150", pool_size=4, root_dir=root) as sandbox:
+        sandbox.wait_for_pool(4)
+        results: dict = {"bursts": {}}
+        for count in BURSTS:
+            results["bursts"][count] = burst(sandbox, count)
+            sandbox.wait_for_pool(4, timeout=120)  # refilled, as before the first
+        results["memory"] = idle_memory(sandbox, root)
+        sandbox.wait_for_pool(4, timeout=120)
+        results["replacement"] = replacements(sandbox)
+    return results
+
+
+def main() -> str:
+    forked, booted = measure("fork"), measure("boot")
+    rows = []
+    for count in BURSTS:
+        for way, results in (("forked", forked), ("booted", booted)):
+            run = results["bursts"][count]
+            latency = summary(run["latency"])
+            rows.append((f"{count} sessions at once, {way}", latency,
+                         f"all answered after {run['all']:.2f} s; errors {run['errors']}"))
+    ratio = booted["bursts"][100]["all"] / forked["bursts"][100]["all"]
+    report = table("Session bursts: create + `1+1`, requested at once (per-session latency)", rows)
+    report += f"\n100 sessions: forked {ratio:.1f}x faster to all answered than booted.\n"
+    report += "\n### Memory per idle session (over 100 sessions, each after `1+1`)\n\n"
+    report += "| kernels start | kernels | USS MB per session | PSS MB per session | the template |\n"
+    report += "|---|---:|---:|---:|---|\n"
+    for way, results in (("forked", forked), ("booted", booted)):
+        memory = results["memory"]
+        shared = (f"USS {memory['template_uss_mb']:.1f} MB, PSS {memory['template_pss_mb']:.1f} MB"
+                  if way == "forked" else "none")
+        report += (f"| {way} | {memory['kernels']} | {memory['uss_mb']:.1f} | {memory['pss_mb']:.1f} | {shared} |\n")
+    rows = []
+    for what, name in (("restart", "POST /restart (kill, new kernel, ready)"),
+                       ("death", "execute `os._exit(1)` (death seen, replaced, answered)")):
+        for way, results in (("forked", forked), ("booted", booted)):
+            samples = results["replacement"][what]
+            rows.append((f"{name}, {way}", summary(samples), f"max {max(samples) * 1000:.0f} ms"))
+    report += "\n" + table("Kernel replacement", rows)
+    restart_ratio = (percentile(booted["replacement"]["restart"], 0.5)
+                     / percentile(forked["replacement"]["restart"], 0.5))
+    report += f"\nRestart median: forked {restart_ratio:.1f}x faster than booted.\n"
+    return report
+
+
+if __name__ == "__main__":
+    print(main())

@@ -163,18 +163,24 @@ def concurrency(sandbox: LocalSandbox, sessions: int = 100, executes: int = 20) 
     }
 
 
+FORKED_NAMES = {b"ipykernel_launcher": "codeact-kernel", b"confine.py": "codeact-keeper"}
+
+
 def kernel_processes(root_dir: str, program: bytes = b"ipykernel_launcher") -> list[int]:
     """A server's processes running `program`: the ipykernel interpreters, or with b"confine.py" the inits
-    (their command lines name their connection files)."""
+    (their command lines name their connection files); for kernels forked from the template, the processes
+    of the same role (named codeact-kernel and codeact-keeper: their command line is the template's)."""
     found = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as handle:
                 argv = handle.read().split(b"\0")
+            with open(f"/proc/{entry}/comm") as handle:
+                name = handle.read().strip()
         except OSError:
             continue
-        if any(part == program or part.endswith(b"/" + program) for part in argv[:6]) \
-                and any(root_dir.encode() in part for part in argv):
+        if (any(part == program or part.endswith(b"/" + program) for part in argv[:6])
+                or name == FORKED_NAMES.get(program)) and any(root_dir.encode() in part for part in argv):
             found.append(int(entry))
     return found
 
@@ -285,8 +291,8 @@ def measure_all(gateway_root: str, root: str) -> str:
     ])
     report += (f"\n### Memory\n\n- RSS per idle session (kernel process): {loaded['rss_per_idle_session_mb']:.1f} MB "
                f"over {loaded['kernels']} kernels\n"
-               f"- the init (PID 1 of each kernel's pid namespace): {loaded['init_private_mb']:.1f} MB private "
-               "memory per session\n"
+               f"- the init or keeper (PID 1 of each kernel's pid namespace): {loaded['init_private_mb']:.1f} MB "
+               "private memory per session\n"
                f"- server peak RSS growth during a 200 MB print and a 200 MB os.write: {growth:.1f} MB\n")
     report += "\n" + table("Event loop under hostile output: /health answer time, same run", [
         (f"during {name}", summary(samples), f"worst {max(samples) * 1000:.0f} ms")

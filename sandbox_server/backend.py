@@ -168,12 +168,31 @@ class LocalBackend:
             self.template.start()
 
     async def kernel_start_report(self, timeout: float) -> str:
-        """How kernels start here, once the template's first start has ended (for the start-up log)."""
+        """How kernels start here, once the template's first start has ended and a kernel forked from it has
+        answered (for the start-up log). A template whose kernels do not start is stopped: kernels boot."""
         if self.template is None:
             why = "--kernel-start boot" if self.config.kernel_start == "boot" else "fork needs Linux"
             return f"kernels: booted ({why})"
         await self.template.wait_started(timeout)
+        failure = await self._try_fork() if self.template.available else None
+        if failure is not None:
+            await self.template.close()
+            self.template = None
+            log.warning("a kernel forked from the template did not start (%s): kernels boot instead", failure)
+            return f"kernels: booted (a kernel forked from the template did not start: {failure})"
         return f"kernels: {self.template.describe()}"
+
+    async def _try_fork(self) -> str | None:
+        """Why a kernel forked from the template fails to start here, or None when one answers."""
+        home = self.new_home()
+        try:
+            kernel = await self.start_kernel(home)
+            await kernel.kill()
+            return None if kernel.started_by == "fork" else "the template did not answer"
+        except Exception as error:  # any failure means: do not fork here
+            return str(error)
+        finally:
+            await self.remove_home(home)
 
     def new_home(self) -> Home:
         container = make_new_dir(self.root, "s", 0o711)  # never the name of an earlier session's directory

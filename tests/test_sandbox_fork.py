@@ -66,13 +66,21 @@ def test_kernels_are_forked_by_default_and_the_start_up_log_says_how(server, tmp
     wait_for(lambda: started(server, "fork") > before, 10, "the pool to fork a kernel in place of the one taken")
     assert started(server, "boot") == 0
     assert any("kernels: forked from a template" in line for line in server.log)
-    booted = start_sandbox(str(tmp_path), "--kernel-start", "boot")
+    booted = start_sandbox(str(tmp_path / "boot"), "--kernel-start", "boot")
     try:
         assert any("kernels: booted (--kernel-start boot)" in line for line in booted.log)
         assert booted.execute(booted.create(), "1+1")["status"] == "ok"
         assert started(booted, "fork") == 0 and started(booted, "boot") >= 1
     finally:
         booted.stop()
+    preloading = start_sandbox(str(tmp_path / "preload"), "--kernel-preload", "json,no_such_module")
+    try:
+        report = next(line for line in preloading.log if "kernels: forked from a template" in line)
+        assert "preloaded json;" in report and "not preloaded: no_such_module (ModuleNotFoundError" in report
+        assert probe(preloading, preloading.create(), "import json, sys\nprint(json.dumps('pandas' in sys.modules))") \
+            is False
+    finally:
+        preloading.stop()
 
 
 RANDOMS = """

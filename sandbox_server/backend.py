@@ -17,7 +17,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -27,7 +27,7 @@ import zmq.asyncio
 from . import files
 from .config import Config
 from .execution import EventSink, Execution
-from .isolation import Capabilities, Isolation
+from .isolation import Capabilities, Isolation, KernelLaunch
 from .kernel import LocalKernel, connection_info, write_connection_file
 from .kernel_env import KernelEnvironment
 from .metrics import Metrics
@@ -37,6 +37,7 @@ from .uids import UidLeases
 
 log = logging.getLogger("sandbox_server.backend")
 
+START_SLOTS_PER_CORE = 2
 RECEIVE_QUEUE = 8  # kernel messages a channel's socket holds before zmq stops reading (zmq's default: 1000)
 
 
@@ -67,6 +68,7 @@ class Kernel(Protocol):
 
 
 KernelT = TypeVar("KernelT", bound=Kernel)
+T = TypeVar("T")
 
 
 class Backend(Protocol):
@@ -74,9 +76,24 @@ class Backend(Protocol):
 
     files_through_kernel: bool
 
-    def new_home(self) -> Home: ...
+    async def new_home(self) -> Home: ...
 
     async def start_kernel(self, home: Home, network: bool = False) -> Kernel: ...
+
+    def _prepare_kernel(self, name: str, home: Home, runtime_dir: str, network: bool) -> tuple[dict, KernelLaunch]:
+        container = os.path.dirname(home.workdir)
+        make_private_dir(runtime_dir, home.uid)
+        connection = connection_info(runtime_dir)
+        connection_file = write_connection_file(runtime_dir, connection, home.uid)
+        home_dir = os.path.join(container, "home")
+        launch = self.isolation.launch(name, home.workdir, home_dir, connection_file, home.uid, network,
+                                       env=self.packages.kernel_variables(container, home_dir),
+                                       readable=self.packages.readable(container))
+        return connection, launch
+
+    def _discard_kernel(self, launch: KernelLaunch, runtime_dir: str) -> None:
+        Isolation.remove_cgroups(launch.cgroups)
+        asyncio.get_running_loop().create_task(files.remove_tree(runtime_dir))
 
     async def remove_home(self, home: Home) -> None: ...
 
@@ -101,6 +118,18 @@ class Home:
     name: str
     workdir: str
     uid: int | None
+
+
+async def in_worker(function: Callable[..., T], *args, undo: Callable[[T], None]) -> T:
+    """`function(*args)` in a worker thread. If the caller is cancelled meanwhile, the call still finishes and
+    `undo` gets what it made (on the event loop), so nothing it created is leaked."""
+    work = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        work.add_done_callback(lambda done: undo(done.result())
+                               if not done.cancelled() and done.exception() is None else None)
+        raise
 
 
 async def start_or_kill(kernel: KernelT, timeout: float) -> KernelT:
@@ -161,6 +190,10 @@ class LocalBackend:
         self.context.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
         self.counter = itertools.count(1)
         self.cleanups: set[asyncio.Task] = set()  # killed kernels' cgroups and directories being removed
+        # Kernels setting up at once. A kernel's set-up is CPU work (~50 ms forked, ~0.5 s booted); past a few
+        # per core they only share the CPU more finely, so every one of a burst finishes late, and the template
+        # and this server, starved among them, dispatch the rest later still. In turn, the first are ready first.
+        self.start_slots = asyncio.Semaphore(START_SLOTS_PER_CORE * (os.cpu_count() or 1))
         self.sweep = asyncio.get_running_loop().create_task(remove_trees(stale)) if stale else None
         self.template = KernelTemplate(environment, config.kernel_preload, self.root) \
             if config.kernel_start == "fork" and sys.platform.startswith("linux") else None
@@ -184,7 +217,7 @@ class LocalBackend:
 
     async def _try_fork(self) -> str | None:
         """Why a kernel forked from the template fails to start here, or None when one answers."""
-        home = self.new_home()
+        home = await self.new_home()
         try:
             kernel = await self.start_kernel(home)
             await kernel.kill()
@@ -194,7 +227,17 @@ class LocalBackend:
         finally:
             await self.remove_home(home)
 
-    def new_home(self) -> Home:
+    # A session's directories and uid lease, and a kernel's runtime directory, connection file and cgroups, are
+    # a dozen blocking system calls each (mkdir in cgroupfs, chown, flock, bind). They run in a worker thread:
+    # on the event loop, a burst of 100 sessions queued their set-up behind one another while the kernels
+    # took the CPU (half the sessions were not even being started 2.7 s into the burst).
+
+    async def new_home(self) -> Home:
+        home = await in_worker(self._make_home, undo=self._discard_home)
+        self.packages.serve(os.path.dirname(home.workdir))
+        return home
+
+    def _make_home(self) -> Home:
         container = make_new_dir(self.root, "s", 0o711)  # never the name of an earlier session's directory
         uid = self.uids.claim(container) if self.uids is not None else None
         workdir = os.path.join(container, "work")
@@ -203,10 +246,27 @@ class LocalBackend:
         self.packages.open(container, os.path.join(container, "home"), uid)
         return Home(name=os.path.basename(container), workdir=workdir, uid=uid)
 
+    def _discard_home(self, home: Home) -> None:
+        asyncio.get_running_loop().create_task(self.remove_home(home))
+
     async def start_kernel(self, home: Home, network: bool = False) -> LocalKernel:
         name = f"k{next(self.counter)}"
+        runtime_dir = os.path.join(os.path.dirname(home.workdir), name)
+        connection, launch = await in_worker(self._prepare_kernel, name, home, runtime_dir, network,
+                                             undo=lambda prepared: self._discard_kernel(prepared[1], runtime_dir))
+        kernel = LocalKernel(name, launch, runtime_dir, connection, self.context, self.config, self.template,
+                             self.cleanups)
+        try:
+            async with self.start_slots:
+                await start_or_kill(kernel, self.config.kernel_start_timeout)
+        except asyncio.CancelledError:
+            self._discard_kernel(launch, runtime_dir)  # cancelled before start: nothing else holds these
+            raise
+        self.metrics.kernels_started[kernel.started_by] += 1
+        return kernel
+
+    def _prepare_kernel(self, name: str, home: Home, runtime_dir: str, network: bool) -> tuple[dict, KernelLaunch]:
         container = os.path.dirname(home.workdir)
-        runtime_dir = os.path.join(container, name)
         make_private_dir(runtime_dir, home.uid)
         connection = connection_info(runtime_dir)
         connection_file = write_connection_file(runtime_dir, connection, home.uid)
@@ -214,11 +274,11 @@ class LocalBackend:
         launch = self.isolation.launch(name, home.workdir, home_dir, connection_file, home.uid, network,
                                        env=self.packages.kernel_variables(container, home_dir),
                                        readable=self.packages.readable(container))
-        kernel = LocalKernel(name, launch, runtime_dir, connection, self.context, self.config, self.template,
-                             self.cleanups)
-        await start_or_kill(kernel, self.config.kernel_start_timeout)
-        self.metrics.kernels_started[kernel.started_by] += 1
-        return kernel
+        return connection, launch
+
+    def _discard_kernel(self, launch: KernelLaunch, runtime_dir: str) -> None:
+        Isolation.remove_cgroups(launch.cgroups)
+        asyncio.get_running_loop().create_task(files.remove_tree(runtime_dir))
 
     async def remove_home(self, home: Home) -> None:
         """Remove the session's container; its uid goes back only once that is done."""

@@ -275,7 +275,7 @@ class GatewayBackend:
         with contextlib.suppress(GatewayUnavailable):
             await self.rest("DELETE", f"/api/kernels/{kernel_id}")
 
-    def new_home(self) -> Home:
+    async def new_home(self) -> Home:
         self.counter += 1
         return Home(name=f"home-{self.counter}", workdir="", uid=None)
 

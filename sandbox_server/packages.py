@@ -127,8 +127,9 @@ class PackageInstaller:
         os.chmod(os.path.join(self.hook_dir, "sitecustomize.py"), 0o644)
 
     def open(self, container: str, home_dir: str, uid: int | None) -> None:
-        """Set up a session's socket and wheels directory, and start answering on it; and its prefix, made
-        now because Python remembers that a directory on its path was missing and would not look again."""
+        """Set up a session's socket and wheels directory, and its prefix, made now because Python remembers
+        that a directory on its path was missing and would not look again. Blocking file work only (it may run
+        in a worker thread); `serve` starts answering."""
         for path in (PREFIX, os.path.join(PREFIX, "bin"), *accumulate(self.environment.site_packages)):
             os.mkdir(os.path.join(home_dir, path), 0o700)
             if uid is not None:
@@ -149,7 +150,10 @@ class PackageInstaller:
         else:
             os.chmod(directory, 0o755)
         self.channels[container] = channel
-        asyncio.get_running_loop().create_task(self._serve(channel))
+
+    def serve(self, container: str) -> None:
+        """Start answering install requests on the session's socket (on the event loop)."""
+        asyncio.get_running_loop().create_task(self._serve(self.channels[container]))
 
     def readable(self, container: str) -> tuple[str, ...]:
         """What a session's kernel must read of the server's: the hook, and its socket and wheels."""

@@ -57,7 +57,7 @@ class KernelPool:
             # One start at a time: on a small machine parallel boots only slow each other down.
             while not self._closed and len(self.ready) + self.starting < self.size:
                 self.starting += 1
-                home = self.backend.new_home()
+                home = await self.backend.new_home()
                 try:
                     kernel = await self.backend.start_kernel(home)
                 except Exception as error:  # a start failure is logged and retried, never fatal

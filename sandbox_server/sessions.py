@@ -95,7 +95,7 @@ class SessionManager:
         try:
             taken = None if network else self.pool.take()
             if taken is None:
-                home = self.backend.new_home()
+                home = await self.backend.new_home()
                 kernel = await self._start_kernel(home, network)
             else:
                 kernel, home = taken

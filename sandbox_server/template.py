@@ -41,6 +41,11 @@ RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # after successive deaths; re
 SINGLE_THREADED = {name: "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
+def set_once(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class TemplateUnavailable(RuntimeError):
     """The template cannot fork this kernel now (starting, dead, or it failed the request): boot instead."""
 
@@ -261,7 +266,8 @@ class KernelTemplate:
                 return
             except BlockingIOError:  # its queue is full: wait until it takes some
                 writable = loop.create_future()
-                loop.add_writer(self.socket.fileno(), writable.set_result, None)
+                # The callback may run again before it is removed: only the first sets the result.
+                loop.add_writer(self.socket.fileno(), set_once, writable)
                 try:
                     await asyncio.wait_for(writable, FORK_TIMEOUT)
                 finally:

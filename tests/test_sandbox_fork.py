@@ -8,6 +8,7 @@ kernel with it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -230,3 +231,32 @@ def test_forked_kernels_die_with_a_server_killed_outright(tmp_path):
 
 def sleepers() -> list[int]:
     return processes_mentioning("sleep\x00301.5")
+
+
+def test_set_up_work_cancelled_midway_is_undone_not_leaked():
+    """A session's directories and a kernel's cgroups are made in a worker thread; a caller cancelled while
+    it runs (a server stopping mid-refill) must not leave them behind."""
+    from sandbox_server.backend import in_worker
+
+    undone: list[str] = []
+    running, release = threading.Event(), threading.Event()
+
+    def make() -> str:
+        running.set()
+        release.wait(5)
+        return "made"
+
+    async def cancel_midway() -> None:
+        task = asyncio.ensure_future(in_worker(make, undo=undone.append))
+        await asyncio.to_thread(running.wait, 5)
+        task.cancel()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(200):
+            if undone:
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(cancel_midway())
+    assert undone == ["made"]

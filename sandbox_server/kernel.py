@@ -29,7 +29,7 @@ from .config import Config
 from .execution import DIED, OK, EventSink, Execution, OutputCollector
 from .isolation import Isolation, KernelLaunch
 from .protocol import ExecuteState, Pacer, clean
-from .template import ForkedProcess, KernelTemplate, TemplateUnavailable
+from .template import ForkedProcess, KernelTemplate, TemplateUnavailable, log_tail
 
 log = logging.getLogger("sandbox_server.kernel")
 
@@ -196,13 +196,7 @@ class LocalKernel:
         return f"exited with code {code}"
 
     def log_tail(self, size: int = 2000) -> str:
-        try:
-            with open(os.path.join(self.runtime_dir, "kernel.log"), "rb") as handle:
-                handle.seek(0, os.SEEK_END)
-                handle.seek(max(handle.tell() - size, 0))
-                return handle.read().decode(errors="replace").strip() or "(no output)"
-        except OSError:
-            return "(no log)"
+        return log_tail(os.path.join(self.runtime_dir, "kernel.log"), size)
 
     async def interrupt(self) -> None:
         if isinstance(self.process, ForkedProcess):

@@ -41,6 +41,17 @@ RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # after successive deaths; re
 SINGLE_THREADED = {name: "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
+def log_tail(path: str, size: int = 2000) -> str:
+    """The last `size` bytes of a process's log, for an error message."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(handle.tell() - size, 0))
+            return handle.read().decode(errors="replace").strip() or "(no output)"
+    except OSError:
+        return "(no log)"
+
+
 def set_once(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
@@ -275,15 +286,12 @@ class KernelTemplate:
                         loop.remove_writer(self.socket.fileno())
 
     def log_tail(self, size: int = 2000) -> str:
-        try:
-            with open(self.log_path, "rb") as handle:
-                handle.seek(0, os.SEEK_END)
-                handle.seek(max(handle.tell() - size, 0))
-                return handle.read().decode(errors="replace").strip() or "(no output)"
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log_path, size)
 
     def _kill(self) -> None:
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
         if self.process is not None and self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
@@ -291,7 +299,7 @@ class KernelTemplate:
 
     async def close(self) -> None:
         self._closed = True
-        self._down("the server is stopping")
+        self._down("the server is stopping")  # (closes the socket first, with its reader)
         self._kill()
         if self._supervisor is not None:
             self._supervisor.cancel()

@@ -13,6 +13,9 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
+import sysconfig
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -260,3 +263,33 @@ def test_set_up_work_cancelled_midway_is_undone_not_leaked():
 
     asyncio.run(cancel_midway())
     assert undone == ["made"]
+
+
+TEMPLATE_BREAKERS = {
+    # A template must hold no threads (a fork keeps only the one that forks): it refuses to serve.
+    "starts_a_thread": "import threading, time\n"
+                       "threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\n",
+    # Imported only by the template: its kernels exit at start, booted ones (which never import it) do not.
+    "breaks_forked_kernels": "import os\nfrom ipykernel.kernelapp import IPKernelApp\n"
+                             "IPKernelApp.start = lambda self: os._exit(3)\n",
+}
+
+
+@pytest.mark.parametrize("module", sorted(TEMPLATE_BREAKERS))
+def test_a_template_that_cannot_serve_is_reported_and_kernels_boot(tmp_path, module):
+    venv = tmp_path / "operator-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    (site / f"{module}.py").write_text(TEMPLATE_BREAKERS[module])
+    (site / "server-packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    server = start_sandbox(str(tmp_path / "root"), "--kernel-python", str(venv / "bin" / "python"),
+                           "--kernel-preload", module)
+    try:
+        report = next(line for line in server.log if "kernels: " in line)
+        assert "kernels: booted (" in report, report
+        assert ("threads after preloading" if module == "starts_a_thread" else "did not start") in report, report
+        assert server.execute(server.create(), "1+1")["results"][0]["data"]["text/plain"] == "2"
+        assert started(server, "fork") == 0 and started(server, "boot") >= 1
+    finally:
+        server.stop()
+    assert server.kernel_pids() == []

@@ -68,8 +68,10 @@ def test_a_conversation_streams_runs_code_shows_a_plot_and_is_there_after_a_relo
     # Tokens arrive one chunk at a time (3 characters every 30 ms): the draft grows while the reply streams.
     page.wait_for_selector(".message.assistant.draft")
     drafts = set()
-    while page.locator(".message.assistant.draft").count():
-        drafts.add(page.locator(".message.assistant.draft").inner_text())
+    # all_inner_texts reads what is there now; inner_text would wait 30 s for a draft that finished between
+    # the count and the read (it did, once in CI).
+    while texts := page.locator(".message.assistant.draft").all_inner_texts():
+        drafts.update(texts)
         page.wait_for_timeout(50)
     assert len(drafts) >= 2, drafts  # seen growing at least once
     page.wait_for_selector(".cell.ok img.result-image")

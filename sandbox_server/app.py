@@ -17,6 +17,7 @@ from .gateway import GatewayBackend
 from .metrics import Metrics
 from .pool import KernelPool
 from .sessions import SessionManager
+from .template import READY_TIMEOUT
 
 log = logging.getLogger("sandbox_server")
 
@@ -82,7 +83,7 @@ class Server:
             log.info("%s", self.capabilities.report(self.config.cpu_limit))
             backend = LocalBackend(self.config, self.capabilities, self.environment, self.metrics)
             # The pool fills once the template has started (or failed to), so its kernels are forked too.
-            log.info("%s", await backend.kernel_start_report(self.config.kernel_start_timeout))
+            log.info("%s", await backend.kernel_start_report(READY_TIMEOUT + self.config.kernel_start_timeout))
         if not self.config.token:
             log.warning("no token set (--token / CODEACT_SANDBOX_TOKEN): serving %s without auth",
                         self.config.host)

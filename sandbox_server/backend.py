@@ -195,28 +195,23 @@ class LocalBackend:
         # and this server, starved among them, dispatch the rest later still. In turn, the first are ready first.
         self.start_slots = asyncio.Semaphore(START_SLOTS_PER_CORE * (os.cpu_count() or 1))
         self.sweep = asyncio.get_running_loop().create_task(remove_trees(stale)) if stale else None
-        self.template = KernelTemplate(environment, config.kernel_preload, self.root) \
+        self.template = KernelTemplate(environment, config.kernel_preload, self.root, verify=self._try_fork) \
             if config.kernel_start == "fork" and sys.platform.startswith("linux") else None
         if self.template is not None:
             self.template.start()
 
     async def kernel_start_report(self, timeout: float) -> str:
-        """How kernels start here, once the template's first start has ended and a kernel forked from it has
-        answered (for the start-up log). A template whose kernels do not start is stopped: kernels boot."""
+        """How kernels start here, once the template's first start has ended (its kernel tried, see
+        `_try_fork`), for the start-up log."""
         if self.template is None:
             why = "--kernel-start boot" if self.config.kernel_start == "boot" else "fork needs Linux"
             return f"kernels: booted ({why})"
         await self.template.wait_started(timeout)
-        failure = await self._try_fork() if self.template.available else None
-        if failure is not None:
-            await self.template.close()
-            self.template = None
-            log.warning("a kernel forked from the template did not start (%s): kernels boot instead", failure)
-            return f"kernels: booted (a kernel forked from the template did not start: {failure})"
         return f"kernels: {self.template.describe()}"
 
     async def _try_fork(self) -> str | None:
-        """Why a kernel forked from the template fails to start here, or None when one answers."""
+        """Why a kernel forked from the template fails to start here, or None when one answers: the template
+        asks after each of its starts, and is not used when one fails."""
         home = await self.new_home()
         try:
             kernel = await self.start_kernel(home)

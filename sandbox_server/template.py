@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 from .isolation import SYSTEM_PATH, scrubbed_environment
 from .kernel_env import KernelEnvironment
@@ -55,6 +56,11 @@ def log_tail(path: str, size: int = 2000) -> str:
 def set_once(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
+
+
+class TemplateRefused(RuntimeError):
+    """The template started but must not be used here (it holds threads, or a kernel forked from it does not
+    start): kernels boot for the rest of the server's life."""
 
 
 class TemplateUnavailable(RuntimeError):
@@ -101,8 +107,10 @@ class ForkedProcess:
 class KernelTemplate:
     """One template process for the server's kernel environment, restarted when it dies."""
 
-    def __init__(self, environment: KernelEnvironment, preload: str, workdir: str) -> None:
+    def __init__(self, environment: KernelEnvironment, preload: str, workdir: str,
+                 verify: Callable[[], Awaitable[str | None]] | None = None) -> None:
         self.environment = environment
+        self.verify = verify  # after each start: why a kernel forked from it fails, or None
         self.preload = preload
         self.workdir = workdir  # for its log and its rehearsal's sockets: the server's root
         self.process: subprocess.Popen | None = None
@@ -136,7 +144,7 @@ class KernelTemplate:
 
     def describe(self) -> str:
         if not self.available:
-            return f"booted (the kernel template is not running: {self.details.get('error', 'starting')})"
+            return f"booted (no kernel template: {self.details.get('error', 'still starting')})"
         details = self.details
         preloaded = ", ".join(details["preloaded"]) or "nothing beyond ipykernel"
         text = (f"forked from a template (pid {self.process.pid}, ready in {details['seconds']:g} s, "
@@ -151,7 +159,18 @@ class KernelTemplate:
             started = time.monotonic()
             try:
                 await self._spawn()
+                # Every start, the first and each restart: a kernel forked from it must answer.
+                failure = await self.verify() if self.verify is not None else None
+                if failure is not None:
+                    raise TemplateRefused(f"a kernel forked from it did not start: {failure}")
                 log.info("kernel template ready (pid %d, %g s)", self.process.pid, self.details["seconds"])
+            except TemplateRefused as error:  # it would fail the same way again: not retried
+                self.details = {"error": str(error)}
+                log.warning("kernel template not used: %s; kernels boot instead", error)
+                self._down(str(error))
+                self._kill()
+                self._started.set()
+                return
             except Exception as error:  # (logged; kernels boot meanwhile)
                 self.details = {"error": str(error)}
                 log.warning("kernel template did not start: %s; kernels boot instead", error)
@@ -202,7 +221,7 @@ class KernelTemplate:
         details = json.loads(message)
         if details["threads"] != 1:
             self._kill()
-            raise RuntimeError(f"it has {details['threads']} threads after preloading (a fork keeps only one): "
+            raise TemplateRefused(f"it has {details['threads']} threads after preloading (a fork keeps only one): "
                                "leave the module that starts them out of --kernel-preload")
         self.details = details
         loop.add_reader(ours.fileno(), self._on_readable)

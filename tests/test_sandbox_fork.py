@@ -293,3 +293,31 @@ def test_a_template_that_cannot_serve_is_reported_and_kernels_boot(tmp_path, mod
     finally:
         server.stop()
     assert server.kernel_pids() == []
+
+
+def test_a_restarted_template_is_tried_again_and_not_used_when_its_kernels_fail(tmp_path):
+    """A template is checked after every start, not only the first: here its second start preloads a module
+    that breaks forked kernels (a marker file the test writes in between decides)."""
+    marker = tmp_path / "break-now"
+    venv = tmp_path / "operator-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    (site / "breaks_later.py").write_text(
+        f"import os\nif os.path.exists({str(marker)!r}):\n    from ipykernel.kernelapp import IPKernelApp\n"
+        "    IPKernelApp.start = lambda self: os._exit(3)\n")
+    (site / "server-packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    server = start_sandbox(str(tmp_path / "root"), "--kernel-python", str(venv / "bin" / "python"),
+                           "--kernel-preload", "breaks_later")
+    try:
+        assert any("kernels: forked from a template" in line for line in server.log)
+        marker.write_text("")
+        os.kill(template_pid(server), signal.SIGKILL)
+        wait_for(lambda: any("kernel template not used: a kernel forked from it did not start" in line
+                             for line in server.log), 60, "the restarted template to be tried and refused")
+        booted = started(server, "boot")
+        sessions = [server.create() for _ in range(3)]  # past the pool of 1
+        assert all(server.execute(session, "1+1")["status"] == "ok" for session in sessions)
+        assert started(server, "boot") > booted and not template_up(server)
+    finally:
+        server.stop()
+    assert server.kernel_pids() == []

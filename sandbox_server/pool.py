@@ -57,12 +57,14 @@ class KernelPool:
             # One start at a time: on a small machine parallel boots only slow each other down.
             while not self._closed and len(self.ready) + self.starting < self.size:
                 self.starting += 1
-                home = await self.backend.new_home()
+                home = None
                 try:
+                    home = await self.backend.new_home()
                     kernel = await self.backend.start_kernel(home)
                 except Exception as error:  # a start failure is logged and retried, never fatal
                     self.failures += 1
-                    await self.backend.remove_home(home)
+                    if home is not None:
+                        await self.backend.remove_home(home)
                     log.warning("warm kernel failed to start: %s", error)
                     await asyncio.sleep(RETRY_DELAY)
                     continue

@@ -96,7 +96,11 @@ class SessionManager:
             taken = None if network else self.pool.take()
             if taken is None:
                 home = await self.backend.new_home()
-                kernel = await self._start_kernel(home, network)
+                try:
+                    kernel = await self._start_kernel(home, network)
+                except BaseException:
+                    await self.backend.remove_home(home)  # its directories and uid, not left until shutdown
+                    raise
             else:
                 kernel, home = taken
             session = Session(id=secrets.token_hex(12), home=home, kernel=kernel, network=network,

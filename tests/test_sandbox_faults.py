@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -241,3 +242,23 @@ def test_fifty_concurrent_sessions(sandbox):
     with ThreadPoolExecutor(max_workers=50) as executor:
         outputs = list(executor.map(one, range(50)))
     assert outputs == [f"{n * 2}\n" for n in range(50)]
+
+
+@pytest.mark.parametrize("way", ["fork", "boot"])
+def test_a_session_whose_kernel_cannot_start_leaves_no_directory_or_uid(tmp_path, way):
+    """Every kernel start times out here: the creation is a 503, and the session's directories and uid lease
+    go with it (they stayed until shutdown)."""
+    from codeact_sdk.local_sandbox import LocalSandbox
+
+    with LocalSandbox("--kernel-start", way, "--kernel-start-timeout", "0.05", pool_size=0,
+                      root_dir=str(tmp_path)) as server:
+        headers = {"Authorization": f"Bearer {server.token}"}
+        for _ in range(3):
+            response = requests.post(server.url + "/v1/sessions", json={}, headers=headers, timeout=60)
+            assert response.status_code == 503, response.text
+        root = next(entry for entry in tmp_path.iterdir() if entry.name.startswith("codeact-"))
+        deadline = time.monotonic() + 10
+        while (left := [entry.name for entry in root.iterdir() if re.fullmatch(r"s[0-9a-f]{6}", entry.name)]) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert left == [], f"session directories left behind: {left}"

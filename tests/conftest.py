@@ -92,7 +92,11 @@ def processes_mentioning(text: str) -> list[int]:
 def start_sandbox(root_dir: str, *args: str, token: str = "", pool_size: int | None = None) -> SandboxProcess:
     """A server on a free port; open (no token) unless one is given; warm before it is returned."""
     server = LocalSandbox(*args, pool_size=pool_size or 1, token=token, root_dir=root_dir).start()
-    server.wait_for_pool(1)
+    try:
+        server.wait_for_pool(1)
+    except BaseException:
+        server.stop()  # with its workspace: a test that fails here leaves nothing behind
+        raise
     return SandboxProcess(server, root_dir)
 
 

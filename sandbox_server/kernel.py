@@ -234,8 +234,13 @@ class LocalKernel:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(self.process.pid, signal.SIGKILL)
             deadline = time.monotonic() + 5.0
-            pause = 0.001  # a killed kernel is gone in a few milliseconds: its replacement waits on this
-            while self.process.poll() is None and time.monotonic() < deadline:
+            # A killed kernel is gone in a few milliseconds, and its replacement waits on this. Then so is
+            # everything it started (in a pid namespace they die with its init, a moment later): the
+            # session's uid counts its processes against the process limit, and a replacement started while
+            # a fork bomb's children lived on could not even start a thread.
+            pause = 0.001
+            while (self.process.poll() is None or not cgroups_empty(self.launch.cgroups)) \
+                    and time.monotonic() < deadline:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 0.02)
             if forked:
@@ -329,6 +334,18 @@ class LocalKernel:
             with contextlib.suppress(KernelStartError):
                 await self.reconnect()
         return collector.finish(status, state.execution_count, (time.monotonic() - started) * 1000)
+
+
+def cgroups_empty(paths: list[str]) -> bool:
+    """Whether no process is left in these cgroups (a cgroup already removed is empty)."""
+    for path in paths:
+        try:
+            with open(os.path.join(path, "cgroup.procs")) as handle:
+                if handle.read().strip():
+                    return False
+        except OSError:
+            continue
+    return True
 
 
 def kernel_setup_code(config: Config) -> str:

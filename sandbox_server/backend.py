@@ -80,21 +80,6 @@ class Backend(Protocol):
 
     async def start_kernel(self, home: Home, network: bool = False) -> Kernel: ...
 
-    def _prepare_kernel(self, name: str, home: Home, runtime_dir: str, network: bool) -> tuple[dict, KernelLaunch]:
-        container = os.path.dirname(home.workdir)
-        make_private_dir(runtime_dir, home.uid)
-        connection = connection_info(runtime_dir)
-        connection_file = write_connection_file(runtime_dir, connection, home.uid)
-        home_dir = os.path.join(container, "home")
-        launch = self.isolation.launch(name, home.workdir, home_dir, connection_file, home.uid, network,
-                                       env=self.packages.kernel_variables(container, home_dir),
-                                       readable=self.packages.readable(container))
-        return connection, launch
-
-    def _discard_kernel(self, launch: KernelLaunch, runtime_dir: str) -> None:
-        Isolation.remove_cgroups(launch.cgroups)
-        asyncio.get_running_loop().create_task(files.remove_tree(runtime_dir))
-
     async def remove_home(self, home: Home) -> None: ...
 
     async def write_file(self, home: Home, kernel: Kernel, path: str, data: bytes) -> int: ...
@@ -252,11 +237,14 @@ class LocalBackend:
         kernel = LocalKernel(name, launch, runtime_dir, connection, self.context, self.config, self.template,
                              self.cleanups)
         try:
-            async with self.start_slots:
-                await start_or_kill(kernel, self.config.kernel_start_timeout)
+            await self.start_slots.acquire()
         except asyncio.CancelledError:
-            self._discard_kernel(launch, runtime_dir)  # cancelled before start: nothing else holds these
+            self._discard_kernel(launch, runtime_dir)  # cancelled before its start: nothing else holds these
             raise
+        try:
+            await start_or_kill(kernel, self.config.kernel_start_timeout)  # killed, and cleaned, on failure
+        finally:
+            self.start_slots.release()
         self.metrics.kernels_started[kernel.started_by] += 1
         return kernel
 

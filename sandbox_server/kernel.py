@@ -167,11 +167,11 @@ class LocalKernel:
 
     @property
     def kernel_pid(self) -> int | None:
-        """The pid to signal, as the server sees it: the interpreter, or under `unshare` the child of the
-        process we ran, the namespace's init, which passes SIGINT on to the interpreter (as a forked kernel's
-        keeper does)."""
+        """The pid to signal, as the server sees it (a booted kernel; a forked one is signalled by pidfd): the
+        interpreter, or under `unshare` the child of the process we ran, the namespace's init, which passes
+        SIGINT on to the interpreter."""
         if self._kernel_pid is None and self.alive:
-            if not self.launch.namespaced or isinstance(self.process, ForkedProcess):
+            if not self.launch.namespaced:
                 self._kernel_pid = self.process.pid
             else:
                 try:

@@ -76,19 +76,18 @@ class ForkedProcess:
         self.report = report
         self.returncode: int | None = None
         self._unread = b""
+        self._exited = select.poll()  # not select(): a busy server's descriptors pass 1024
+        self._exited.register(report, select.POLLIN)
 
     def poll(self) -> int | None:
         """The kernel's exit code (negative: the signal that killed it) once its keeper has exited, else None."""
-        if self.returncode is None and self.report >= 0:
-            poller = select.poll()  # not select(): a busy server's descriptors pass 1024
-            poller.register(self.report, select.POLLIN)
-            if poller.poll(0):
-                chunk = os.read(self.report, 64)
-                self._unread += chunk
-                if not chunk:  # every write end is closed: the keeper is gone
-                    text = self._unread.decode(errors="replace").strip()
-                    # No status written: the keeper itself was killed (by us, or with everything in the cgroup).
-                    self.returncode = int(text) if text.lstrip("-").isdigit() else -signal.SIGKILL
+        if self.returncode is None and self.report >= 0 and self._exited.poll(0):
+            chunk = os.read(self.report, 64)
+            self._unread += chunk
+            if not chunk:  # every write end is closed: the keeper is gone
+                text = self._unread.decode(errors="replace").strip()
+                # No status written: the keeper itself was killed (by us, or with everything in the cgroup).
+                self.returncode = int(text) if text.lstrip("-").isdigit() else -signal.SIGKILL
         return self.returncode
 
     def send_signal(self, number: int) -> None:
@@ -120,7 +119,6 @@ class KernelTemplate:
         self.pending: dict[int, asyncio.Future] = {}
         self.ids = itertools.count(1)
         self.deaths = 0
-        self.forks = 0
         self._supervisor: asyncio.Task | None = None
         self._started = asyncio.Event()
         self._closed = False
@@ -246,6 +244,8 @@ class KernelTemplate:
                 continue
             if "error" in reply:
                 future.set_exception(TemplateUnavailable(f"the kernel template failed: {reply['error']}"))
+            elif not fds:  # its pidfd did not reach us (no descriptor to spare): the kernel is let go
+                future.set_exception(TemplateUnavailable("the kernel's pidfd was not received"))
             else:
                 future.set_result((reply["pid"], fds[0]))
 
@@ -283,7 +283,6 @@ class KernelTemplate:
             if isinstance(error, (OSError, asyncio.TimeoutError)):
                 raise TemplateUnavailable(f"the kernel template did not answer: {error!r}") from error
             raise
-        self.forks += 1
         return ForkedProcess(pid, pidfd, report)
 
     async def _send(self, data: bytes, fds: list[int]) -> None:

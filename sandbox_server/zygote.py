@@ -339,7 +339,7 @@ def become_kernel(spec: dict, report: int, states: list[object]) -> None:
         # packages), then the environment's own; not this script's directory. IPython adds '' as it does there.
         extra = [entry for entry in env.get("PYTHONPATH", "").split(":") if entry]
         sys.path[:] = [*extra, *(entry for entry in sys.path if entry != HERE)]
-        for name in ("confine", "seccomp", "__mp_main__"):
+        for name in ("confine", "seccomp"):  # the template's own, not the kernel's
             sys.modules.pop(name, None)
         reseed(states)
         libc().prctl(PR_SET_NAME, b"codeact-kernel", 0, 0, 0)  # what ps and top show

@@ -14,15 +14,13 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from socket import IPPROTO_TCP, TCP_QUICKACK
 
 import requests
 import websocket
 
 from codeact_sdk.local_sandbox import LocalSandbox
-from sandbox_server.testing import HealthProbe, KernelGateway
+from sandbox_server.testing import HealthProbe, KernelGateway, plain_execute
 
 from .measure import free_port, rss_kb, sample, summary, table
 
@@ -40,33 +38,6 @@ def floor_jupyter_client() -> list[float]:
         manager.shutdown_kernel(now=True)
 
 
-def jupyter_message(code: str) -> dict:
-    msg_id = uuid.uuid4().hex
-    return {
-        "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "", "session": "bench",
-                   "version": "5.3", "date": ""},
-        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-        "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
-                    "allow_stdin": False, "stop_on_error": True},
-    }
-
-
-def execute_over_gateway_socket(socket: websocket.WebSocket, code: str, quickack: bool = False) -> None:
-    message = jupyter_message(code)
-    msg_id = message["header"]["msg_id"]
-    socket.send(json.dumps(message))
-    idle = replied = False
-    while not (idle and replied):
-        reply = json.loads(socket.recv())
-        if quickack:
-            socket.sock.setsockopt(IPPROTO_TCP, TCP_QUICKACK, 1)
-        if reply.get("parent_header", {}).get("msg_id") != msg_id:
-            continue
-        kind = reply["msg_type"] if "msg_type" in reply else reply["header"]["msg_type"]
-        replied = replied or kind == "execute_reply"
-        idle = idle or (kind == "status" and reply["content"]["execution_state"] == "idle")
-
-
 def stock_kernel_gateway(gateway: KernelGateway, quickack: bool = False) -> tuple[list[float], list[float]]:
     """Execute latency and kernel create time used directly, as the original CodeAct used it; with
     `quickack`, the client asks for immediate ACKs after every message (the client-side remedy)."""
@@ -76,11 +47,11 @@ def stock_kernel_gateway(gateway: KernelGateway, quickack: bool = False) -> tupl
         kernel = requests.post(gateway.url + "/api/kernels", json={"name": "python3"}, timeout=60).json()
         socket_ = websocket.create_connection(f"ws://127.0.0.1:{gateway.port}/api/kernels/{kernel['id']}/channels",
                                               timeout=30)
-        execute_over_gateway_socket(socket_, "1+1")
+        plain_execute(socket_, "1+1")
         creates.append(time.perf_counter() - started)
 
     def execute() -> None:
-        execute_over_gateway_socket(socket_, "1+1", quickack)
+        plain_execute(socket_, "1+1", quickack)
 
     executes = sample(execute, 60)
     socket_.close()

@@ -2,18 +2,25 @@
 
 Tornado turns TCP_NODELAY back off after each HTTP response, so a websocket upgraded from one keeps Nagle's
 algorithm on; with the client's delayed ACKs every execute then waits ~40 ms. Load this file with
-`jupyter kernelgateway --config=deploy/kernel_gateway_config.py` (or `jupyter enterprisegateway --config=...`,
-or copy it into the image's jupyter config directory).
+`jupyter kernelgateway --config=deploy/kernel_gateway_config.py` or
+`jupyter enterprisegateway --config=deploy/kernel_gateway_config.py` (or copy it into the image's jupyter
+config directory). Tested with Kernel Gateway 3.0 (jupyter_server 2) and Enterprise Gateway 3.3
+(jupyter_server 1), whose kernel websocket handlers live in different modules.
 """
 
-from jupyter_server.services.kernels.websocket import KernelWebsocketHandler
+try:  # jupyter_server 2: Kernel Gateway 3
+    from jupyter_server.services.kernels.websocket import KernelWebsocketHandler as _Handler
+except ImportError:  # jupyter_server 1: Enterprise Gateway 3, whose handler subclasses this one
+    from jupyter_server.services.kernels.handlers import ZMQChannelsHandler as _Handler
 
-_open = KernelWebsocketHandler.open
+_open = _Handler.open
 
 
 async def _open_without_nagle(self, *args, **kwargs):
     self.set_nodelay(True)
-    return await _open(self, *args, **kwargs)
+    opened = _open(self, *args, **kwargs)
+    if opened is not None:  # a coroutine in jupyter_server 2, a plain call (or a future) in 1
+        await opened
 
 
-KernelWebsocketHandler.open = _open_without_nagle
+_Handler.open = _open_without_nagle

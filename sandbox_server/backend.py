@@ -82,6 +82,9 @@ class Backend(Protocol):
 
     async def remove_home(self, home: Home) -> None: ...
 
+    async def discard(self, kernel: Kernel, home: Home) -> None:
+        """The kernel and the home both go: a session closes, a pool kernel is given up."""
+
     async def write_file(self, home: Home, kernel: Kernel, path: str, data: bytes) -> int: ...
 
     async def read_file(self, home: Home, kernel: Kernel, path: str) -> tuple[int, AsyncIterator[bytes]]:
@@ -103,6 +106,7 @@ class Home:
     name: str
     workdir: str
     uid: int | None
+    user: str | None = None  # gateway backend: who its kernels are started for, when not the server's user
 
 
 async def in_worker(function: Callable[..., T], *args, undo: Callable[[T], None]) -> T:
@@ -262,6 +266,10 @@ class LocalBackend:
     def _discard_kernel(self, launch: KernelLaunch, runtime_dir: str) -> None:
         Isolation.remove_cgroups(launch.cgroups)
         asyncio.get_running_loop().create_task(files.remove_tree(runtime_dir))
+
+    async def discard(self, kernel: LocalKernel, home: Home) -> None:
+        await kernel.kill()  # first: its processes could write into the home while it goes
+        await self.remove_home(home)
 
     async def remove_home(self, home: Home) -> None:
         """Remove the session's container; its uid goes back only once that is done."""

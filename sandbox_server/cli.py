@@ -25,6 +25,14 @@ HELP = {
     "gateway_url": "with --backend gateway: the gateway's base URL, e.g. http://gateway:8888",
     "gateway_token": "with --backend gateway: its auth token (sent as 'Authorization: token ...')",
     "gateway_kernel": "with --backend gateway: the kernelspec name to start",
+    "gateway_username": "with --backend gateway: the user kernels are started for (KERNEL_USERNAME), which the "
+                        "gateway's authorized_users and max_kernels_per_user apply to",
+    "gateway_session_users": "with --backend gateway: let a session name its own user (the 'user' field of "
+                             "POST /v1/sessions), so each user's kernels count against that user on the gateway",
+    "gateway_env": "with --backend gateway: more values for every kernel's environment on the gateway, as a JSON "
+                   "object, e.g. '{\"KERNEL_NAMESPACE\": \"agents\"}' (Enterprise Gateway passes on KERNEL_* names)",
+    "gateway_poll_interval": "with --backend gateway: seconds between asking the gateway which of our kernels it "
+                             "still has (one culled or deleted there is replaced at its session's next execute)",
     "pool_size": "warm kernels kept started, so a new session never waits for a boot",
     "kernel_start": "how local kernels start: fork (from a template process that has imported what a kernel needs; "
                     "milliseconds each, pages shared) or boot (a new interpreter each, as before); fork boots "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, replace
@@ -32,6 +33,10 @@ class Config:
     gateway_url: str | None = None
     gateway_token: str | None = None
     gateway_kernel: str = "python3"
+    gateway_username: str = "codeact"  # KERNEL_USERNAME: who the gateway starts kernels for (its quotas, its ACLs)
+    gateway_session_users: bool = False  # whether a session may name its own user (pool kernels are the server's)
+    gateway_env: str | None = None  # more KERNEL_* values for every kernel, as a JSON object
+    gateway_poll_interval: float = 1.0  # how often to ask which kernels the gateway still has (culling)
 
     # Kernels and sessions.
     pool_size: int = 4  # warm kernels kept ready; creating a session never waits for a boot
@@ -94,8 +99,12 @@ class Config:
                                  "easily than a header, so it opens only /execute")
         if self.backend not in ("local", "gateway"):
             raise ValueError("--backend must be local or gateway")
+        if self.gateway_session_users and self.backend != "gateway":
+            raise ValueError("--gateway-session-users needs --backend gateway")
         if self.backend == "gateway" and not self.gateway_url:
             raise ValueError("--backend gateway needs --gateway-url")
+        if self.gateway_env is not None:
+            check_gateway_env(self.gateway_env)
         if self.kernel_start not in ("fork", "boot"):
             raise ValueError("--kernel-start must be fork or boot")
         if self.pool_size < 0:
@@ -104,9 +113,21 @@ class Config:
             raise ValueError("--max-sessions must be 1 or more")
         if self.cpu_limit and self.cpu_limit < 0.01:
             raise ValueError("--cpu-limit must be 0 (no limit) or at least 0.01 cores")
-        for name in ("execute_timeout", "idle_timeout", "kernel_start_timeout", "interrupt_grace", "install_timeout"):
+        for name in ("execute_timeout", "idle_timeout", "kernel_start_timeout", "interrupt_grace", "install_timeout",
+                     "gateway_poll_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+
+
+def check_gateway_env(text: str) -> None:
+    try:
+        env = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"--gateway-env must be a JSON object: {error}") from None
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise ValueError('--gateway-env must be a JSON object of strings, e.g. {"KERNEL_NAMESPACE": "agents"}')
+    if "KERNEL_USERNAME" in env:
+        raise ValueError("--gateway-env cannot set KERNEL_USERNAME: use --gateway-username")
 
 
 def from_environment(base: Config | None = None, environ: dict[str, str] | None = None) -> Config:

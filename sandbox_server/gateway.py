@@ -6,6 +6,11 @@ Stock Kernel Gateway leaves Nagle's algorithm on for its websockets, and with th
 execute then waits ~40 ms for an ACK. The gateway cannot be changed from here, so this client asks for an
 immediate ACK (TCP_QUICKACK, Linux) after every message it reads: the gateway's small writes then go out at
 once. docs/scale-out.md gives the deployment setting that removes the cause on the gateway side.
+
+A gateway may remove a kernel without a word on its websocket (culling idle kernels with `cull_connected`, an
+operator's DELETE): the backend asks the gateway which of its kernels still exist every
+--gateway-poll-interval, and marks the others gone, so a session replaces its kernel at its next execute and
+the pool refills.
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import json
 import logging
+import secrets
 import socket
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -35,21 +43,62 @@ from .protocol import NOT_RUN, ExecuteState, Pacer, clean
 log = logging.getLogger("sandbox_server.gateway")
 
 POLL_INTERVAL = 0.25
+DELETE_RETRIES = 8  # Kernel Gateway answers 500 to a DELETE while it restarts the kernel (after os._exit)
+DELETE_BACKOFF_MAX = 4.0  # seconds between retries, at most: the eight span about 20 s
+CLOSE_WAIT = 3.0  # at shutdown, for deletes in flight (the server's stop has 4.5 s in all)
+HOMES = "codeact-sessions"  # sessions' directories, under the directory the gateway starts kernels in
 FILE_CHUNK = 512 * 1024  # at most, bytes per execute when files travel through the kernel
 TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
 class GatewayUnavailable(RuntimeError):
-    """The gateway cannot be reached or refused a request."""
+    """The gateway cannot be reached or refused a request; `code` is its HTTP status, if it answered."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def decode_frame(raw: str | bytes) -> dict:
+    """A Jupyter message from one websocket frame. Text frames are its JSON; a message with binary buffers (a
+    Comm's, as widgets and some plotting libraries send) comes as a binary frame: a count n and n offsets
+    (big-endian uint32), then the JSON and the buffers at those offsets. Raises ValueError on anything else."""
+    if isinstance(raw, str):
+        return json.loads(raw)
+    try:
+        count = struct.unpack_from("!I", raw)[0]
+        offsets = [*struct.unpack_from(f"!{count}I", raw, 4), len(raw)] if 0 < count < 1024 else []
+    except struct.error as error:
+        raise ValueError(f"a binary frame with a broken header: {error}") from None
+    if not offsets or offsets != sorted(offsets) or offsets[0] < 4 * (count + 1):
+        raise ValueError("a binary frame whose offsets do not fit it")
+    message = json.loads(raw[offsets[0]:offsets[1]])
+    message["buffers"] = [raw[start:end] for start, end in itertools.pairwise(offsets[1:])]
+    return message
+
+
+def gateway_reason(error: httpclient.HTTPClientError) -> str:
+    """The gateway's own words when it gave some (JSON `message`/`reason`), else the HTTP reason."""
+    body = getattr(error.response, "body", None) or b""
+    with contextlib.suppress(ValueError, AttributeError):
+        answer = json.loads(body)
+        if isinstance(answer, dict) and (answer.get("message") or answer.get("reason")):
+            return str(answer.get("message") or answer.get("reason"))[:500]
+    return error.message
 
 
 class GatewayKernel:
     """A kernel on the gateway: REST for lifecycle, one websocket for messages (reconnected if it drops)."""
 
-    def __init__(self, backend: GatewayBackend, kernel_id: str, name: str) -> None:
+    def __init__(self, backend: GatewayBackend, kernel_id: str, name: str, home: Home) -> None:
         self.backend = backend
         self.kernel_id = kernel_id
         self.name = name
+        self.home = home
+        self.user = backend.user_for(home)
+        self.busy = False  # an execute owns the websocket's reads
+        self.deleting = False
+        self.watched_since = time.monotonic()  # the gateway's answers to questions asked later must list it
         self.connection: websocket.WebSocketClientConnection | None = None
         self.session_id = uuid.uuid4().hex
         self.gone = False  # the gateway no longer has this kernel (it died, or the gateway restarted)
@@ -104,15 +153,15 @@ class GatewayKernel:
                 iopub_ready = iopub_ready or (message.get("channel") == "iopub" and kind == "status")
                 if shell_ready and iopub_ready:
                     break
-        execution = await self.execute(kernel_setup_code(self.backend.config),
-                                       max(deadline - time.monotonic(), 1.0), silent=True)
+        setup = f"{kernel_setup_code(self.backend.config)}\n_codeact_enter_home({self.home.workdir!r})"
+        execution = await self.execute(setup, max(deadline - time.monotonic(), 1.0), silent=True)
         if execution.status != OK:
             raise KernelStartError(f"gateway kernel {self.kernel_id} setup failed: {execution.text[-500:]}")
 
     async def send(self, msg_type: str, content: dict, channel: str) -> str:
         msg_id = uuid.uuid4().hex
         message = {
-            "header": {"msg_id": msg_id, "msg_type": msg_type, "username": "codeact", "session": self.session_id,
+            "header": {"msg_id": msg_id, "msg_type": msg_type, "username": self.user, "session": self.session_id,
                        "date": "", "version": "5.3"},
             "parent_header": {}, "metadata": {}, "content": content, "channel": channel, "buffers": [],
         }
@@ -139,7 +188,11 @@ class GatewayKernel:
             with contextlib.suppress(OSError):
                 self.connection.stream.socket.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
         self.received_at = time.monotonic()  # what follows is this message's cost to the loop (see Pacer)
-        return json.loads(raw)
+        try:
+            return decode_frame(raw)
+        except ValueError as error:  # the gateway's bug or a proxy's, not the session's: skip the frame
+            log.warning("kernel %s: a websocket frame that is not a Jupyter message (%s), skipped", self.name, error)
+            return None
 
     def send_input(self, text: str) -> None:
         self.backend.in_background(self.send("input_reply", {"value": text}, "stdin"), f"input for {self.name}")
@@ -151,11 +204,20 @@ class GatewayKernel:
     async def kill(self) -> None:
         """Close the socket and ask the gateway to delete the kernel, without waiting for it to comply:
         a kernel that ignores the shutdown request costs the gateway its shutdown wait, not us."""
-        self.gone = True
-        if self.connection is not None:
-            self.connection.close()
-            self.connection = None
-        self.backend.in_background(self.backend.delete_kernel(self.kernel_id), f"deleting {self.name}")
+        self.mark_gone("killed")
+        if not self.deleting:
+            self.deleting = True
+            self.backend.in_background(self.backend.delete_kernel(self.kernel_id), f"deleting {self.name}")
+
+    async def remove_home(self) -> None:
+        """The session's directory, removed by its kernel (the only one that can reach it): when it is idle."""
+        if self.gone or self.busy:
+            log.info("session directory %s left on the gateway: its kernel is %s", self.home.workdir,
+                     "gone" if self.gone else "busy")
+            return
+        execution = await self.execute("_codeact_remove_home()", self.backend.config.setup_timeout, silent=True)
+        if execution.status != OK:
+            log.warning("session directory %s left on the gateway: %s", self.home.workdir, execution.text[-300:])
 
     async def execute(self, code: str, timeout: float, sink: EventSink | None = None, allow_stdin: bool = False,
                       silent: bool = False, grace: float = 1.0) -> Execution:
@@ -163,6 +225,14 @@ class GatewayKernel:
         collector = OutputCollector(self.backend.config.max_output, self.backend.config.max_results, sink)
         if self.gone:
             return collector.finish(DIED, None, 0.0)
+        self.busy = True
+        try:
+            return await self._execute(code, started, collector, allow_stdin, silent, timeout, grace)
+        finally:
+            self.busy = False
+
+    async def _execute(self, code: str, started: float, collector: OutputCollector, allow_stdin: bool,
+                       silent: bool, timeout: float, grace: float) -> Execution:
         content = {"code": code, "silent": silent, "store_history": not silent, "user_expressions": {},
                    "allow_stdin": allow_stdin, "stop_on_error": False}
         try:
@@ -208,8 +278,14 @@ class GatewayKernel:
         return None
 
     def mark_gone(self, reason: str) -> None:
-        self.gone = True
-        self.gone_reason = reason
+        """From now on the kernel is dead to us; an execute waiting on its websocket ends at once."""
+        if not self.gone:
+            self.gone = True
+            self.gone_reason = reason
+        self.backend.kernels.pop(self.kernel_id, None)
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
 
 
 class GatewayBackend:
@@ -226,7 +302,10 @@ class GatewayBackend:
         self.ws_url = "ws" + base[len("http"):]
         self.headers = {"Authorization": f"token {config.gateway_token}"} if config.gateway_token else {}
         self.client = httpclient.AsyncHTTPClient()
-        self.counter = 0
+        self.kernel_env = json.loads(config.gateway_env) if config.gateway_env else {}
+        self.kernels: dict[str, GatewayKernel] = {}  # ours that the gateway should still have
+        self.can_list = True  # whether GET /api/kernels is allowed (both gateways forbid it by default)
+        self.watcher: asyncio.Task | None = None
         self.background: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
         # A chunk travels as base64 on stdout, which the output cap must not cut.
         self.file_chunk = max(1024, min(FILE_CHUNK, config.max_output // 4 * 3 // 4))
@@ -259,7 +338,7 @@ class GatewayBackend:
         try:
             response = await self.client.fetch(request)
         except httpclient.HTTPClientError as error:
-            raise GatewayUnavailable(f"{method} {path} answered {error.code}: {error.message}")
+            raise GatewayUnavailable(f"{method} {path} answered {error.code}: {gateway_reason(error)}", error.code)
         except OSError as error:
             raise GatewayUnavailable(f"{method} {path} failed: {error}")
         return json.loads(response.body) if response.body else None
@@ -272,26 +351,99 @@ class GatewayBackend:
             return False
 
     async def delete_kernel(self, kernel_id: str) -> None:
-        with contextlib.suppress(GatewayUnavailable):
-            await self.rest("DELETE", f"/api/kernels/{kernel_id}")
+        """DELETE, retried with backoff: a kernel the gateway keeps runs there until the gateway stops."""
+        delay = 0.25
+        for attempt in range(1, DELETE_RETRIES + 1):
+            try:
+                await self.rest("DELETE", f"/api/kernels/{kernel_id}")
+                return
+            except GatewayUnavailable as error:
+                if error.code == 404:
+                    return  # gone already (it died, was culled, or the gateway restarted)
+                if attempt == DELETE_RETRIES:
+                    log.error("kernel %s is left on the gateway: %d deletes failed, the last with %s", kernel_id,
+                              attempt, error)
+                    return
+                log.warning("deleting kernel %s failed (%s); retrying in %.2g s", kernel_id, error, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, DELETE_BACKOFF_MAX)
+
+    # -- noticing kernels the gateway removed -----------------------------------------------------------
+
+    def watch(self, kernel: GatewayKernel) -> None:
+        self.kernels[kernel.kernel_id] = kernel
+        if self.watcher is None:
+            self.watcher = asyncio.ensure_future(self._watch_forever())
+
+    async def _watch_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.gateway_poll_interval)
+            asked_at = time.monotonic()
+            watched = [kernel for kernel in self.kernels.values() if kernel.watched_since < asked_at]
+            if not watched:
+                continue
+            try:
+                present = await self._present(watched)
+            except GatewayUnavailable as error:  # unreachable: the next execute finds out (ready())
+                log.debug("cannot ask the gateway for its kernels: %s", error)
+                continue
+            for kernel in watched:
+                if kernel.kernel_id not in present and not kernel.gone:
+                    log.info("kernel %s was removed by the gateway (culled as idle, or deleted by its operator)",
+                             kernel.name)
+                    kernel.mark_gone("the gateway removed this kernel (culled as idle, or deleted by its operator)")
+
+    async def _present(self, watched: list[GatewayKernel]) -> set[str]:
+        """Which of `watched` the gateway still has: one listing where the gateway allows it, else one GET each."""
+        if self.can_list:
+            try:
+                return {kernel["id"] for kernel in await self.rest("GET", "/api/kernels")}
+            except GatewayUnavailable as error:
+                if error.code != 403:
+                    raise
+                self.can_list = False  # --KernelGatewayApp.list_kernels / EG_LIST_KERNELS is off
+        answers = await asyncio.gather(*(self.rest("GET", f"/api/kernels/{kernel.kernel_id}")
+                                         for kernel in watched), return_exceptions=True)
+        for answer in answers:
+            if isinstance(answer, BaseException) and getattr(answer, "code", None) != 404:
+                raise answer if isinstance(answer, GatewayUnavailable) else GatewayUnavailable(str(answer))
+        return {kernel.kernel_id for kernel, answer in zip(watched, answers, strict=True)
+                if not isinstance(answer, BaseException)}
+
+    # -- sessions' homes and kernels ----------------------------------------------------------------------
 
     async def new_home(self) -> Home:
-        self.counter += 1
-        return Home(name=f"home-{self.counter}", workdir="", uid=None)
+        name = f"s-{secrets.token_hex(6)}"
+        return Home(name=name, workdir=f"{HOMES}/{name}", uid=None)
+
+    def user_for(self, home: Home) -> str:
+        return home.user or self.config.gateway_username
 
     async def start_kernel(self, home: Home, network: bool = False) -> GatewayKernel:
-        body = {"name": self.config.gateway_kernel, "env": {"KERNEL_USERNAME": "codeact"}}
+        env = {**self.kernel_env, "KERNEL_USERNAME": self.user_for(home)}
         try:
-            created = await self.rest("POST", "/api/kernels", body)
+            created = await self.rest("POST", "/api/kernels", {"name": self.config.gateway_kernel, "env": env})
         except GatewayUnavailable as error:
-            raise KernelStartError(f"the gateway could not start a kernel: {error}")
-        kernel = GatewayKernel(self, created["id"], f"gateway-{created['id'][:8]}")
+            hint = " (see --gateway-username and --gateway-session-users)" if error.code == 403 else ""
+            raise KernelStartError(f"the gateway could not start a kernel for user {env['KERNEL_USERNAME']!r}: "
+                                   f"{error}{hint}")
+        kernel = GatewayKernel(self, created["id"], f"gateway-{created['id'][:8]}", home)
+        self.watch(kernel)
         return await start_or_kill(kernel, self.config.kernel_start_timeout)
 
     async def remove_home(self, home: Home) -> None:
-        pass  # a remote kernel's files go with the kernel
+        pass  # a kernel that never started made no directory; discard() removes the others
+
+    async def discard(self, kernel: GatewayKernel, home: Home) -> None:
+        await kernel.remove_home()
+        await kernel.kill()
 
     async def close(self) -> None:
+        """Stop watching, and give the kernels' deletes a moment to finish (a deleted kernel is not leaked)."""
+        if self.watcher is not None:
+            self.watcher.cancel()
+        if self.background:
+            await asyncio.wait(set(self.background), timeout=CLOSE_WAIT)
         self.client.close()
 
     # -- files, through the kernel --------------------------------------------------------------------

@@ -173,6 +173,7 @@ class SessionsHandler(BaseHandler):
             env=env,
             timeout=positive_timeout(body),
             network=field(body, "network", bool, default=False),
+            user=field(body, "user", str),
         )
         self.send(session.describe(), 201)
 

@@ -182,3 +182,22 @@ def _codeact_file_operation(operation, path, *args):
 
 
 _codeact_file_operation.root = __import__("os").path.realpath(__import__("os").getcwd())
+
+
+def _codeact_enter_home(path):
+    """Gateway kernels all start in the gateway's directory: each session gets a directory of its own there
+    (`path`, relative), which its kernels enter at start and the files API is confined to."""
+    import os
+
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chdir(path)
+    _codeact_file_operation.root = os.path.realpath(os.getcwd())
+
+
+def _codeact_remove_home():
+    """When the session closes: its directory goes, before its kernel."""
+    import os
+    import shutil
+
+    os.chdir(os.path.dirname(_codeact_file_operation.root))
+    shutil.rmtree(_codeact_file_operation.root, ignore_errors=True)

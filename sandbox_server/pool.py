@@ -14,6 +14,7 @@ RETRY_DELAY = 2.0  # after a failed start, before trying again (a broken setup m
 # A kernel boot costs a core for half a second. Starting the refill a moment after a session is handed
 # out keeps that boot off the critical path of the session's first executes (create, then run at once).
 REFILL_DELAY = 0.3
+PRUNE_INTERVAL = 1.0  # how often ready kernels are checked for life
 
 
 class KernelPool:
@@ -45,13 +46,24 @@ class KernelPool:
         return None
 
     async def _discard(self, kernel, home) -> None:
-        await kernel.kill()
-        await self.backend.remove_home(home)
+        await self.backend.discard(kernel, home)
+
+    def _prune(self) -> None:
+        """Give up ready kernels that died while they waited (a gateway culls idle ones): the refill replaces
+        them now, not when a session takes one."""
+        dead = [(kernel, home) for kernel, home in self.ready if not kernel.alive]
+        for kernel, home in dead:
+            self.ready.remove((kernel, home))
+            asyncio.get_running_loop().create_task(self._discard(kernel, home))
 
     async def _refill_forever(self) -> None:
         while not self._closed:
-            await self._wake.wait()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), PRUNE_INTERVAL)
             self._wake.clear()
+            self._prune()
+            if len(self.ready) + self.starting >= self.size:
+                continue
             if self.ready or self.starting:
                 await asyncio.sleep(REFILL_DELAY)
             # One start at a time: on a small machine parallel boots only slow each other down.

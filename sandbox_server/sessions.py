@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .backend import Backend, Home, Kernel
 from .config import Config
@@ -28,6 +29,7 @@ from .protocol import NOT_RUN, UNRESPONSIVE
 log = logging.getLogger("sandbox_server.sessions")
 
 RETRY_AFTER = 5.0  # seconds a client told "at capacity" should wait
+USER_NAME = re.compile(r"[A-Za-z0-9._@-]{1,128}")  # a gateway's KERNEL_USERNAME (it names pods on Kubernetes)
 
 
 @dataclass
@@ -80,7 +82,7 @@ class SessionManager:
         self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
 
     async def create(self, setup: str = "", env: dict[str, str] | None = None, timeout: float | None = None,
-                     network: bool = False) -> Session:
+                     network: bool = False, user: str | None = None) -> Session:
         if network and not self.config.token:
             # Kernels without the network live in their own network namespace and cannot reach this server;
             # one with the network could call its API, which only a token closes.
@@ -91,11 +93,17 @@ class SessionManager:
             raise AtCapacity(
                 f"the server holds its maximum of {self.config.max_sessions} sessions (--max-sessions); "
                 "close one or retry later", retry_after=RETRY_AFTER)
+        if user is not None and not self.config.gateway_session_users:
+            raise BadRequest("this server does not start kernels per user: the 'user' field needs the gateway "
+                             "backend and --gateway-session-users")
+        if user is not None and not USER_NAME.fullmatch(user):
+            raise BadRequest("field 'user' must be 1 to 128 characters of A-Z, a-z, 0-9, '.', '_', '@' and '-'")
         self.creating += 1
         try:
-            taken = None if network else self.pool.take()
+            # Pool kernels are started for the server's user, and without the network.
+            taken = None if network or user is not None else self.pool.take()
             if taken is None:
-                home = await self.backend.new_home()
+                home = replace(await self.backend.new_home(), user=user)
                 try:
                     kernel = await self._start_kernel(home, network)
                 except BaseException:
@@ -109,8 +117,7 @@ class SessionManager:
             try:
                 await self._prepare(session)
             except BaseException:
-                await kernel.kill()
-                await self.backend.remove_home(home)
+                await self.backend.discard(kernel, home)
                 raise
         finally:
             self.creating -= 1
@@ -153,8 +160,7 @@ class SessionManager:
             if mapped == session_id:
                 del self.conversations[convid]
         session.closed = True
-        await session.kernel.kill()
-        await self.backend.remove_home(session.home)
+        await self.backend.discard(session.kernel, session.home)
 
     async def close_all(self) -> None:
         if self._reaper is not None:

@@ -1,5 +1,5 @@
-"""Helpers for the tests and benchmarks: a stock Kernel Gateway process for the gateway backend, and a
-probe of a server's /health while something runs.
+"""Helpers for the tests and benchmarks: a stock Kernel Gateway or Enterprise Gateway process for the gateway
+backend, and a probe of a server's /health while something runs.
 
     with KernelGateway(port, workdir, token="secret") as gateway:
         ... --backend gateway --gateway-url {gateway.url} --gateway-token secret ...
@@ -8,6 +8,7 @@ probe of a server's /health while something runs.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -16,6 +17,8 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
+from socket import IPPROTO_TCP, TCP_QUICKACK
 
 import requests
 
@@ -25,32 +28,43 @@ STOP_GRACE_S = 15
 
 class KernelGateway:
     """`python -m kernel_gateway` on 127.0.0.1 in its own process group, so that stop() ends its kernels too.
-    It runs in `workdir` (default: a temporary directory, removed by stop()) and logs to workdir/gateway.log."""
+    It runs in `workdir` (default: a temporary directory, removed by stop()) and logs to workdir/gateway.log;
+    `options` are more of its command-line options (e.g. `--MappingKernelManager.cull_idle_timeout=5`)."""
+
+    app = "KernelGatewayApp"
+    module = "kernel_gateway"
 
     def __init__(self, port: int, workdir: str | None = None, token: str | None = None,
-                 config: str | None = None) -> None:
+                 config: str | None = None, options: tuple[str, ...] = (), python: str = sys.executable) -> None:
         self.port = port  # the gateway cannot report a port it picked itself, so the caller picks a free one
         self.owns_workdir = workdir is None  # then stop() removes it, log included
         self.workdir = workdir or tempfile.mkdtemp(prefix="codeact-gateway-")
+        os.makedirs(self.workdir, exist_ok=True)
         self.log_path = os.path.join(self.workdir, "gateway.log")
         self.token = token
         self.config = config
+        self.options = tuple(options)
+        self.python = python
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def environment(self) -> dict[str, str]:
+        # Connection files in the workdir, not in the user's runtime directory, where a killed gateway leaves them.
+        return {**os.environ, "JUPYTER_RUNTIME_DIR": os.path.join(self.workdir, "runtime")}
+
     def start(self) -> KernelGateway:
-        command = [sys.executable, "-m", "kernel_gateway", "--KernelGatewayApp.ip=127.0.0.1",
-                   f"--KernelGatewayApp.port={self.port}"]
+        command = [self.python, "-m", self.module, f"--{self.app}.ip=127.0.0.1", f"--{self.app}.port={self.port}"]
         if self.token:
-            command.append(f"--KernelGatewayApp.auth_token={self.token}")
+            command.append(f"--{self.app}.auth_token={self.token}")
         if self.config:
             command.append(f"--config={self.config}")
+        command += self.options
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the handle
             self.process = subprocess.Popen(command, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+                                            env=self.environment(), start_new_session=True)
         deadline = time.monotonic() + START_DEADLINE_S
         while True:
             try:
@@ -59,9 +73,13 @@ class KernelGateway:
             except requests.ConnectionError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"the kernel gateway on port {self.port} did not start; "
+                    raise RuntimeError(f"the gateway on port {self.port} did not start; "
                                        f"see {self.log_path}") from None
                 time.sleep(0.1)
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as handle:
+            return handle.read()
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL to the whole group: the gateway's kernels go with it."""
@@ -81,6 +99,47 @@ class KernelGateway:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class EnterpriseGateway(KernelGateway):
+    """Jupyter Enterprise Gateway with its default local process proxy, run by `python`: an environment of its
+    own (`make enterprise-gateway`), since it pins jupyter_server 1 and jupyter_client 6. Its one kernelspec,
+    `python3`, runs ipykernel from this interpreter's environment."""
+
+    app = "EnterpriseGatewayApp"
+    module = "enterprise_gateway"
+
+    def environment(self) -> dict[str, str]:
+        specs = os.path.join(self.workdir, "kernelspecs")
+        spec_dir = os.path.join(specs, "kernels", "python3")
+        os.makedirs(spec_dir, exist_ok=True)
+        with open(os.path.join(spec_dir, "kernel.json"), "w") as handle:
+            json.dump({"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                       "display_name": "Python 3", "language": "python"}, handle)
+        return {**super().environment(), "JUPYTER_PATH": specs}
+
+
+def plain_execute(socket, code: str, quickack: bool = False) -> None:
+    """Run `code` on a gateway kernel's websocket (websocket-client's) as a plain client does, the original
+    CodeAct among them; with `quickack`, ask for an immediate ACK after every message, as our backend does."""
+    msg_id = uuid.uuid4().hex
+    socket.send(json.dumps({
+        "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "", "session": "plain",
+                   "version": "5.3", "date": ""},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+        "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+                    "allow_stdin": False, "stop_on_error": True},
+    }))
+    idle = replied = False
+    while not (idle and replied):
+        reply = json.loads(socket.recv())
+        if quickack:
+            socket.sock.setsockopt(IPPROTO_TCP, TCP_QUICKACK, 1)
+        if reply.get("parent_header", {}).get("msg_id") != msg_id:
+            continue
+        kind = reply["msg_type"] if "msg_type" in reply else reply["header"]["msg_type"]
+        replied = replied or kind == "execute_reply"
+        idle = idle or (kind == "status" and reply["content"]["execution_state"] == "idle")
 
 
 class HealthProbe:

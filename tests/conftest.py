@@ -13,6 +13,8 @@ import requests
 from codeact_sdk.local_sandbox import LocalSandbox
 from codeact_sdk.testing import ScriptedModelServer
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+
 
 @dataclass
 class SandboxProcess:

@@ -1,26 +1,43 @@
-"""The gateway backend against a real `jupyter kernelgateway` started here: the behaviours the local backend
-has, through the gateway, plus the gateway being down or restarting."""
+"""The gateway backend against a real Kernel Gateway and a real Enterprise Gateway started here (every test
+that can runs on both): the behaviours the local backend has, through the gateway, plus what only a gateway
+does: being down or restarting, culling kernels, binary frames, its users and quotas, refusing a delete."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
+import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 import websocket
 
 from codeact_sdk.errors import SandboxConnectionError
 from codeact_sdk.local_sandbox import LocalSandbox
 from model_server.stack import free_port
-from sandbox_server.testing import KernelGateway
-from tests.conftest import SandboxProcess, start_sandbox
+from sandbox_server.testing import EnterpriseGateway, KernelGateway, plain_execute
+from tests.conftest import ROOT, SandboxProcess, processes_mentioning, start_sandbox, wait_for
 from tests.test_sandbox_api import compat
 
 TOKEN = "gateway-secret"
+KINDS = ["kernel-gateway", "enterprise-gateway"]
+# Made by `make enterprise-gateway` (a dependency of `make test`): EG cannot share our jupyter_server.
+EG_PYTHON = os.path.join(ROOT, ".venv-enterprise-gateway", "bin", "python")
+
+
+def new_gateway(kind: str, workdir, token: str | None = None, config: str | None = None,
+                options: tuple[str, ...] = (), port: int | None = None) -> KernelGateway:
+    port = port or free_port()
+    if kind == "kernel-gateway":
+        return KernelGateway(port, str(workdir), token, config, options)
+    if not os.path.exists(EG_PYTHON):
+        pytest.fail(f"no Enterprise Gateway environment at {EG_PYTHON}: run `make enterprise-gateway`")
+    return EnterpriseGateway(port, str(workdir), token, config, options, python=EG_PYTHON)
 
 
 class CuttableProxy:
@@ -92,9 +109,14 @@ def gateway_sandbox(gateway: KernelGateway | CuttableProxy, tmp_path, *args: str
     return start_sandbox(str(tmp_path), *options, pool_size=2)
 
 
+@pytest.fixture(scope="module", params=KINDS)
+def kind(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory):
-    gateway = KernelGateway(free_port(), str(tmp_path_factory.mktemp("gateway")), TOKEN).start()
+def gateway(kind, tmp_path_factory):
+    gateway = new_gateway(kind, tmp_path_factory.mktemp("gateway"), TOKEN).start()
     yield gateway
     gateway.stop()
 
@@ -233,14 +255,14 @@ def test_wrong_gateway_token_is_a_clear_error(gateway, tmp_path):
     assert "403" in str(caught.value) or "401" in str(caught.value)
 
 
-def test_gateway_restart_mid_session_gives_a_new_kernel(tmp_path):
-    gateway = KernelGateway(free_port(), str(tmp_path)).start()
+def test_gateway_restart_mid_session_gives_a_new_kernel(kind, tmp_path):
+    gateway = new_gateway(kind, tmp_path).start()
     server = gateway_sandbox(gateway, tmp_path / "sandbox")
     try:
         session = server.create()
         server.execute(session, "lost = 1")
         gateway.stop()
-        gateway = KernelGateway(gateway.port, str(tmp_path)).start()
+        gateway = new_gateway(kind, tmp_path, port=gateway.port).start()
         result = server.execute(session, "print('again')")
         assert result["stdout"] == "again\n" and result["new_kernel"] is True, result
         assert server.execute(session, "lost")["error"]["name"] == "NameError"
@@ -250,9 +272,16 @@ def test_gateway_restart_mid_session_gives_a_new_kernel(tmp_path):
 
 
 @pytest.mark.parametrize("gateway_notices", [True, False], ids=["both-sides-closed", "gateway-unaware"])
-def test_websocket_cut_mid_execute_keeps_the_kernel_and_the_result(gateway, tmp_path, gateway_notices):
+def test_websocket_cut_mid_execute_keeps_the_kernel_and_the_result(request, kind, gateway, tmp_path,
+                                                                   gateway_notices):
     """We reconnect with the same session id. A gateway that saw the drop kept the kernel's messages and
     replays them; one that did not replaces its stale connection with ours."""
+    if kind == "enterprise-gateway" and not gateway_notices:
+        # jupyter_server 1 (EG 3.3) waits 5 s for the stale connection's close before it opens ours, and drops
+        # what the kernel sends meanwhile ("zmq message arrived on closed channel"): the execute's end is lost
+        # there, and it ends at its timeout. docs/scale-out.md says so; strict, to notice when a fix lands.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="Enterprise Gateway 3 loses a kernel's messages "
+                                              "while it replaces a half-open connection"))
     proxy = CuttableProxy(gateway)
     server = gateway_sandbox(proxy, tmp_path)
     try:
@@ -291,3 +320,171 @@ def test_host_tools_are_called_from_kernels_on_the_gateway(sandbox):
     execution = next(e.execution for e in seen if isinstance(e, events.ExecutionFinished))
     assert execution.stdout == "[9, 8, 7, 6, 5]\n", execution.text
     assert ledger["balance"] == 5
+
+
+# -- what only a gateway does ------------------------------------------------------------------------------
+
+DEPLOY_CONFIG = os.path.join(ROOT, "deploy", "kernel_gateway_config.py")
+CULLING = ("--MappingKernelManager.cull_idle_timeout=3", "--MappingKernelManager.cull_interval=1")
+
+
+def gateway_kernels(gateway: KernelGateway) -> list[int]:
+    """The gateway's kernel processes: their connection files are in its runtime directory."""
+    return processes_mentioning(os.path.join(gateway.workdir, "runtime"))
+
+
+def test_binary_frames_are_decoded(sandbox):
+    """A Comm opened with binary buffers (as widgets and some plotting libraries do) reaches us as a binary
+    websocket frame: decoded, never a 500, and the execute's output is kept."""
+    session = sandbox.create()
+    result = sandbox.execute(session, "from comm import create_comm\n"
+                                      "comm = create_comm(target_name='codeact-test', buffers=[b'\\xff\\x00xyz'])\n"
+                                      "print('after the comm')\n6 * 7")
+    assert (result["status"], result["stdout"]) == ("ok", "after the comm\n"), result
+    assert result["results"][0]["data"]["text/plain"] == "42"
+    sandbox.close(session)
+
+
+def test_each_session_has_its_own_directory(sandbox):
+    """On a gateway every kernel starts in the gateway's directory; each session gets one of its own, which
+    its files API and its code's relative paths use, and which goes when the session closes."""
+    first, second = sandbox.create(), sandbox.create()
+    assert sandbox.request("PUT", f"/v1/sessions/{first}/files/secret.txt", data=b"first's").status_code == 201
+    sandbox.execute(first, "open('by-code.txt', 'w').write('first')")
+    assert sandbox.request("GET", f"/v1/sessions/{second}/files").json()["files"] == []
+    assert sandbox.request("GET", f"/v1/sessions/{second}/files/secret.txt").status_code == 404
+    assert sandbox.execute(second, "import os\nprint(os.listdir('.'))")["stdout"] == "[]\n"
+    first_dir = sandbox.execute(first, "import os\nprint(os.getcwd())")["stdout"].strip()
+    assert sorted(os.listdir(first_dir)) == ["by-code.txt", "secret.txt"]
+    sandbox.close(first)
+    wait_for(lambda: not os.path.exists(first_dir), 30, "the closed session's directory to be removed")
+    sandbox.close(second)
+
+
+@pytest.mark.parametrize("connected", [True, False], ids=["cull-connected", "cull-idle-only"])
+def test_culled_kernels_are_noticed_and_replaced(kind, tmp_path, connected):
+    """With cull_connected, the gateway culls idle kernels we hold a websocket on, and leaves the websocket
+    open: we must notice, for sessions and for the pool. Without it, it never culls our kernels."""
+    gateway = new_gateway(kind, tmp_path / "gateway",
+                          options=(*CULLING, f"--MappingKernelManager.cull_connected={connected}")).start()
+    server = gateway_sandbox(gateway, tmp_path / "sandbox")
+    try:
+        session = server.create()
+        server.execute(session, "kept = 'state'")
+        time.sleep(6)  # idle for 3 s, then the gateway's next check culls
+        started = time.monotonic()
+        result = server.execute(session, "print(globals().get('kept', 'gone'))", timeout=20)
+        took = time.monotonic() - started
+        if not connected:
+            assert "Culling '" not in gateway.log()
+            assert (result["stdout"], result["new_kernel"]) == ("state\n", False), result
+            return
+        assert "Culling '" in gateway.log(), "the gateway culled nothing: the test tests nothing"
+        assert (result["status"], result["stdout"], result["new_kernel"]) == ("ok", "gone\n", True), result
+        assert took < 5, f"a culled kernel took {took:.1f} s to be noticed"
+        started = time.monotonic()
+        fresh = server.create()  # from the pool, whose kernels were culled too
+        assert server.execute(fresh, "print('fresh')", timeout=20)["stdout"] == "fresh\n"
+        assert time.monotonic() - started < 5
+    finally:
+        server.stop()
+        gateway.stop()
+
+
+def test_no_kernel_is_left_on_the_gateway(kind, tmp_path):
+    """Kernel Gateway refuses (500) to delete a kernel it is restarting, as after os._exit: the delete is
+    retried, and every kernel the server started is gone from the gateway once the server stops."""
+    gateway = new_gateway(kind, tmp_path / "gateway").start()
+    server = gateway_sandbox(gateway, tmp_path / "sandbox")
+    try:
+        session = server.create()
+        for _ in range(3):
+            assert server.execute(session, "import os\nos._exit(1)", timeout=30)["status"] == "died"
+        server.close(session)
+        wait_for(lambda: len(gateway_kernels(gateway)) == 2, 30, "only the pool's two kernels on the gateway")
+        server.stop()
+        wait_for(lambda: not gateway_kernels(gateway), 30, "no kernel on the gateway after the server stopped")
+    finally:
+        server.stop()
+        gateway.stop()
+
+
+def plain_client_median(gateway: KernelGateway) -> float:
+    """A plain client's execute time (no TCP_QUICKACK), median of 15, in seconds."""
+    # Enterprise Gateway refuses root, its own user, as the default KERNEL_USERNAME.
+    created = requests.post(gateway.url + "/api/kernels", json={"name": "python3", "env": {"KERNEL_USERNAME": "plain"}},
+                            timeout=60)
+    created.raise_for_status()
+    kernel = created.json()
+    client = websocket.create_connection(f"ws://127.0.0.1:{gateway.port}/api/kernels/{kernel['id']}/channels",
+                                         timeout=30)
+    try:
+        times = []
+        for _ in range(20):
+            started = time.perf_counter()
+            plain_execute(client, "1+1")
+            times.append(time.perf_counter() - started)
+        return statistics.median(times[5:])  # the first few are quick-ACKed: a connection's start
+    finally:
+        client.close()
+
+
+def test_deploy_config_turns_nagle_off(kind, tmp_path):
+    """deploy/kernel_gateway_config.py loads on both gateways and takes a plain client's execute from the
+    ~40 ms of Nagle plus delayed ACKs to a few milliseconds."""
+    with new_gateway(kind, tmp_path / "stock") as stock, \
+            new_gateway(kind, tmp_path / "tuned", config=DEPLOY_CONFIG) as tuned:
+        assert "Traceback" not in tuned.log(), tuned.log()
+        stock_median, tuned_median = plain_client_median(stock), plain_client_median(tuned)
+    assert tuned_median * 3 < stock_median, (f"{kind}: {stock_median * 1000:.1f} ms stock, "
+                                             f"{tuned_median * 1000:.1f} ms with the config")
+
+
+def test_authorized_users_take_the_configured_username(tmp_path):
+    """Enterprise Gateway starts kernels only for its authorized users: the server's user is an option, and a
+    refusal says why instead of a bare 503."""
+    gateway = new_gateway("enterprise-gateway", tmp_path / "gateway",
+                          options=("--EnterpriseGatewayApp.authorized_users=agents",)).start()
+    try:
+        refused = SandboxProcess(LocalSandbox("--backend", "gateway", "--gateway-url", gateway.url, pool_size=0,
+                                              token="", root_dir=str(tmp_path / "refused")).start(), "")
+        try:
+            response = refused.request("POST", "/v1/sessions", json={})
+            assert response.status_code == 503, response.text
+            message = response.json()["message"]
+            assert "'codeact'" in message and "authorized" in message and "--gateway-username" in message
+        finally:
+            refused.stop()
+        allowed = gateway_sandbox(gateway, tmp_path / "allowed", "--gateway-username", "agents")
+        try:
+            session = allowed.create()
+            assert allowed.execute(session, "import os\nprint(os.environ['KERNEL_USERNAME'])")["stdout"] == "agents\n"
+        finally:
+            allowed.stop()
+    finally:
+        gateway.stop()
+
+
+def test_sessions_can_name_their_user(tmp_path):
+    """With --gateway-session-users, a session names the user its kernels are started for, so the gateway's
+    max_kernels_per_user counts each user's sessions, not the pool's user; the name is checked."""
+    gateway = new_gateway("enterprise-gateway", tmp_path / "gateway",
+                          options=("--EnterpriseGatewayApp.max_kernels_per_user=1",)).start()
+    server = start_sandbox(str(tmp_path / "sandbox"), "--backend", "gateway", "--gateway-url", gateway.url,
+                           "--gateway-session-users", pool_size=1)
+    try:
+        alice, bob = server.create(user="alice"), server.create(user="bob")
+        for session, user in ((alice, "alice"), (bob, "bob")):
+            assert server.execute(session, "import os\nprint(os.environ['KERNEL_USERNAME'])")["stdout"] == f"{user}\n"
+        again = server.request("POST", "/v1/sessions", json={"user": "alice"})
+        assert again.status_code == 503 and "max kernels per user" in again.json()["message"], again.text
+        assert server.request("POST", "/v1/sessions", json={"user": "../root"}).status_code == 400
+        assert server.create()  # the pool's kernel, started for the server's user
+    finally:
+        server.stop()
+        gateway.stop()
+
+
+def test_session_users_are_refused_unless_enabled(sandbox):
+    response = sandbox.request("POST", "/v1/sessions", json={"user": "alice"})
+    assert response.status_code == 400 and "--gateway-session-users" in response.text

@@ -1,4 +1,5 @@
-"""Kernel Gateway / Enterprise Gateway config that turns Nagle's algorithm off on kernel websockets.
+"""Kernel Gateway / Enterprise Gateway config for the sandbox server's gateway backend: Nagle's algorithm off on
+kernel websockets, and kernel deaths noticed in a second.
 
 Tornado turns TCP_NODELAY back off after each HTTP response, so a websocket upgraded from one keeps Nagle's
 algorithm on; with the client's delayed ACKs every execute then waits ~40 ms. Load this file with
@@ -24,3 +25,12 @@ async def _open_without_nagle(self, *args, **kwargs):
 
 
 _Handler.open = _open_without_nagle
+
+
+c = get_config()  # noqa: F821 - defined in config files
+
+# The gateway checks each kernel is alive every time_to_dead seconds (3 by default): a kernel that dies (os._exit,
+# a segfault, the OOM killer) is reported to the session that long after. Locally each check is a waitpid; with
+# Enterprise Gateway's Kubernetes or YARN process proxies it is a call to their API, per kernel: raise it there
+# if thousands of kernels run.
+c.KernelRestarter.time_to_dead = 1.0

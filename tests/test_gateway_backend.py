@@ -409,15 +409,19 @@ def test_no_kernel_is_left_on_the_gateway(kind, tmp_path):
         gateway.stop()
 
 
-def plain_client_median(gateway: KernelGateway) -> float:
-    """A plain client's execute time (no TCP_QUICKACK), median of 15, in seconds."""
+def plain_client(gateway: KernelGateway) -> websocket.WebSocket:
+    """A new kernel's websocket, as a plain client opens it."""
     # Enterprise Gateway refuses root, its own user, as the default KERNEL_USERNAME.
     created = requests.post(gateway.url + "/api/kernels", json={"name": "python3", "env": {"KERNEL_USERNAME": "plain"}},
                             timeout=60)
     created.raise_for_status()
-    kernel = created.json()
-    client = websocket.create_connection(f"ws://127.0.0.1:{gateway.port}/api/kernels/{kernel['id']}/channels",
-                                         timeout=30)
+    return websocket.create_connection(f"ws://127.0.0.1:{gateway.port}/api/kernels/{created.json()['id']}/channels",
+                                       timeout=30)
+
+
+def plain_client_median(gateway: KernelGateway) -> float:
+    """A plain client's execute time (no TCP_QUICKACK), median of 15, in seconds."""
+    client = plain_client(gateway)
     try:
         times = []
         for _ in range(20):
@@ -429,15 +433,36 @@ def plain_client_median(gateway: KernelGateway) -> float:
         client.close()
 
 
-def test_deploy_config_turns_nagle_off(kind, tmp_path):
-    """deploy/kernel_gateway_config.py loads on both gateways and takes a plain client's execute from the
-    ~40 ms of Nagle plus delayed ACKs to a few milliseconds."""
+def seconds_to_notice_a_death(gateway: KernelGateway) -> float:
+    """From a plain client's os._exit to the gateway's `restarting` status."""
+    client = plain_client(gateway)
+    try:
+        plain_execute(client, "1+1")
+        started = time.monotonic()
+        client.send(json.dumps({"header": {"msg_id": "exit", "msg_type": "execute_request", "username": "",
+                                           "session": "plain", "version": "5.3", "date": ""},
+                                "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+                                "content": {"code": "import os\nos._exit(1)", "silent": False}}))
+        while True:
+            message = json.loads(client.recv())
+            if message.get("msg_type") == "status" and message["content"]["execution_state"] == "restarting":
+                return time.monotonic() - started
+    finally:
+        client.close()
+
+
+def test_deploy_config_turns_nagle_off_and_notices_deaths_sooner(kind, tmp_path):
+    """deploy/kernel_gateway_config.py loads on both gateways, takes a plain client's execute from the ~40 ms
+    of Nagle plus delayed ACKs to a few milliseconds, and has the gateway check its kernels every second
+    (3 s by default)."""
     with new_gateway(kind, tmp_path / "stock") as stock, \
             new_gateway(kind, tmp_path / "tuned", config=DEPLOY_CONFIG) as tuned:
         assert "Traceback" not in tuned.log(), tuned.log()
         stock_median, tuned_median = plain_client_median(stock), plain_client_median(tuned)
+        death = seconds_to_notice_a_death(tuned)
     assert tuned_median * 3 < stock_median, (f"{kind}: {stock_median * 1000:.1f} ms stock, "
                                              f"{tuned_median * 1000:.1f} ms with the config")
+    assert death < 2.5, f"{kind}: a death was noticed after {death:.1f} s with the config"
 
 
 def test_authorized_users_take_the_configured_username(tmp_path):
@@ -455,10 +480,12 @@ def test_authorized_users_take_the_configured_username(tmp_path):
             assert "'codeact'" in message and "authorized" in message and "--gateway-username" in message
         finally:
             refused.stop()
-        allowed = gateway_sandbox(gateway, tmp_path / "allowed", "--gateway-username", "agents")
+        allowed = gateway_sandbox(gateway, tmp_path / "allowed", "--gateway-username", "agents",
+                                  "--gateway-env", '{"KERNEL_TEAM": "research"}')
         try:
             session = allowed.create()
-            assert allowed.execute(session, "import os\nprint(os.environ['KERNEL_USERNAME'])")["stdout"] == "agents\n"
+            code = "import os\nprint(os.environ['KERNEL_USERNAME'], os.environ['KERNEL_TEAM'])"
+            assert allowed.execute(session, code)["stdout"] == "agents research\n"
         finally:
             allowed.stop()
     finally:
@@ -488,3 +515,30 @@ def test_sessions_can_name_their_user(tmp_path):
 def test_session_users_are_refused_unless_enabled(sandbox):
     response = sandbox.request("POST", "/v1/sessions", json={"user": "alice"})
     assert response.status_code == 400 and "--gateway-session-users" in response.text
+
+
+def test_binary_frame_decoding():
+    """Jupyter's own framing, decoded; a frame that does not fit its header is refused, not guessed at."""
+    from jupyter_server.services.kernels.connection.base import serialize_binary_message
+
+    from sandbox_server.gateway import decode_frame
+
+    message = {"header": {"msg_type": "comm_open"}, "parent_header": {}, "metadata": {}, "content": {"x": 1},
+               "channel": "iopub", "buffers": [b"\xff\x00", b"", b"xyz"]}
+    assert decode_frame(serialize_binary_message(dict(message))) == message
+    assert decode_frame('{"a": 1}') == {"a": 1}
+    for broken in (b"", b"\x00\x00", b"\x00\x00\x00\x02\x00\x00\x00\x0c\x00\x00\x00\x08{}",
+                   b"\xff\xff\xff\xff" + b"\x00" * 64):
+        with pytest.raises(ValueError):
+            decode_frame(broken)
+
+
+def test_gateway_options_are_checked():
+    from sandbox_server.config import Config
+
+    for env, error in (("[1]", "JSON object"), ("{", "JSON object"),
+                       ('{"KERNEL_USERNAME": "x"}', "--gateway-username")):
+        with pytest.raises(ValueError, match=error):
+            Config(backend="gateway", gateway_url="http://gateway:8888", gateway_env=env).check()
+    with pytest.raises(ValueError, match="needs --backend gateway"):
+        Config(gateway_session_users=True).check()

@@ -98,10 +98,14 @@ class SandboxClient:
     # -- sessions ------------------------------------------------------------------------------------
 
     def create_session(self, setup: str = "", env: dict[str, str] | None = None, timeout: float | None = None,
-                       network: bool = False) -> str:
+                       network: bool = False, user: str | None = None) -> str:
+        """A new session's id; `user` names who its kernels are started for on a gateway (the server needs
+        --gateway-session-users)."""
         body = {"setup": setup, "env": env or {}, "network": network}
         if timeout is not None:
             body["timeout"] = timeout
+        if user is not None:
+            body["user"] = user
         return self._call("POST", "/v1/sessions", json=body).json()["id"]
 
     def close_session(self, session_id: str) -> None:

@@ -82,7 +82,7 @@ class Session:
                  on_input: Callable[[str], str] | None = None, network: bool = False,
                  env: dict[str, str] | None = None, on_tool_call: Callable[[bridge.Call], bool | None] | None = None,
                  tool_timeout: float = 30.0, tool_tracebacks: bool = False,
-                 mcp_servers: Iterable[MCPServer] = ()) -> None:
+                 mcp_servers: Iterable[MCPServer] = (), user: str | None = None) -> None:
         self.settings = settings or resolve(
             model=model, llm_url=llm_url, sandbox_url=sandbox_url, api_key=api_key, sandbox_token=sandbox_token,
             timeout=timeout, request_timeout=request_timeout, max_executions=max_executions)
@@ -101,6 +101,7 @@ class Session:
         self.on_input = on_input
         self.network = network  # the kernel gets the network (the sandbox server must have a token)
         self.env = dict(env or {})  # environment variables set in the kernel before its first code
+        self.user = user  # on a gateway, who the kernel is started for (its quotas); see docs/scale-out.md
         self.transcript_path = transcript_path
         self._transcript: transcript.TranscriptWriter | None = None
         self._local: LocalSandbox | None = None
@@ -153,7 +154,7 @@ class Session:
 
     def _create_sandbox_session(self) -> str:
         return self._sandbox.create_session(setup=self.setup, env=self.env, timeout=self.settings.timeout,
-                                            network=self.network)
+                                            network=self.network, user=self.user)
 
     def close(self) -> None:
         if self._sandbox is not None:

@@ -507,6 +507,10 @@ def test_sessions_can_name_their_user(tmp_path):
         assert again.status_code == 503 and "max kernels per user" in again.json()["message"], again.text
         assert server.request("POST", "/v1/sessions", json={"user": "../root"}).status_code == 400
         assert server.create()  # the pool's kernel, started for the server's user
+        from codeact_sdk.sandbox import SandboxClient
+
+        carol = SandboxClient(server.url).create_session(user="carol")  # the SDK's way
+        assert server.execute(carol, "import os\nprint(os.environ['KERNEL_USERNAME'])")["stdout"] == "carol\n"
     finally:
         server.stop()
         gateway.stop()

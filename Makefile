@@ -43,7 +43,7 @@ serve: install
 demo: install
 	$(BIN)/python -m model_server.stack demo
 
-bench: install check-vllm
+bench: install enterprise-gateway check-vllm
 	$(BIN)/python -m benchmarks
 
 # Our vLLM command lines, read by vLLM's own parser. vLLM's CPU build goes into its own environment under

@@ -38,9 +38,8 @@ def floor_jupyter_client() -> list[float]:
         manager.shutdown_kernel(now=True)
 
 
-def stock_kernel_gateway(gateway: KernelGateway, quickack: bool = False) -> tuple[list[float], list[float]]:
-    """Execute latency and kernel create time used directly, as the original CodeAct used it; with
-    `quickack`, the client asks for immediate ACKs after every message (the client-side remedy)."""
+def stock_kernel_gateway(gateway: KernelGateway) -> tuple[list[float], list[float]]:
+    """Execute latency and kernel create time used directly, as the original CodeAct used it."""
     creates = []
     for _ in range(3):
         started = time.perf_counter()
@@ -50,10 +49,7 @@ def stock_kernel_gateway(gateway: KernelGateway, quickack: bool = False) -> tupl
         plain_execute(socket_, "1+1")
         creates.append(time.perf_counter() - started)
 
-    def execute() -> None:
-        plain_execute(socket_, "1+1", quickack)
-
-    executes = sample(execute, 60)
+    executes = sample(lambda: plain_execute(socket_, "1+1"), 60)
     socket_.close()
     return executes, creates
 
@@ -203,23 +199,14 @@ def flood_memory(sandbox: LocalSandbox) -> float:
 def main() -> str:
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="codeact-bench-") as gateway_root, \
-            tempfile.TemporaryDirectory(prefix="codeact-bench-") as root:
-        return measure_all(gateway_root, root)
+    with tempfile.TemporaryDirectory(prefix="codeact-bench-") as root:
+        return measure_all(root)
 
 
-def measure_all(gateway_root: str, root: str) -> str:
+def measure_all(root: str) -> str:
     floor = floor_jupyter_client()
-    with KernelGateway(free_port()) as stock:
+    with KernelGateway(free_port()) as stock:  # the baseline: the original CodeAct's kernels (gateway_bench: more)
         gateway_executes, gateway_creates = stock_kernel_gateway(stock)
-        quickack_executes, _ = stock_kernel_gateway(stock, quickack=True)
-        with LocalSandbox("--backend", "gateway", "--gateway-url", stock.url, pool_size=2,
-                          root_dir=gateway_root) as through_gateway:
-            through_gateway.wait_for_pool(2)
-            via_gateway = ours(through_gateway, creates=10)
-    tuned_config = os.path.join(os.path.dirname(__file__), "..", "deploy", "kernel_gateway_config.py")
-    with KernelGateway(free_port(), config=tuned_config) as tuned:
-        tuned_executes, _ = stock_kernel_gateway(tuned)
     with LocalSandbox("--max-sessions", "150", pool_size=4, root_dir=root) as sandbox:
         sandbox.wait_for_pool(4)
         measured = ours(sandbox)
@@ -242,15 +229,6 @@ def measure_all(gateway_root: str, root: str) -> str:
          f"{ratio(measured['websocket'])}; {faster(measured['websocket'])}"),
         ("sandbox server, HTTP", summary(measured["http"]), f"{ratio(measured['http'])}; {faster(measured['http'])}"),
         ("stock Kernel Gateway, websocket", summary(gateway_executes), ratio(gateway_executes)),
-    ])
-    report += "\n" + table("Gateway backend (kernels on a stock Kernel Gateway), same run", [
-        ("sandbox server -> gateway, websocket", summary(via_gateway["websocket"]),
-         f"{ratio(via_gateway['websocket'])}; {faster(via_gateway['websocket'])}"),
-        ("sandbox server -> gateway, HTTP", summary(via_gateway["http"]), ratio(via_gateway["http"])),
-        ("sandbox server -> gateway, create + first execute", summary(via_gateway["create"]),
-         "warm pool on the gateway"),
-        ("stock Kernel Gateway direct, client TCP_QUICKACK", summary(quickack_executes), ratio(quickack_executes)),
-        ("Kernel Gateway with deploy/kernel_gateway_config.py", summary(tuned_executes), ratio(tuned_executes)),
     ])
     report += "\n" + table("Session create + first execute", [
         ("sandbox server (warm pool)", summary(measured["create"]), "pool refilled between samples"),

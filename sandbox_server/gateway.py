@@ -387,6 +387,9 @@ class GatewayBackend:
             except GatewayUnavailable as error:  # unreachable: the next execute finds out (ready())
                 log.debug("cannot ask the gateway for its kernels: %s", error)
                 continue
+            except Exception as error:  # an answer we cannot read (a proxy's page): ask again, never stop asking
+                log.warning("the gateway's list of kernels could not be read: %r", error)
+                continue
             for kernel in watched:
                 if kernel.kernel_id not in present and not kernel.gone:
                     log.info("kernel %s was removed by the gateway (culled as idle, or deleted by its operator)",

@@ -10,7 +10,6 @@ import tempfile
 import time
 
 import requests
-import websocket
 
 from codeact_sdk.local_sandbox import LocalSandbox
 from sandbox_server.testing import EnterpriseGateway, KernelGateway, plain_execute
@@ -34,16 +33,12 @@ def gateway(kind: str, workdir: str, config: str | None = None) -> KernelGateway
 
 def plain_client(gateway: KernelGateway, quickack: bool = False) -> list[float]:
     """A plain client's execute `1+1` on the gateway's websocket (as the original CodeAct used it)."""
-    created = requests.post(gateway.url + "/api/kernels", timeout=60,
-                            json={"name": "python3", "env": {"KERNEL_USERNAME": "bench"}})
-    created.raise_for_status()
-    client = websocket.create_connection(f"ws://127.0.0.1:{gateway.port}/api/kernels/{created.json()['id']}/channels",
-                                         timeout=30)
+    kernel_id, client = gateway.open_kernel("bench")
     try:
         return sample(lambda: plain_execute(client, "1+1", quickack), 60, warmup=10)
     finally:
         client.close()
-        requests.delete(f"{gateway.url}/api/kernels/{created.json()['id']}", timeout=60)
+        requests.delete(f"{gateway.url}/api/kernels/{kernel_id}", timeout=60)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -69,13 +64,7 @@ def through_sandbox(gateway: KernelGateway, root: str) -> dict:
             http.post(f"{sandbox.url}/v1/sessions/{session}/execute", json={"code": "1+1"}, timeout=60)
         for name, pid in pids.items():
             results[f"{name}_cpu_ms_per_execute"] = (cpu_seconds(pid) - before[name]) * 1000 / CPU_EXECUTES
-        deaths = []
-        for _ in range(DEATHS):
-            started = time.perf_counter()
-            requests.post(f"{sandbox.url}/v1/sessions/{session}/execute", headers=headers, timeout=60,
-                          json={"code": "import os\nos._exit(1)"})
-            deaths.append(time.perf_counter() - started)
-        results["death"] = deaths
+        results["death"] = deaths(sandbox, session)
         rss_before = rss_kb(sandbox.process.pid)
         held = [requests.post(sandbox.url + "/v1/sessions", json={}, headers=headers, timeout=120).json()["id"]
                 for _ in range(SESSIONS)]
@@ -97,17 +86,23 @@ def through_sandbox(gateway: KernelGateway, root: str) -> dict:
     return results
 
 
+def deaths(sandbox: LocalSandbox, session: str) -> list[float]:
+    """From an execute of os._exit until its `died` answer, DEATHS times."""
+    headers = {"Authorization": f"Bearer {sandbox.token}"}
+    times = []
+    for _ in range(DEATHS):
+        started = time.perf_counter()
+        requests.post(f"{sandbox.url}/v1/sessions/{session}/execute", headers=headers, timeout=60,
+                      json={"code": "import os\nos._exit(1)"})
+        times.append(time.perf_counter() - started)
+    return times
+
+
 def tuned_deaths(gateway: KernelGateway, root: str) -> list[float]:
     with LocalSandbox("--backend", "gateway", "--gateway-url", gateway.url, pool_size=1, root_dir=root) as sandbox:
         headers = {"Authorization": f"Bearer {sandbox.token}"}
         session = requests.post(sandbox.url + "/v1/sessions", json={}, headers=headers, timeout=60).json()["id"]
-        deaths = []
-        for _ in range(DEATHS):
-            started = time.perf_counter()
-            requests.post(f"{sandbox.url}/v1/sessions/{session}/execute", headers=headers, timeout=60,
-                          json={"code": "import os\nos._exit(1)"})
-            deaths.append(time.perf_counter() - started)
-        return deaths
+        return deaths(sandbox, session)
 
 
 def measure(kind: str, workdir: str) -> str:

@@ -43,9 +43,7 @@ def stock_kernel_gateway(gateway: KernelGateway) -> tuple[list[float], list[floa
     creates = []
     for _ in range(3):
         started = time.perf_counter()
-        kernel = requests.post(gateway.url + "/api/kernels", json={"name": "python3"}, timeout=60).json()
-        socket_ = websocket.create_connection(f"ws://127.0.0.1:{gateway.port}/api/kernels/{kernel['id']}/channels",
-                                              timeout=30)
+        _, socket_ = gateway.open_kernel()
         plain_execute(socket_, "1+1")
         creates.append(time.perf_counter() - started)
 

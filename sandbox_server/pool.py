@@ -41,12 +41,9 @@ class KernelPool:
             self._wake.set()
             if kernel.alive:
                 return kernel, home
-            asyncio.get_running_loop().create_task(self._discard(kernel, home))
+            asyncio.get_running_loop().create_task(self.backend.discard(kernel, home))
         self._wake.set()
         return None
-
-    async def _discard(self, kernel, home) -> None:
-        await self.backend.discard(kernel, home)
 
     def _prune(self) -> None:
         """Give up ready kernels that died while they waited (a gateway culls idle ones): the refill replaces
@@ -54,7 +51,7 @@ class KernelPool:
         dead = [(kernel, home) for kernel, home in self.ready if not kernel.alive]
         for kernel, home in dead:
             self.ready.remove((kernel, home))
-            asyncio.get_running_loop().create_task(self._discard(kernel, home))
+            asyncio.get_running_loop().create_task(self.backend.discard(kernel, home))
 
     async def _refill_forever(self) -> None:
         while not self._closed:
@@ -83,7 +80,7 @@ class KernelPool:
                 finally:
                     self.starting -= 1
                 if self._closed:
-                    await self._discard(kernel, home)
+                    await self.backend.discard(kernel, home)
                     return
                 self.ready.append((kernel, home))
 
@@ -105,4 +102,4 @@ class KernelPool:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         ready, self.ready = self.ready, []
-        await asyncio.gather(*(self._discard(kernel, home) for kernel, home in ready))
+        await asyncio.gather(*(self.backend.discard(kernel, home) for kernel, home in ready))

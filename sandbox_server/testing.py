@@ -21,6 +21,7 @@ import uuid
 from socket import IPPROTO_TCP, TCP_QUICKACK
 
 import requests
+import websocket
 
 START_DEADLINE_S = 60  # one start takes ~1.5 s here; the slack is for a loaded CI machine
 STOP_GRACE_S = 15
@@ -77,6 +78,17 @@ class KernelGateway:
                                        f"see {self.log_path}") from None
                 time.sleep(0.1)
 
+    def open_kernel(self, user: str = "plain") -> tuple[str, websocket.WebSocket]:
+        """A new kernel on this gateway and its websocket, opened as a plain client (the original CodeAct)
+        does. A user is named: Enterprise Gateway refuses its own, root, as the default KERNEL_USERNAME."""
+        headers = {"Authorization": f"token {self.token}"} if self.token else {}
+        created = requests.post(self.url + "/api/kernels", json={"name": "python3", "env": {"KERNEL_USERNAME": user}},
+                                headers=headers, timeout=60)
+        created.raise_for_status()
+        kernel_id = created.json()["id"]
+        return kernel_id, websocket.create_connection(
+            f"ws://127.0.0.1:{self.port}/api/kernels/{kernel_id}/channels", header=headers, timeout=30)
+
     def log(self) -> str:
         with open(self.log_path, errors="replace") as handle:
             return handle.read()
@@ -119,9 +131,8 @@ class EnterpriseGateway(KernelGateway):
         return {**super().environment(), "JUPYTER_PATH": specs}
 
 
-def plain_execute(socket, code: str, quickack: bool = False) -> None:
-    """Run `code` on a gateway kernel's websocket (websocket-client's) as a plain client does, the original
-    CodeAct among them; with `quickack`, ask for an immediate ACK after every message, as our backend does."""
+def send_execute(socket, code: str) -> str:
+    """Send an execute request on a gateway kernel's websocket (websocket-client's); its msg_id."""
     msg_id = uuid.uuid4().hex
     socket.send(json.dumps({
         "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "", "session": "plain",
@@ -130,6 +141,13 @@ def plain_execute(socket, code: str, quickack: bool = False) -> None:
         "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
                     "allow_stdin": False, "stop_on_error": True},
     }))
+    return msg_id
+
+
+def plain_execute(socket, code: str, quickack: bool = False) -> None:
+    """Run `code` on a gateway kernel's websocket as a plain client does, the original CodeAct among them;
+    with `quickack`, ask for an immediate ACK after every message, as our backend does."""
+    msg_id = send_execute(socket, code)
     idle = replied = False
     while not (idle and replied):
         reply = json.loads(socket.recv())

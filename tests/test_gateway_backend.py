@@ -14,13 +14,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import requests
 import websocket
 
 from codeact_sdk.errors import SandboxConnectionError
 from codeact_sdk.local_sandbox import LocalSandbox
 from model_server.stack import free_port
-from sandbox_server.testing import EnterpriseGateway, KernelGateway, plain_execute
+from sandbox_server.testing import EnterpriseGateway, KernelGateway, plain_execute, send_execute
 from tests.conftest import ROOT, SandboxProcess, processes_mentioning, start_sandbox, wait_for
 from tests.test_sandbox_api import compat
 
@@ -411,19 +410,9 @@ def test_no_kernel_is_left_on_the_gateway(kind, tmp_path):
         gateway.stop()
 
 
-def plain_client(gateway: KernelGateway) -> websocket.WebSocket:
-    """A new kernel's websocket, as a plain client opens it."""
-    # Enterprise Gateway refuses root, its own user, as the default KERNEL_USERNAME.
-    created = requests.post(gateway.url + "/api/kernels", json={"name": "python3", "env": {"KERNEL_USERNAME": "plain"}},
-                            timeout=60)
-    created.raise_for_status()
-    return websocket.create_connection(f"ws://127.0.0.1:{gateway.port}/api/kernels/{created.json()['id']}/channels",
-                                       timeout=30)
-
-
 def plain_client_median(gateway: KernelGateway) -> float:
     """A plain client's execute time (no TCP_QUICKACK), median of 15, in seconds."""
-    client = plain_client(gateway)
+    _, client = gateway.open_kernel()
     try:
         times = []
         for _ in range(20):
@@ -437,14 +426,11 @@ def plain_client_median(gateway: KernelGateway) -> float:
 
 def seconds_to_notice_a_death(gateway: KernelGateway) -> float:
     """From a plain client's os._exit to the gateway's `restarting` status."""
-    client = plain_client(gateway)
+    _, client = gateway.open_kernel()
     try:
         plain_execute(client, "1+1")
         started = time.monotonic()
-        client.send(json.dumps({"header": {"msg_id": "exit", "msg_type": "execute_request", "username": "",
-                                           "session": "plain", "version": "5.3", "date": ""},
-                                "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-                                "content": {"code": "import os\nos._exit(1)", "silent": False}}))
+        send_execute(client, "import os\nos._exit(1)")
         while True:
             message = json.loads(client.recv())
             if message.get("msg_type") == "status" and message["content"]["execution_state"] == "restarting":

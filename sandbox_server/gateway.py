@@ -45,7 +45,10 @@ log = logging.getLogger("sandbox_server.gateway")
 POLL_INTERVAL = 0.25
 DELETE_RETRIES = 8  # Kernel Gateway answers 500 to a DELETE while it restarts the kernel (after os._exit)
 DELETE_BACKOFF_MAX = 4.0  # seconds between retries, at most: the eight span about 20 s
-CLOSE_WAIT = 3.0  # at shutdown, for deletes in flight (the server's stop has 4.5 s in all)
+CLOSE_WAIT = 2.0  # at shutdown, for deletes in flight (the server's stop has 4.5 s in all)
+# For a session's directory to be removed by its kernel: milliseconds, unless the session's code replaced the
+# removal with something that never ends. Past it the kernel is deleted anyway and the directory left.
+REMOVE_HOME_TIMEOUT = 1.0
 HOMES = "codeact-sessions"  # sessions' directories, under the directory the gateway starts kernels in
 FILE_CHUNK = 512 * 1024  # at most, bytes per execute when files travel through the kernel
 TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
@@ -215,7 +218,7 @@ class GatewayKernel:
             log.info("session directory %s left on the gateway: its kernel is %s", self.home.workdir,
                      "gone" if self.gone else "busy")
             return
-        execution = await self.execute("_codeact_remove_home()", self.backend.config.setup_timeout, silent=True)
+        execution = await self.execute("_codeact_remove_home()", REMOVE_HOME_TIMEOUT, silent=True, grace=0.1)
         if execution.status != OK:
             log.warning("session directory %s left on the gateway: %s", self.home.workdir, execution.text[-300:])
 

@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 import websocket
 
 from codeact_sdk.errors import SandboxConnectionError
@@ -534,3 +535,19 @@ def test_gateway_options_are_checked():
             Config(backend="gateway", gateway_url="http://gateway:8888", gateway_env=env).check()
     with pytest.raises(ValueError, match="needs --backend gateway"):
         Config(gateway_session_users=True).check()
+
+
+def test_a_kernel_that_will_not_remove_its_directory_does_not_hold_the_close(gateway, sandbox):
+    """The session's code can replace the removal of its directory with a wait: the close still ends at once,
+    the kernel is deleted from the gateway, and the directory is left (logged)."""
+    session = sandbox.create()
+    connection_file = sandbox.execute(session, "import sys\nprint(sys.argv[-1])")["stdout"].strip()
+    kernel_id = os.path.basename(connection_file)[len("kernel-"):-len(".json")]
+    sandbox.execute(session, "_codeact_remove_home = lambda: __import__('time').sleep(60)")
+    started = time.monotonic()
+    assert sandbox.request("DELETE", f"/v1/sessions/{session}").status_code == 204
+    assert time.monotonic() - started < 5
+    wait_for(lambda: requests.get(f"{gateway.url}/api/kernels/{kernel_id}", timeout=10,
+                                  headers={"Authorization": f"token {gateway.token}"}).status_code == 404,
+             30, "the session's kernel gone from the gateway")
+    assert sandbox.request("GET", "/health").status_code == 200

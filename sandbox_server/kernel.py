@@ -94,7 +94,8 @@ class LocalKernel:
         try:
             if self.template is not None:
                 try:
-                    self.process = await self.template.fork(self.launch.spec, self.launch.network, log_fd)
+                    spec = {**self.launch.spec, "hooks": kernel_hook_limits(self.config)}
+                    self.process = await self.template.fork(spec, self.launch.network, log_fd)
                     self.started_by = "fork"
                 except TemplateUnavailable as error:  # boots instead: slower, never lost
                     log.info("kernel %s boots: %s", self.name, error)
@@ -112,6 +113,8 @@ class LocalKernel:
             os.close(log_fd)
         await self._connect(deadline, timeout)
         await self.drain()
+        if self.started_by == "fork":
+            return  # it installed the hooks itself, before it answered
         execution = await self.execute(kernel_setup_code(self.config), max(deadline - time.monotonic(), 1.0),
                                        silent=True)
         if execution.status != OK:
@@ -348,13 +351,20 @@ def cgroups_empty(paths: list[str]) -> bool:
     return True
 
 
+def kernel_hook_limits(config: Config) -> dict[str, int]:
+    """The output and message caps every kernel's hooks install (the message cap leaves room for the message's
+    header frames)."""
+    return {"output_cap": config.max_output // 2, "message_cap": config.max_message - 64 * 1024}
+
+
 def kernel_setup_code(config: Config) -> str:
-    """What every kernel runs when it starts, local or remote: the hooks' source, then the output and message
-    caps (the message cap leaves room for the message's header frames). The source travels as one string
-    literal run by exec: IPython tokenizes a cell before running it, which for the hooks' 180 lines as code
-    cost 20 ms of each kernel's start, a third of a forked kernel's."""
-    source = (f"{inspect.getsource(kernel_hooks)}\ninstall_output_cap({config.max_output // 2})\n"
-              f"install_message_cap({config.max_message - 64 * 1024})\ndel install_output_cap, install_message_cap\n")
+    """What a booted or remote kernel runs when it starts (a forked one installs the hooks itself, zygote.py):
+    the hooks' source, then the output and message caps. The source travels as one string literal run by
+    exec: IPython tokenizes a cell before running it, which for the hooks' 180 lines as code cost 20 ms of
+    each kernel's start."""
+    limits = kernel_hook_limits(config)
+    source = (f"{inspect.getsource(kernel_hooks)}\ninstall_output_cap({limits['output_cap']})\n"
+              f"install_message_cap({limits['message_cap']})\ndel install_output_cap, install_message_cap\n")
     return f"exec(compile({source!r}, '<codeact kernel setup>', 'exec'))"
 
 

@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
-from .isolation import SYSTEM_PATH, scrubbed_environment
+from .isolation import KERNEL_CONFIG, SYSTEM_PATH, scrubbed_environment
 from .kernel_env import KernelEnvironment
 
 log = logging.getLogger("sandbox_server.template")
@@ -197,7 +197,8 @@ class KernelTemplate:
             "PYDEVD_DISABLE_FILE_VALIDATION": "1",  # debugpy's warning about frozen modules, on every import
             **SINGLE_THREADED,
         })
-        argv = [self.environment.python, "-s", "-E", ZYGOTE_SCRIPT, str(theirs.fileno()), self.preload, self.workdir]
+        argv = [self.environment.python, "-s", "-E", ZYGOTE_SCRIPT, str(theirs.fileno()), self.preload, self.workdir,
+                json.dumps(KERNEL_CONFIG)]
         setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
         if setpriv:
             argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]  # it dies with the server

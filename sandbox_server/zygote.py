@@ -1,8 +1,8 @@
 """The kernel template (a "zygote"): a process of the kernel environment that has imported what a kernel needs
 and forks kernels on request, so a new kernel costs a fork and an ipykernel set-up instead of a whole boot.
 
-Run by the server (template.py) as `<kernel python> -s -E .../sandbox_server/zygote.py FD PRELOAD TMPDIR`, as
-root when the server is. FD is its end of a SOCK_SEQPACKET socket pair: each request is one message (the
+Run by the server (template.py) as `<kernel python> -s -E .../zygote.py FD PRELOAD TMPDIR KERNEL_CONFIG`, as root
+when the server is. FD is its end of a SOCK_SEQPACKET socket pair: each request is one message (the
 confine spec isolation.py builds, as JSON) with two file descriptors, the write end of the kernel's report
 pipe and its log file. The template itself never reads a request: it sees the socket readable, forks a
 helper, and goes on once the helper has taken the message. So the template's memory is the same at every
@@ -18,11 +18,14 @@ fork, and nothing of one session's request is in the next kernel. Per kernel, th
                 (the server died, or gave the kernel up) it kills everything and exits.
           kernel  drops to its uid, dies with the keeper, seccomp, closes every inherited descriptor, takes
                   the session's environment, reseeds every random generator the template imported, and
-                  becomes a normal ipykernel.
+                  becomes a normal ipykernel, with the application and IPython shell the template made
+                  (pointed at its own session first) and the output hooks installed before it answers.
 
 The template has no threads (BLAS libraries are held to one thread), no ZMQ context and no open session:
 what it imports is found by a rehearsal, a throwaway child that sets up a whole kernel and lists the
-modules it loaded. Standard library only, besides what it preloads.
+modules it loaded. Then it makes what of a kernel needs no socket: ipykernel's application, configured,
+and IPython's shell (`prepare_kernel`). It never runs a cell. Standard library only, besides what it
+preloads.
 """
 
 from __future__ import annotations
@@ -147,7 +150,7 @@ def reseed(states: list[object]) -> None:
         multiprocessing.current_process().authkey = os.urandom(32)
 
 
-def serve(control: socket.socket, wake: int, states: list[object]) -> None:
+def serve(control: socket.socket, wake: int, prepared: dict) -> None:
     poller = select.poll()
     poller.register(control, select.POLLIN)
     poller.register(wake, select.POLLIN)
@@ -157,17 +160,17 @@ def serve(control: socket.socket, wake: int, states: list[object]) -> None:
                 drain(wake)
                 reap_all()
             elif event & select.POLLIN:
-                fork_helper(control, states)
+                fork_helper(control, prepared)
             else:  # the server's end closed: it is gone
                 os._exit(0)
 
 
-def fork_helper(control: socket.socket, states: list[object]) -> None:
+def fork_helper(control: socket.socket, prepared: dict) -> None:
     taken_read, taken_write = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(taken_read)
-        helper(control, taken_write, states)
+        helper(control, taken_write, prepared)
     os.close(taken_write)
     taken = os.read(taken_read, 1)
     os.close(taken_read)
@@ -197,7 +200,7 @@ def drain(fd: int) -> None:
 # -- the helper: one request -----------------------------------------------------------------------------
 
 
-def helper(control: socket.socket, taken: int, states: list[object]) -> None:
+def helper(control: socket.socket, taken: int, prepared: dict) -> None:
     request_id = None
     try:
         message, fds, flags, _address = socket.recv_fds(control, REQUEST_MAX, 2)
@@ -218,7 +221,7 @@ def helper(control: socket.socket, taken: int, states: list[object]) -> None:
                 raise OSError(number, f"unshare: {os.strerror(number)}")
         pid = os.fork()
         if pid == 0:
-            keeper(control, spec, report, log, states)
+            keeper(control, spec, report, log, prepared)
         pidfd = os.pidfd_open(pid)
         socket.send_fds(control, [json.dumps({"id": request_id, "pid": pid}).encode()], [pidfd])
     except BaseException as error:  # (every failure is the server's to hear about)
@@ -233,7 +236,7 @@ def helper(control: socket.socket, taken: int, states: list[object]) -> None:
 # -- the keeper: init of the kernel's namespaces, its link to the server -----------------------------------
 
 
-def keeper(control: socket.socket, spec: dict, report: int, log: int, states: list[object]) -> None:
+def keeper(control: socket.socket, spec: dict, report: int, log: int, prepared: dict) -> None:
     try:
         os.close(control.detach())
         libc().prctl(PR_SET_NAME, b"codeact-keeper", 0, 0, 0)
@@ -255,7 +258,7 @@ def keeper(control: socket.socket, spec: dict, report: int, log: int, states: li
         confine.set_rlimits(inherited_address_space(spec["rlimits"]))
         kernel = os.fork()
         if kernel == 0:
-            become_kernel(spec, report, states)
+            become_kernel(spec, report, prepared)
         if spec["uid"] is not None:
             confine.drop_privileges(spec["uid"])
         if spec["seccomp"]:
@@ -310,7 +313,7 @@ def watch(kernel: int, report: int) -> None:
 # -- the kernel --------------------------------------------------------------------------------------------
 
 
-def become_kernel(spec: dict, report: int, states: list[object]) -> None:
+def become_kernel(spec: dict, report: int, prepared: dict) -> None:
     try:
         os.close(report)
         parent = os.getppid()
@@ -341,9 +344,9 @@ def become_kernel(spec: dict, report: int, states: list[object]) -> None:
         sys.path[:] = [*extra, *(entry for entry in sys.path if entry != HERE)]
         for name in ("confine", "seccomp"):  # the template's own, not the kernel's
             sys.modules.pop(name, None)
-        reseed(states)
+        reseed(prepared["random_states"])
         libc().prctl(PR_SET_NAME, b"codeact-kernel", 0, 0, 0)  # what ps and top show
-        run_kernel(spec["connection_file"], spec["kernel_config"])
+        run_kernel(spec["connection_file"], spec["hooks"], prepared)
         code = 0
     except SystemExit as exit:
         code = exit.code if isinstance(exit.code, int) else 1
@@ -357,19 +360,65 @@ def become_kernel(spec: dict, report: int, states: list[object]) -> None:
         os._exit(code)
 
 
-def run_kernel(connection_file: str, config: dict) -> None:
-    """Set up and run an ipykernel as `python -m ipykernel_launcher -f CONNECTION_FILE` would, with two steps
-    left out that copy much of the template's memory into the kernel for nothing: parsing a command line (we
-    give the configuration as it is: traitlets walks every configurable class to build the parser, 3.4 MB of
-    touched pages), and ipykernel's list of loaded modules' files, which only its debugger reads (every
-    module object and file name touched: 4 MB). The kernel is otherwise ipykernel's own, unchanged."""
+def prepare_kernel(config: dict) -> dict:
+    """Half of a kernel's set-up, done once here: ipykernel's application with IPython's configuration and
+    profile, and IPython's shell (magics, formatters, the user namespace's builtins, the compiler). None of it
+    needs a socket, a thread or anything of a session, and made in each kernel it cost ~15 ms of CPU and
+    ~7 MB of copied pages. IPKernelApp.instance() and the shell's instance() return these in every kernel,
+    which `run_kernel` points at its own session first. Also the hooks' code, compiled once."""
+    from ipykernel.compiler import XCachingCompiler
     from ipykernel.kernelapp import IPKernelApp
+    from ipykernel.zmqshell import ZMQInteractiveShell
+    from IPython.core.application import BaseIPythonApplication
     from traitlets.config import Config
+
+    app = IPKernelApp.instance(config=Config(config))
+    # The configuration is given as it is: traitlets' command-line parser walks every configurable class to
+    # build itself (3.4 MB of touched pages in each kernel that ran it).
+    app.parse_command_line = lambda argv=None: None
+    BaseIPythonApplication.initialize(app, [])  # what IPKernelApp.initialize starts with: config files, profile
+    # As IPythonKernel.__init__ makes it, less the kernel, which each kernel sets.
+    ZMQInteractiveShell.instance(parent=app, profile_dir=app.profile_dir, user_module=None, user_ns=None,
+                                 kernel=None, compiler_class=XCachingCompiler)
+    with open(os.path.join(HERE, "kernel_hooks.py")) as handle:
+        hooks = compile(handle.read(), "<codeact kernel setup>", "exec")
+    # What IPython records at the end of its start-up (the modules `%reset -f` keeps): made here, because a
+    # set of 1,100 module names made in the kernel touches every name's page (2 MB).
+    return {"hooks": hooks, "module_names": frozenset(sys.modules)}
+
+
+def run_kernel(connection_file: str, hooks: dict, prepared: dict) -> None:
+    """Set up and run an ipykernel as `python -m ipykernel_launcher -f CONNECTION_FILE` would, with the
+    template's application and shell (`prepare_kernel`), each pointed at this session: its IPython profile
+    and directory, environment, history session and kernel. Two steps are left out that copy much of the
+    template's memory into the kernel for nothing: ipykernel's list of loaded modules' files, which only its
+    debugger reads (every module object and file name touched: 4 MB), and IPython's set of module names,
+    made in the template instead. Then the output and message caps (kernel_hooks.py), which a booted kernel
+    gets from a first execute. The kernel is otherwise ipykernel's own, unchanged."""
+    from ipykernel.kernelapp import IPKernelApp
+    from ipykernel.zmqshell import ZMQInteractiveShell
+    from IPython.core.application import BaseIPythonApplication
+    from IPython.core.profiledir import ProfileDir
+    from IPython.paths import get_ipython_dir
+    from IPython.utils.path import get_home_dir
 
     sys.argv = [os.path.join(os.path.dirname(os.path.dirname(sys.modules["ipykernel"].__file__)),
                              "ipykernel_launcher.py"), "-f", connection_file]
-    app = IPKernelApp.instance(config=Config(config), connection_file=connection_file)
-    app.parse_command_line = lambda argv=None: None
+    app = IPKernelApp.instance()
+    shell = ZMQInteractiveShell.instance()
+    app.connection_file = connection_file
+
+    def adopt_session(self: IPKernelApp, argv: list | None = None) -> None:
+        """In place of BaseIPythonApplication.initialize, done in the template: this session's IPython directory
+        and profile (under its runtime directory), and what the shell took from the template's surroundings."""
+        self.ipython_dir = shell.ipython_dir = get_ipython_dir()
+        self.profile_dir = shell.profile_dir = ProfileDir.create_profile_dir_by_name(self.ipython_dir, "default",
+                                                                                     self.config)
+        shell.home_dir = get_home_dir()
+        shell.starting_dir = os.getcwd()
+        shell.init_environment()  # ipykernel's TERM, PAGER, ... in this kernel's environment
+        shell.history_manager.reset(new_session=True)  # its own session, begun now, here
+
     init_kernel = app.init_kernel
 
     def init_kernel_without_module_list() -> None:
@@ -379,9 +428,36 @@ def run_kernel(connection_file: str, config: dict) -> None:
             init_kernel()
         finally:
             sys.modules = modules
+        shell.kernel = shell.parent = app.kernel  # what IPythonKernel.__init__ gives the shell it makes
+
+    def init_code() -> None:  # IPython's InteractiveShellApp.init_code, with the set of module names made before
+        app._run_startup_files()
+        app._run_exec_lines()
+        app._run_exec_files()
+        if app.hide_initial_ns:
+            shell.user_ns_hidden.update(shell.user_ns)
+        app._run_cmd_line_code()
+        app._run_module()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        shell._sys_modules_keys = prepared["module_names"]  # (not copied: that touches every name)
 
     app.init_kernel = init_kernel_without_module_list
-    app.initialize([])
+    if all(hasattr(app, name) for name in ("_run_startup_files", "_run_exec_lines", "_run_exec_files",
+                                           "_run_cmd_line_code", "_run_module")):
+        app.init_code = init_code
+    initialize = BaseIPythonApplication.initialize
+    BaseIPythonApplication.initialize = adopt_session  # what IPKernelApp.initialize calls first, via super()
+    try:
+        app.initialize([])
+    finally:
+        BaseIPythonApplication.initialize = initialize
+        for name in ("init_kernel", "init_code", "parse_command_line"):
+            app.__dict__.pop(name, None)
+    namespace = shell.user_ns
+    exec(prepared["hooks"], namespace)
+    namespace.pop("install_output_cap")(hooks["output_cap"])
+    namespace.pop("install_message_cap")(hooks["message_cap"])
     app.start()
 
 
@@ -390,7 +466,8 @@ def main(argv: list[str]) -> None:
     libc().prctl(PR_SET_NAME, b"codeact-zygote", 0, 0, 0)
     started = time.monotonic()
     imported, failed = preload([name for name in argv[2].split(",") if name], argv[3])
-    states = random_states()
+    prepared = prepare_kernel(json.loads(argv[4]))
+    prepared["random_states"] = random_states()
     threads = len(os.listdir("/proc/self/task"))
     gc.collect()
     gc.freeze()  # what the template holds stays out of every kernel's collections: its pages stay shared
@@ -401,8 +478,8 @@ def main(argv: list[str]) -> None:
     signal.set_wakeup_fd(wake_write)
     control.send(json.dumps({"ready": True, "seconds": round(time.monotonic() - started, 3),
                              "modules": len(sys.modules), "preloaded": imported, "failed": failed,
-                             "threads": threads, "random_states": len(states)}).encode())
-    serve(control, wake_read, states)
+                             "threads": threads, "random_states": len(prepared["random_states"])}).encode())
+    serve(control, wake_read, prepared)
 
 
 if __name__ == "__main__":

@@ -154,6 +154,46 @@ print(json.dumps({"names": sorted(name for name in globals() if 'first' in name)
     assert not any(entry.endswith("sandbox_server") for entry in seen["path"]), "the template's directory"
 
 
+IPYTHON_STATE = """
+import json, os, sys
+from ipykernel.kernelapp import IPKernelApp
+ip = get_ipython()
+ip.run_line_magic('cd', '')
+home_by_cd = os.getcwd()
+os.chdir(ip.starting_dir)
+codeact_stored = 5
+ip.run_line_magic('store', 'codeact_stored')
+print(json.dumps({"ipython_dir": ip.ipython_dir, "profiles": [ip.profile_dir.location,
+                  IPKernelApp.instance().profile_dir.location], "home_by_cd": home_by_cd,
+                  "starting_dir": ip.starting_dir, "directory_history": [str(path) for path in _dh],
+                  "kernel": type(ip.kernel).__name__, "kernel_is_parent": ip.parent is ip.kernel,
+                  "shell_of_kernel": ip.kernel.shell is ip,
+                  "stored": os.listdir(ip.profile_dir.location + '/db/autorestore'),
+                  "pager": os.environ.get("PAGER"), "environ": dict(os.environ), "path": sys.path,
+                  "cwd": os.getcwd(), "process": open('/proc/self/comm').read().strip()}))
+"""
+
+
+def test_a_forked_kernels_ipython_is_its_own_sessions(server):
+    """IPython's shell and ipykernel's application are made once, in the template: each kernel points them at
+    its own session, as a booted kernel has them: its profile (where `%store` writes), HOME, directory, history
+    and environment, and its own kernel object."""
+    result = server.execute(server.create(), IPYTHON_STATE)
+    assert result["status"] == "ok", result["text"]
+    seen = json.loads(result["stdout"].splitlines()[-1])  # after what %cd and %store print
+    assert seen["process"] == "codeact-kernel", "not a forked kernel (a failed fork boots one instead)"
+    ipython_dir = seen["environ"]["IPYTHONDIR"]
+    assert seen["ipython_dir"] == ipython_dir
+    assert seen["profiles"] == [os.path.join(ipython_dir, "profile_default")] * 2
+    assert seen["stored"] == ["codeact_stored"]
+    assert seen["home_by_cd"] == seen["environ"]["HOME"]
+    assert seen["starting_dir"] == seen["cwd"] and seen["directory_history"][0] == seen["cwd"]  # then %cd
+    assert (seen["kernel"], seen["kernel_is_parent"], seen["shell_of_kernel"]) == ("IPythonKernel", True, True)
+    assert seen["pager"] == "cat"  # ipykernel's own, in this kernel's environment
+    template_home = os.path.join(os.path.dirname(os.path.dirname(ipython_dir)), "template")
+    assert not [entry for entry in seen["path"] if ".ipython" in entry or entry.startswith(template_home)]
+
+
 def test_the_template_has_no_threads_and_only_its_own_descriptors(server):
     pid = template_pid(server)
     with open(f"/proc/{pid}/status") as handle:

@@ -4,22 +4,21 @@ and forks kernels on request, so a new kernel costs a fork and an ipykernel set-
 Run by the server (template.py) as `<kernel python> -s -E .../zygote.py FD PRELOAD TMPDIR KERNEL_CONFIG`, as root
 when the server is. FD is its end of a SOCK_SEQPACKET socket pair: each request is one message (the
 confine spec isolation.py builds, as JSON) with two file descriptors, the write end of the kernel's report
-pipe and its log file. The template itself never reads a request: it sees the socket readable, forks a
-helper, and goes on once the helper has taken the message. So the template's memory is the same at every
-fork, and nothing of one session's request is in the next kernel. Per kernel, three processes:
+pipe and its log file. The template itself never reads a request: it sees the socket readable, forks the
+kernel's keeper, and goes on once the keeper has taken the message. So the template's memory is the same at
+every fork, and nothing of one session's request is in the next kernel. Per kernel, two processes:
 
-    template (root, host namespaces; a child subreaper, so the keepers below become its children)
-      helper  takes the request, enters new namespaces (unshare), forks the keeper, sends its pid and
-              a pidfd back, exits
-        keeper  PID 1 of the kernel's pid namespace (when namespaced): joins the cgroups, shapes the mounts
-                (confine.py's functions, the same as a booted kernel), sets rlimits, forks the kernel, drops
-                to the kernel's uid and seccomp; then reaps orphans, passes SIGINT/SIGTERM on, and writes
-                the kernel's exit status on the report pipe. When the server's end of that pipe closes
-                (the server died, or gave the kernel up) it kills everything and exits.
-          kernel  drops to its uid, dies with the keeper, seccomp, closes every inherited descriptor, takes
-                  the session's environment, reseeds every random generator the template imported, and
-                  becomes a normal ipykernel, with the application and IPython shell the template made
-                  (pointed at its own session first) and the output hooks installed before it answers.
+    template (root, host namespaces; makes a new pid namespace for each keeper, then enters its own again)
+      keeper  PID 1 of the kernel's pid namespace (when namespaced): takes the request, sends its pid and a
+              pidfd back, enters its other new namespaces (unshare), joins the cgroups, shapes the mounts
+              (confine.py's functions, the same as a booted kernel), sets rlimits, forks the kernel, drops
+              to the kernel's uid and seccomp; then reaps orphans, passes SIGINT/SIGTERM on, and writes the
+              kernel's exit status on the report pipe. When the server's end of that pipe closes (the
+              server died, or gave the kernel up) it kills everything and exits.
+        kernel  drops to its uid, dies with the keeper, seccomp, closes every inherited descriptor, takes
+                the session's environment, reseeds every random generator the template imported, and
+                becomes a normal ipykernel, with the application and IPython shell the template made
+                (pointed at its own session first) and the output hooks installed before it answers.
 
 The template has no threads (BLAS libraries are held to one thread), no ZMQ context and no open session:
 what it imports is found by a rehearsal, a throwaway child that sets up a whole kernel and lists the
@@ -160,22 +159,32 @@ def serve(control: socket.socket, wake: int, prepared: dict) -> None:
                 drain(wake)
                 reap_all()
             elif event & select.POLLIN:
-                fork_helper(control, prepared)
+                fork_keeper(control, prepared)
             else:  # the server's end closed: it is gone
                 os._exit(0)
 
 
-def fork_helper(control: socket.socket, prepared: dict) -> None:
+def fork_keeper(control: socket.socket, prepared: dict) -> None:
+    """Fork the process that takes the next request and keeps its kernel, as PID 1 of a new pid namespace
+    where the template may make one: unshare(CLONE_NEWPID) puts only the children made after it there, and
+    entering its own again (setns) leaves the next keeper a namespace of its own."""
     taken_read, taken_write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(taken_read)
-        helper(control, taken_write, prepared)
+    own = prepared["pid_namespace"]
+    in_new_namespace = own is not None and libc().unshare(CLONE_NEWPID) == 0
+    try:
+        pid = os.fork()
+        if pid == 0:
+            os.close(taken_read)
+            keeper(control, taken_write, prepared)
+    finally:  # (the template's own: a keeper never returns)
+        if in_new_namespace and libc().setns(own, CLONE_NEWPID) != 0:
+            print("kernel template: cannot enter its own pid namespace again; exiting", file=sys.stderr, flush=True)
+            os._exit(1)
     os.close(taken_write)
     taken = os.read(taken_read, 1)
     os.close(taken_read)
-    if not taken:  # the helper died before taking the request: something is badly wrong here
-        print("kernel template: a helper died before taking its request; exiting", file=sys.stderr, flush=True)
+    if not taken:  # the keeper died before taking the request: something is badly wrong here
+        print("kernel template: a keeper died before taking its request; exiting", file=sys.stderr, flush=True)
         os._exit(1)
 
 
@@ -197,12 +206,16 @@ def drain(fd: int) -> None:
         pass
 
 
-# -- the helper: one request -----------------------------------------------------------------------------
+# -- the keeper: init of the kernel's namespaces, its link to the server -----------------------------------
 
 
-def helper(control: socket.socket, taken: int, prepared: dict) -> None:
+def take_request(control: socket.socket, taken: int, prepared: dict) -> tuple[dict, int, int]:
+    """The next request (spec, report pipe, log), in the keeper's new namespaces; the server hears the keeper's
+    pid (as the server sees it) and a pidfd, or why not."""
     request_id = None
     try:
+        if prepared["pid_namespace"] is not None:
+            os.close(prepared["pid_namespace"])
         message, fds, flags, _address = socket.recv_fds(control, REQUEST_MAX, 2)
         os.write(taken, b".")
         os.close(taken)
@@ -212,31 +225,31 @@ def helper(control: socket.socket, taken: int, prepared: dict) -> None:
             raise ValueError("malformed request")
         report, log = fds
         spec = request["spec"]
+        # /proc is still the host's here: its `self` is this process's pid as the server sees it.
+        pid = int(os.readlink("/proc/self"))
         if spec["namespaced"]:
-            namespaces = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
+            if os.getpid() != 1:
+                raise OSError("the template could not make a pid namespace")
+            namespaces = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
             if not request["network"]:
                 namespaces |= CLONE_NEWNET
             if libc().unshare(namespaces) != 0:
                 number = ctypes.get_errno()
                 raise OSError(number, f"unshare: {os.strerror(number)}")
-        pid = os.fork()
-        if pid == 0:
-            keeper(control, spec, report, log, prepared)
-        pidfd = os.pidfd_open(pid)
+        pidfd = os.pidfd_open(os.getpid())
         socket.send_fds(control, [json.dumps({"id": request_id, "pid": pid}).encode()], [pidfd])
+        os.close(pidfd)
+        return spec, report, log
     except BaseException as error:  # (every failure is the server's to hear about)
         with_id = {"id": request_id, "error": f"{type(error).__name__}: {error}"}
         try:
             control.send(json.dumps(with_id).encode())
         finally:
             os._exit(1)
-    os._exit(0)
 
 
-# -- the keeper: init of the kernel's namespaces, its link to the server -----------------------------------
-
-
-def keeper(control: socket.socket, spec: dict, report: int, log: int, prepared: dict) -> None:
+def keeper(control: socket.socket, taken: int, prepared: dict) -> None:
+    spec, report, log = take_request(control, taken, prepared)
     try:
         os.close(control.detach())
         libc().prctl(PR_SET_NAME, b"codeact-keeper", 0, 0, 0)
@@ -461,6 +474,14 @@ def run_kernel(connection_file: str, hooks: dict, prepared: dict) -> None:
     app.start()
 
 
+def own_pid_namespace() -> int | None:
+    """A descriptor of the template's pid namespace, to enter again after making one for a keeper; None where
+    it cannot make namespaces (not root): keepers are then plain children."""
+    if os.geteuid() != 0:
+        return None
+    return os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+
+
 def main(argv: list[str]) -> None:
     control = socket.socket(fileno=int(argv[1]))
     libc().prctl(PR_SET_NAME, b"codeact-zygote", 0, 0, 0)
@@ -468,6 +489,7 @@ def main(argv: list[str]) -> None:
     imported, failed = preload([name for name in argv[2].split(",") if name], argv[3])
     prepared = prepare_kernel(json.loads(argv[4]))
     prepared["random_states"] = random_states()
+    prepared["pid_namespace"] = own_pid_namespace()
     threads = len(os.listdir("/proc/self/task"))
     gc.collect()
     gc.freeze()  # what the template holds stays out of every kernel's collections: its pages stay shared

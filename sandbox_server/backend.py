@@ -28,7 +28,7 @@ from . import files
 from .config import Config
 from .execution import EventSink, Execution
 from .isolation import Capabilities, Isolation, KernelLaunch
-from .kernel import LocalKernel, connection_info, write_connection_file
+from .kernel import KernelExitedAtStart, LocalKernel, connection_info, write_connection_file
 from .kernel_env import KernelEnvironment
 from .metrics import Metrics
 from .packages import PackageInstaller
@@ -234,11 +234,22 @@ class LocalBackend:
         asyncio.get_running_loop().create_task(self.remove_home(home))
 
     async def start_kernel(self, home: Home, network: bool = False) -> LocalKernel:
+        try:
+            return await self._start_kernel(home, network, self.template)
+        except KernelExitedAtStart as error:
+            if error.started_by != "fork":
+                raise
+            # A template that is up can still make kernels that die (a preloaded module that breaks them, a
+            # keeper refused by the OS): this session's kernel boots, slower, rather than fail.
+            log.warning("a kernel forked from the template exited at start; this one boots instead: %s", error)
+            return await self._start_kernel(home, network, None)
+
+    async def _start_kernel(self, home: Home, network: bool, template: KernelTemplate | None) -> LocalKernel:
         name = f"k{next(self.counter)}"
         runtime_dir = os.path.join(os.path.dirname(home.workdir), name)
         connection, launch = await in_worker(self._prepare_kernel, name, home, runtime_dir, network,
                                              undo=lambda prepared: self._discard_kernel(prepared[1], runtime_dir))
-        kernel = LocalKernel(name, launch, runtime_dir, connection, self.context, self.config, self.template,
+        kernel = LocalKernel(name, launch, runtime_dir, connection, self.context, self.config, template,
                              self.cleanups)
         try:
             await self.start_slots.acquire()

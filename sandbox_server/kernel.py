@@ -42,6 +42,14 @@ class KernelStartError(RuntimeError):
     """The kernel process exited or did not answer before its start deadline."""
 
 
+class KernelExitedAtStart(KernelStartError):
+    """The kernel process exited before it answered; `started_by` is "fork" or "boot"."""
+
+    def __init__(self, message: str, started_by: str | None) -> None:
+        super().__init__(message)
+        self.started_by = started_by
+
+
 def _die_with_parent() -> None:
     """Runs in the child between fork and exec; only where `setpriv` is missing, since a preexec
     function rules out the vfork fast path and costs milliseconds per start on a large server."""
@@ -148,7 +156,7 @@ class LocalKernel:
     def _check_starting(self, deadline: float, timeout: float, waiting_to: str) -> None:
         """KernelStartError when the kernel exited, or when it did not `waiting_to` before the deadline."""
         if not self.alive:
-            raise KernelStartError(f"kernel {self.name} exited during start-up: {self.log_tail()}")
+            raise KernelExitedAtStart(f"kernel {self.name} exited during start-up: {self.log_tail()}", self.started_by)
         if time.monotonic() >= deadline:
             raise KernelStartError(f"kernel {self.name} did not {waiting_to} within {timeout:g} s "
                                    "(--kernel-start-timeout)")

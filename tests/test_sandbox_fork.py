@@ -367,3 +367,30 @@ def test_a_restarted_template_is_tried_again_and_not_used_when_its_kernels_fail(
     finally:
         server.stop()
     assert server.kernel_pids() == []
+
+
+def test_a_forked_kernel_that_exits_at_start_is_booted_instead(tmp_path):
+    """A template that is up but whose kernels die at start (here a module it preloaded makes them exit once a
+    marker file exists) costs a session only time: its kernel boots instead, and the log says why."""
+    venv = tmp_path / "operator-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    marker = site / "break-now"  # where a kernel can see it: its interpreter's own directories
+    (site / "breaks_when_marked.py").write_text(
+        "import os\nfrom ipykernel.kernelapp import IPKernelApp\nstart = IPKernelApp.start\n"
+        f"IPKernelApp.start = lambda self: os._exit(3) if os.path.exists({str(marker)!r}) else start(self)\n")
+    (site / "server-packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    server = start_sandbox(str(tmp_path / "root"), "--kernel-python", str(venv / "bin" / "python"),
+                           "--kernel-preload", "breaks_when_marked")
+    try:
+        assert any("kernels: forked from a template" in line for line in server.log)
+        marker.write_text("")
+        forked, booted = started(server, "fork"), started(server, "boot")
+        sessions = [server.create() for _ in range(3)]  # the first takes the pool's kernel, forked before
+        assert all(server.execute(session, "1+1")["results"][0]["data"]["text/plain"] == "2" for session in sessions)
+        assert started(server, "fork") == forked and started(server, "boot") >= booted + 2
+        assert any("exited at start" in line and "boots instead" in line for line in server.log), server.log[-5:]
+        assert template_up(server)  # the template itself is fine: the next kernel is forked again
+    finally:
+        server.stop()
+    assert server.kernel_pids() == []

@@ -181,7 +181,6 @@ class Isolation:
                 **(env or {}),
             }),
             "connection_file": connection_file,
-            "kernel_config": KERNEL_CONFIG,
         }
         spec["argv"] = [self.environment.python, "-m", "ipykernel_launcher", "-f", connection_file,
                         *(f"--{section}.{name}={value}" for section, values in KERNEL_CONFIG.items()

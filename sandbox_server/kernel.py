@@ -102,7 +102,7 @@ class LocalKernel:
         try:
             if self.template is not None:
                 try:
-                    spec = {**self.launch.spec, "hooks": kernel_hook_limits(self.config)}
+                    spec = {**self.launch.spec, "hook_limits": kernel_hook_limits(self.config)}
                     self.process = await self.template.fork(spec, self.launch.network, log_fd)
                     self.started_by = "fork"
                 except TemplateUnavailable as error:  # boots instead: slower, never lost

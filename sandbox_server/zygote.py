@@ -359,7 +359,7 @@ def become_kernel(spec: dict, report: int, prepared: dict) -> None:
             sys.modules.pop(name, None)
         reseed(prepared["random_states"])
         libc().prctl(PR_SET_NAME, b"codeact-kernel", 0, 0, 0)  # what ps and top show
-        run_kernel(spec["connection_file"], spec["hooks"], prepared)
+        run_kernel(spec["connection_file"], spec["hook_limits"], prepared)
         code = 0
     except SystemExit as exit:
         code = exit.code if isinstance(exit.code, int) else 1
@@ -400,7 +400,7 @@ def prepare_kernel(config: dict) -> dict:
     return {"hooks": hooks, "module_names": frozenset(sys.modules)}
 
 
-def run_kernel(connection_file: str, hooks: dict, prepared: dict) -> None:
+def run_kernel(connection_file: str, hook_limits: dict[str, int], prepared: dict) -> None:
     """Set up and run an ipykernel as `python -m ipykernel_launcher -f CONNECTION_FILE` would, with the
     template's application and shell (`prepare_kernel`), each pointed at this session: its IPython profile
     and directory, environment, history session and kernel. Two steps are left out that copy much of the
@@ -469,8 +469,8 @@ def run_kernel(connection_file: str, hooks: dict, prepared: dict) -> None:
             app.__dict__.pop(name, None)
     namespace = shell.user_ns
     exec(prepared["hooks"], namespace)
-    namespace.pop("install_output_cap")(hooks["output_cap"])
-    namespace.pop("install_message_cap")(hooks["message_cap"])
+    namespace.pop("install_output_cap")(hook_limits["output_cap"])
+    namespace.pop("install_message_cap")(hook_limits["message_cap"])
     app.start()
 
 

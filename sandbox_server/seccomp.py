@@ -88,16 +88,20 @@ class SockFprog(ctypes.Structure):
 PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
 
 
-def install(machine: str | None = None) -> None:
-    """no_new_privs, then the filter, for this process and all it will start; OSError where the OS refuses."""
-    machine = machine or os.uname().machine
+def compiled(machine: str | None = None) -> bytes:
+    """The filter as seccomp reads it: its instructions as `struct sock_filter`s, one after another."""
+    return b"".join(struct.pack("=HBBI", *instruction) for instruction in program(machine or os.uname().machine))
+
+
+def install(code: bytes | None = None) -> None:
+    """no_new_privs, then the filter (`compiled()`, or made before, as the kernel template does once for all its
+    kernels), for this process and all it will start; OSError where the OS refuses."""
+    code = compiled() if code is None else code
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
-    instructions = program(machine)
-    code = b"".join(struct.pack("=HBBI", *instruction) for instruction in instructions)
     buffer = ctypes.create_string_buffer(code, len(code))
-    fprog = SockFprog(len(instructions), ctypes.cast(buffer, ctypes.c_void_p))
+    fprog = SockFprog(len(code) // 8, ctypes.cast(buffer, ctypes.c_void_p))  # 8 bytes an instruction
     if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
         number = ctypes.get_errno()
         raise OSError(number, f"seccomp filter refused: {os.strerror(number)}")

@@ -10,12 +10,13 @@ every fork, and nothing of one session's request is in the next kernel. Per kern
 
     template (root, host namespaces; makes a new pid namespace for each keeper, then enters its own again)
       keeper  PID 1 of the kernel's pid namespace (when namespaced): takes the request, sends its pid and a
-              pidfd back, enters its other new namespaces (unshare), joins the cgroups, shapes the mounts
-              (confine.py's functions, the same as a booted kernel), sets rlimits, forks the kernel, drops
-              to the kernel's uid and seccomp; then reaps orphans, passes SIGINT/SIGTERM on, and writes the
-              kernel's exit status on the report pipe. When the server's end of that pipe closes (the
-              server died, or gave the kernel up) it kills everything and exits.
-        kernel  drops to its uid, dies with the keeper, seccomp, closes every inherited descriptor, takes
+              pidfd back, enters its other new namespaces (unshare), forks the kernel, drops to the kernel's
+              uid and seccomp; then reaps orphans, passes SIGINT/SIGTERM on, and writes the kernel's exit
+              status on the report pipe. When the server's end of that pipe closes (the server died, or gave
+              the kernel up) it kills everything and exits. It does as little as it can before the fork:
+              every page it writes is a page that later becomes its own (2 MB a keeper).
+        kernel  joins the cgroups, shapes the mounts (confine.py's functions, the same as a booted kernel),
+                sets rlimits, drops to its uid, dies with the keeper, seccomp, closes every inherited descriptor, takes
                 the session's environment, reseeds every random generator the template imported, and
                 becomes a normal ipykernel, with the application and IPython shell the template made
                 (pointed at its own session first) and the output hooks installed before it answers.
@@ -54,8 +55,13 @@ REQUEST_MAX = 1 << 20  # bytes of one request: a spec is a few KB
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def libc():
-    return ctypes.CDLL(None, use_errno=True)
+LIBC = ctypes.CDLL(None, use_errno=True)
+for _name in ("prctl", "unshare", "setns"):  # looked up here, once, not in every keeper and kernel
+    getattr(LIBC, _name)
+
+
+def libc() -> ctypes.CDLL:
+    return LIBC
 
 
 # -- the template ----------------------------------------------------------------------------------------
@@ -260,22 +266,13 @@ def keeper(control: socket.socket, taken: int, prepared: dict) -> None:
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.close(log)
-        confine.join_cgroups(spec["cgroups"])
-        if spec["namespaced"]:
-            # What `unshare --mount-proc` does: our mounts stop propagating to the host, then a /proc of the
-            # new pid namespace.
-            confine.mount("none", "/", None, MS_PRIVATE | confine.MS_REC)
-            confine.mount("proc", "/proc", "proc", confine.MS_NOSUID | confine.MS_NODEV | confine.MS_NOEXEC)
-            confine.shape_mounts(spec["writable"], spec["private"], spec["closed"], spec["readable"])
-        os.chdir(spec["workdir"])
-        confine.set_rlimits(inherited_address_space(spec["rlimits"]))
         kernel = os.fork()
         if kernel == 0:
             become_kernel(spec, report, prepared)
         if spec["uid"] is not None:
             confine.drop_privileges(spec["uid"])
         if spec["seccomp"]:
-            seccomp.install()
+            seccomp.install(prepared["seccomp"])
         watch(kernel, report)
     except BaseException:
         traceback.print_exc()
@@ -329,6 +326,15 @@ def watch(kernel: int, report: int) -> None:
 def become_kernel(spec: dict, report: int, prepared: dict) -> None:
     try:
         os.close(report)
+        confine.join_cgroups(spec["cgroups"])
+        if spec["namespaced"]:
+            # What `unshare --mount-proc` does: our mounts stop propagating to the host, then a /proc of the
+            # new pid namespace.
+            confine.mount("none", "/", None, MS_PRIVATE | confine.MS_REC)
+            confine.mount("proc", "/proc", "proc", confine.MS_NOSUID | confine.MS_NODEV | confine.MS_NOEXEC)
+            confine.shape_mounts(spec["writable"], spec["private"], spec["closed"], spec["readable"])
+        os.chdir(spec["workdir"])
+        confine.set_rlimits(inherited_address_space(spec["rlimits"]))
         parent = os.getppid()
         if spec["uid"] is not None:
             confine.drop_privileges(spec["uid"])
@@ -340,7 +346,7 @@ def become_kernel(spec: dict, report: int, prepared: dict) -> None:
         # (environ, maps) would be root's. Its memory is its own session's to read, as a booted kernel's is.
         libc().prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
         if spec["seccomp"]:
-            seccomp.install()
+            seccomp.install(prepared["seccomp"])
         signal.set_wakeup_fd(-1)
         for number, handler in ((signal.SIGCHLD, signal.SIG_DFL), (signal.SIGTERM, signal.SIG_DFL),
                                 (signal.SIGINT, signal.default_int_handler)):
@@ -490,6 +496,7 @@ def main(argv: list[str]) -> None:
     prepared = prepare_kernel(json.loads(argv[4]))
     prepared["random_states"] = random_states()
     prepared["pid_namespace"] = own_pid_namespace()
+    prepared["seccomp"] = seccomp.compiled() if seccomp.supported() else None
     threads = len(os.listdir("/proc/self/task"))
     gc.collect()
     gc.freeze()  # what the template holds stays out of every kernel's collections: its pages stay shared

@@ -184,7 +184,8 @@ class LocalBackend:
         # and this server, starved among them, dispatch the rest later still. In turn, the first are ready first.
         self.start_slots = asyncio.Semaphore(START_SLOTS_PER_CORE * (os.cpu_count() or 1))
         self.sweep = asyncio.get_running_loop().create_task(remove_trees(stale)) if stale else None
-        self.template = KernelTemplate(environment, config.kernel_preload, self.root, verify=self._try_fork) \
+        self.template = KernelTemplate(environment, config.kernel_preload, self.root, capabilities.namespaces,
+                                       verify=self._try_fork) \
             if config.kernel_start == "fork" and sys.platform.startswith("linux") else None
         if self.template is not None:
             self.template.start()

@@ -106,9 +106,10 @@ class ForkedProcess:
 class KernelTemplate:
     """One template process for the server's kernel environment, restarted when it dies."""
 
-    def __init__(self, environment: KernelEnvironment, preload: str, workdir: str,
+    def __init__(self, environment: KernelEnvironment, preload: str, workdir: str, namespaced: bool,
                  verify: Callable[[], Awaitable[str | None]] | None = None) -> None:
         self.environment = environment
+        self.namespaced = namespaced  # each keeper PID 1 of a pid namespace of its own (root, isolated)
         self.verify = verify  # after each start: why a kernel forked from it fails, or None
         self.preload = preload
         self.workdir = workdir  # for its log and its rehearsal's sockets: the server's root
@@ -198,7 +199,7 @@ class KernelTemplate:
             **SINGLE_THREADED,
         })
         argv = [self.environment.python, "-s", "-E", ZYGOTE_SCRIPT, str(theirs.fileno()), self.preload, self.workdir,
-                json.dumps(KERNEL_CONFIG)]
+                json.dumps(KERNEL_CONFIG), "namespaced" if self.namespaced else "plain"]
         setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
         if setpriv:
             argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]  # it dies with the server

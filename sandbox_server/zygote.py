@@ -1,12 +1,13 @@
 """The kernel template (a "zygote"): a process of the kernel environment that has imported what a kernel needs
 and forks kernels on request, so a new kernel costs a fork and an ipykernel set-up instead of a whole boot.
 
-Run by the server (template.py) as `<kernel python> -s -E .../zygote.py FD PRELOAD TMPDIR KERNEL_CONFIG`, as root
-when the server is. FD is its end of a SOCK_SEQPACKET socket pair: each request is one message (the
-confine spec isolation.py builds, as JSON) with two file descriptors, the write end of the kernel's report
-pipe and its log file. The template itself never reads a request: it sees the socket readable, forks the
-kernel's keeper, and goes on once the keeper has taken the message. So the template's memory is the same at
-every fork, and nothing of one session's request is in the next kernel. Per kernel, two processes:
+Run by the server (template.py) as `<kernel python> -s -E .../zygote.py FD PRELOAD TMPDIR KERNEL_CONFIG WAY`, as
+root when the server is; WAY is `namespaced`, or `plain` where kernels get no namespaces. FD is its end of a
+SOCK_SEQPACKET socket pair: each request is one message (the confine spec isolation.py builds, as JSON) with
+two file descriptors, the write end of the kernel's report pipe and its log file. The template itself never
+reads a request: it sees the socket readable, forks the kernel's keeper, and goes on once the keeper has
+taken the message. So the template's memory is the same at every fork, and nothing of one session's request
+is in the next kernel. Per kernel, two processes:
 
     template (root, host namespaces; makes a new pid namespace for each keeper, then enters its own again)
       keeper  PID 1 of the kernel's pid namespace (when namespaced): takes the request, sends its pid and a
@@ -480,12 +481,10 @@ def run_kernel(connection_file: str, hook_limits: dict[str, int], prepared: dict
     app.start()
 
 
-def own_pid_namespace() -> int | None:
+def own_pid_namespace(namespaced: bool) -> int | None:
     """A descriptor of the template's pid namespace, to enter again after making one for a keeper; None where
-    it cannot make namespaces (not root): keepers are then plain children."""
-    if os.geteuid() != 0:
-        return None
-    return os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    kernels are not namespaced (not root, or --no-isolate): keepers are then plain children."""
+    return os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC) if namespaced else None
 
 
 def main(argv: list[str]) -> None:
@@ -495,7 +494,7 @@ def main(argv: list[str]) -> None:
     imported, failed = preload([name for name in argv[2].split(",") if name], argv[3])
     prepared = prepare_kernel(json.loads(argv[4]))
     prepared["random_states"] = random_states()
-    prepared["pid_namespace"] = own_pid_namespace()
+    prepared["pid_namespace"] = own_pid_namespace(argv[5] == "namespaced")
     prepared["seccomp"] = seccomp.compiled() if seccomp.supported() else None
     threads = len(os.listdir("/proc/self/task"))
     gc.collect()

@@ -394,3 +394,16 @@ def test_a_forked_kernel_that_exits_at_start_is_booted_instead(tmp_path):
     finally:
         server.stop()
     assert server.kernel_pids() == []
+
+
+def test_without_isolation_a_forked_kernel_lives_in_the_hosts_pid_namespace(tmp_path):
+    """--no-isolate: kernels are plain processes; a forked one must not be put in a pid namespace of its own
+    either (its pid would not be the one /proc and the host know it by)."""
+    server = start_sandbox(str(tmp_path), "--no-isolate")
+    try:
+        seen = probe(server, server.create(), "import json, os\n"
+                     "print(json.dumps([os.getpid(), int(os.readlink('/proc/self')), open('/proc/self/comm').read()]))")
+        assert seen[2].strip() == "codeact-kernel", "not a forked kernel"
+        assert seen[0] == seen[1], f"pid {seen[0]} in its own namespace, {seen[1]} on the host"
+    finally:
+        server.stop()

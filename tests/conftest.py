@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import sysconfig
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import requests
@@ -89,6 +92,16 @@ def processes_mentioning(text: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def operator_venv(path: Path) -> tuple[str, Path]:
+    """An operator's own kernel environment at `path`: a venv that reaches this one's packages (ipykernel)
+    through a .pth file, as a real deployment would by `pip install 'codeact[kernel]'`. Its python, and its
+    site-packages directory for the test to add modules to."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, timeout=60)
+    site = next((path / "lib").glob("python3*/site-packages"))
+    (site / "server-packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return str(path / "bin" / "python"), site
 
 
 def start_sandbox(root_dir: str, *args: str, token: str = "", pool_size: int | None = None) -> SandboxProcess:

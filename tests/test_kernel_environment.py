@@ -16,7 +16,7 @@ import requests
 from codeact_sdk.sandbox import SandboxClient
 from sandbox_server import kernel_env
 
-from .conftest import start_sandbox
+from .conftest import operator_venv, start_sandbox
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SMALL_WHEEL = "tabulate"  # small, pure Python, not in the kernel environment
@@ -178,12 +178,8 @@ def test_operators_can_run_kernels_in_an_environment_of_their_own(tmp_path):
     """A venv of the operator's with a package of theirs; it reaches ipykernel through a .pth file here (a real
     deployment would pip install 'codeact[kernel]' into it)."""
     venv = tmp_path / "company-venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
-    site = next((venv / "lib").glob("python3*/site-packages"))
+    python, site = operator_venv(venv)
     (site / "company_tools.py").write_text("def greet():\n    return 'hello from the company venv'\n")
-    server_site = next(p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix))
-    (site / "server-packages.pth").write_text(server_site + "\n")
-    python = str(venv / "bin" / "python")
     server = start_sandbox(str(tmp_path / "root"), "--kernel-python", python)
     try:
         assert any(f"kernel environment: {python}" in line for line in server.log), server.log[-5:]

@@ -13,16 +13,13 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
-import sysconfig
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import processes_mentioning, start_sandbox, wait_for
+from tests.conftest import operator_venv, processes_mentioning, start_sandbox, wait_for
 
 LINUX = os.uname().sysname == "Linux"
 pytestmark = pytest.mark.skipif(not LINUX, reason="kernels fork from a template on Linux only")
@@ -323,13 +320,9 @@ TEMPLATE_BREAKERS = {
 
 @pytest.mark.parametrize("module", sorted(TEMPLATE_BREAKERS))
 def test_a_template_that_cannot_serve_is_reported_and_kernels_boot(tmp_path, module):
-    venv = tmp_path / "operator-venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
-    site = next((venv / "lib").glob("python3*/site-packages"))
+    python, site = operator_venv(tmp_path / "operator-venv")
     (site / f"{module}.py").write_text(TEMPLATE_BREAKERS[module])
-    (site / "server-packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    server = start_sandbox(str(tmp_path / "root"), "--kernel-python", str(venv / "bin" / "python"),
-                           "--kernel-preload", module)
+    server = start_sandbox(str(tmp_path / "root"), "--kernel-python", python, "--kernel-preload", module)
     try:
         report = next(line for line in server.log if "kernels: " in line)
         assert "kernels: booted (" in report, report
@@ -345,15 +338,11 @@ def test_a_restarted_template_is_tried_again_and_not_used_when_its_kernels_fail(
     """A template is checked after every start, not only the first: here its second start preloads a module
     that breaks forked kernels (a marker file the test writes in between decides)."""
     marker = tmp_path / "break-now"
-    venv = tmp_path / "operator-venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
-    site = next((venv / "lib").glob("python3*/site-packages"))
+    python, site = operator_venv(tmp_path / "operator-venv")
     (site / "breaks_later.py").write_text(
         f"import os\nif os.path.exists({str(marker)!r}):\n    from ipykernel.kernelapp import IPKernelApp\n"
         "    IPKernelApp.start = lambda self: os._exit(3)\n")
-    (site / "server-packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    server = start_sandbox(str(tmp_path / "root"), "--kernel-python", str(venv / "bin" / "python"),
-                           "--kernel-preload", "breaks_later")
+    server = start_sandbox(str(tmp_path / "root"), "--kernel-python", python, "--kernel-preload", "breaks_later")
     try:
         assert any("kernels: forked from a template" in line for line in server.log)
         marker.write_text("")
@@ -372,16 +361,13 @@ def test_a_restarted_template_is_tried_again_and_not_used_when_its_kernels_fail(
 def test_a_forked_kernel_that_exits_at_start_is_booted_instead(tmp_path):
     """A template that is up but whose kernels die at start (here a module it preloaded makes them exit once a
     marker file exists) costs a session only time: its kernel boots instead, and the log says why."""
-    venv = tmp_path / "operator-venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
-    site = next((venv / "lib").glob("python3*/site-packages"))
+    python, site = operator_venv(tmp_path / "operator-venv")
     marker = site / "break-now"  # where a kernel can see it: its interpreter's own directories
     (site / "breaks_when_marked.py").write_text(
         "import os\nfrom ipykernel.kernelapp import IPKernelApp\nstart = IPKernelApp.start\n"
         f"IPKernelApp.start = lambda self: os._exit(3) if os.path.exists({str(marker)!r}) else start(self)\n")
-    (site / "server-packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    server = start_sandbox(str(tmp_path / "root"), "--kernel-python", str(venv / "bin" / "python"),
-                           "--kernel-preload", "breaks_when_marked")
+    server = start_sandbox(str(tmp_path / "root"), "--kernel-python", python, "--kernel-preload",
+                           "breaks_when_marked")
     try:
         assert any("kernels: forked from a template" in line for line in server.log)
         marker.write_text("")

@@ -61,10 +61,6 @@ for _name in ("prctl", "unshare", "setns"):  # looked up here, once, not in ever
     getattr(LIBC, _name)
 
 
-def libc() -> ctypes.CDLL:
-    return LIBC
-
-
 # -- the template ----------------------------------------------------------------------------------------
 
 
@@ -177,14 +173,14 @@ def fork_keeper(control: socket.socket, prepared: dict) -> None:
     entering its own again (setns) leaves the next keeper a namespace of its own."""
     taken_read, taken_write = os.pipe()
     own = prepared["pid_namespace"]
-    in_new_namespace = own is not None and libc().unshare(CLONE_NEWPID) == 0
+    in_new_namespace = own is not None and LIBC.unshare(CLONE_NEWPID) == 0
     try:
         pid = os.fork()
         if pid == 0:
             os.close(taken_read)
             keeper(control, taken_write, prepared)
     finally:  # (the template's own: a keeper never returns)
-        if in_new_namespace and libc().setns(own, CLONE_NEWPID) != 0:
+        if in_new_namespace and LIBC.setns(own, CLONE_NEWPID) != 0:
             print("kernel template: cannot enter its own pid namespace again; exiting", file=sys.stderr, flush=True)
             os._exit(1)
     os.close(taken_write)
@@ -240,7 +236,7 @@ def take_request(control: socket.socket, taken: int, prepared: dict) -> tuple[di
             namespaces = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
             if not request["network"]:
                 namespaces |= CLONE_NEWNET
-            if libc().unshare(namespaces) != 0:
+            if LIBC.unshare(namespaces) != 0:
                 number = ctypes.get_errno()
                 raise OSError(number, f"unshare: {os.strerror(number)}")
         pidfd = os.pidfd_open(os.getpid())
@@ -259,7 +255,7 @@ def keeper(control: socket.socket, taken: int, prepared: dict) -> None:
     spec, report, log = take_request(control, taken, prepared)
     try:
         os.close(control.detach())
-        libc().prctl(PR_SET_NAME, b"codeact-keeper", 0, 0, 0)
+        LIBC.prctl(PR_SET_NAME, b"codeact-keeper", 0, 0, 0)
         os.setsid()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
@@ -340,12 +336,12 @@ def become_kernel(spec: dict, report: int, prepared: dict) -> None:
         if spec["uid"] is not None:
             confine.drop_privileges(spec["uid"])
         # After the uid change, which clears it: die with the keeper, never orphaned.
-        libc().prctl(confine.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        LIBC.prctl(confine.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:
             os._exit(1)
         # The uid change also made it undumpable, unlike a booted kernel (exec resets that): its own /proc files
         # (environ, maps) would be root's. Its memory is its own session's to read, as a booted kernel's is.
-        libc().prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+        LIBC.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
         if spec["seccomp"]:
             seccomp.install(prepared["seccomp"])
         signal.set_wakeup_fd(-1)
@@ -365,7 +361,7 @@ def become_kernel(spec: dict, report: int, prepared: dict) -> None:
         for name in ("confine", "seccomp"):  # the template's own, not the kernel's
             sys.modules.pop(name, None)
         reseed(prepared["random_states"])
-        libc().prctl(PR_SET_NAME, b"codeact-kernel", 0, 0, 0)  # what ps and top show
+        LIBC.prctl(PR_SET_NAME, b"codeact-kernel", 0, 0, 0)  # what ps and top show
         run_kernel(spec["connection_file"], spec["hook_limits"], prepared)
         code = 0
     except SystemExit as exit:
@@ -489,7 +485,7 @@ def own_pid_namespace(namespaced: bool) -> int | None:
 
 def main(argv: list[str]) -> None:
     control = socket.socket(fileno=int(argv[1]))
-    libc().prctl(PR_SET_NAME, b"codeact-zygote", 0, 0, 0)
+    LIBC.prctl(PR_SET_NAME, b"codeact-zygote", 0, 0, 0)
     started = time.monotonic()
     imported, failed = preload([name for name in argv[2].split(",") if name], argv[3])
     prepared = prepare_kernel(json.loads(argv[4]))
@@ -499,7 +495,7 @@ def main(argv: list[str]) -> None:
     threads = len(os.listdir("/proc/self/task"))
     gc.collect()
     gc.freeze()  # what the template holds stays out of every kernel's collections: its pages stay shared
-    if libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+    if LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
     wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, lambda received, frame: None)

@@ -3,7 +3,7 @@
 1. bursts of 10, 50 and 100 sessions requested at once, each creating its session and running `1+1`: the
    time until all have answered, per-session p50/p99, errors;
 2. memory per idle session over 100 sessions (each has run `1+1`): USS (what one more session costs) and
-   PSS of its processes: the kernel and its keeper (forked), or the kernel, its init and `unshare` (booted);
+   PSS of its processes: the kernel and its lifeline (forked), or the kernel, its init and `unshare` (booted);
    and the template's own;
 3. replacement: `POST /restart` (kill, start a new kernel, ready), and an execute of `os._exit(1)` (the death
    seen, a new kernel started, the answer back).
@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 import threading
 import time
@@ -20,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 
 from codeact_sdk.local_sandbox import LocalSandbox
+from sandbox_server.testing import descendants
 
 from .measure import percentile, summary, table
 
@@ -76,24 +76,7 @@ def memory_kb(pid: int) -> tuple[int, int]:
     return uss, pss
 
 
-def processes(root_dir: str) -> list[tuple[int, str, bytes]]:
-    """(pid, name, command line) of every process whose command line names the server's root: the server,
-    the template, and every kernel's processes."""
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                argv = handle.read()
-            with open(f"/proc/{entry}/comm") as handle:
-                name = handle.read().strip()
-        except OSError:
-            continue
-        if root_dir.encode() in argv:
-            found.append((int(entry), name, argv))
-    return found
-
-
-def idle_memory(sandbox: LocalSandbox, root_dir: str) -> dict:
+def idle_memory(sandbox: LocalSandbox) -> dict:
     headers = {"Authorization": f"Bearer {sandbox.token}"}
 
     def one(_: int) -> str:
@@ -107,9 +90,7 @@ def idle_memory(sandbox: LocalSandbox, root_dir: str) -> dict:
     time.sleep(2)  # idle: the pool refilled, every kernel back in its loop
     kernels = uss = pss = 0
     template = (0, 0)
-    for pid, name, argv in processes(root_dir):
-        if pid == sandbox.process.pid or b"-m\x00sandbox_server" in argv:
-            continue  # the server
+    for pid, name, argv, _started in descendants(sandbox.process.pid):
         if name == "codeact-zygote":
             template = memory_kb(pid)
             continue
@@ -148,7 +129,7 @@ def measure(way: str) -> dict:
         for count in BURSTS:
             results["bursts"][count] = burst(sandbox, count)
             sandbox.wait_for_pool(4, timeout=120)  # refilled, as before the first
-        results["memory"] = idle_memory(sandbox, root)
+        results["memory"] = idle_memory(sandbox)
         sandbox.wait_for_pool(4, timeout=120)
         results["replacement"] = replacements(sandbox)
     return results

@@ -182,7 +182,7 @@ class LocalKernel:
         interpreter, or under `unshare` the child of the process we ran, the namespace's init, which passes
         SIGINT on to the interpreter."""
         if self._kernel_pid is None and self.alive:
-            if not self.launch.namespaced:
+            if not self.launch.namespaced or isinstance(self.process, ForkedProcess):
                 self._kernel_pid = self.process.pid
             else:
                 try:
@@ -228,12 +228,12 @@ class LocalKernel:
             forked = isinstance(self.process, ForkedProcess)
             alive = self.alive
             if forked:
-                # Its process group first, while the keeper's pid is surely still its own; then the keeper by
-                # pidfd (in a pid namespace, the keeper's end is everyone's end).
+                # Its process group first, while its pid is surely still its own; then its lifeline, which
+                # takes everything else it started.
                 if alive and not self.launch.namespaced:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.send_signal(signal.SIGKILL)
+                self.process.kill()
             pids = [self.kernel_pid, self.process.pid] if alive and not forked else []
             for path in self.launch.cgroups:
                 with contextlib.suppress(OSError, ValueError), open(os.path.join(path, "cgroup.procs")) as handle:
@@ -314,8 +314,8 @@ class LocalKernel:
         for name, channel in channels.items():
             poller.register(channel.socket, zmq.POLLIN)
             sockets[channel.socket] = name
-        # A forked kernel's report pipe turns readable the moment its keeper exits: its death is seen at once,
-        # not at the next poll interval.
+        # A forked kernel's report pipe turns readable the moment it is reaped: its death is seen at once, not
+        # at the next poll interval.
         exit_report = self.process.report if isinstance(self.process, ForkedProcess) else None
         if exit_report is not None:
             poller.register(exit_report, zmq.POLLIN)

@@ -5,10 +5,7 @@ copy-on-write; a booted one costs half a second of CPU and its own copy of every
 optional: while it is starting, restarting after a death, or where it cannot be used, kernels boot as before
 (backend.py falls back per kernel, so no session request is lost to a template that dies mid-burst).
 
-Each forked kernel is reached through a `ForkedProcess`: a pidfd (signals reach that process and no other,
-whatever pids are reused) and the read end of its report pipe (its keeper writes the kernel's exit status
-there; the end of the pipe is the kernel's death, seen at once; and closing our end makes the keeper kill
-the kernel, so a server that dies takes its kernels with it).
+Each forked kernel is reached through a `ForkedProcess` (its pidfd, report pipe and lifeline).
 """
 
 from __future__ import annotations
@@ -53,6 +50,12 @@ def log_tail(path: str, size: int = 2000) -> str:
         return "(no log)"
 
 
+def readable(fd: int) -> bool:
+    poller = select.poll()  # not select(): a busy server's descriptors pass 1024
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def set_once(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
@@ -68,26 +71,41 @@ class TemplateUnavailable(RuntimeError):
 
 
 class ForkedProcess:
-    """A kernel forked from the template, as the server holds it; `pid` and `poll()` as subprocess.Popen's."""
+    """A kernel forked from the template, as the server holds it; `pid` and `poll()` as subprocess.Popen's.
 
-    def __init__(self, pid: int, pidfd: int, report: int) -> None:
+    Three descriptors: a pidfd (signals reach that process and no other, whatever pids are reused); the read
+    end of its report pipe, where the template, its parent, writes its exit status when it reaps it, so its
+    death is seen at once; and the write end of its lifeline, which only we hold: closing it ends the kernel
+    and all it started, so a server that dies takes its kernels with it."""
+
+    def __init__(self, pid: int, pidfd: int, report: int, lifeline: int) -> None:
         self.pid = pid
         self.pidfd = pidfd
         self.report = report
+        self.lifeline = lifeline
         self.returncode: int | None = None
         self._unread = b""
-        self._exited = select.poll()  # not select(): a busy server's descriptors pass 1024
-        self._exited.register(report, select.POLLIN)
+        self._report_is_pidfd = False
 
     def poll(self) -> int | None:
-        """The kernel's exit code (negative: the signal that killed it) once its keeper has exited, else None."""
-        if self.returncode is None and self.report >= 0 and self._exited.poll(0):
+        """The kernel's exit code (negative: the signal that killed it) once it has exited, else None."""
+        if self.returncode is None and self.report >= 0 and readable(self.report):
+            if self._report_is_pidfd:
+                self.returncode = -signal.SIGKILL  # (its status went with the template)
+                return self.returncode
             chunk = os.read(self.report, 64)
             self._unread += chunk
-            if not chunk:  # every write end is closed: the keeper is gone
+            if not chunk:  # every write end is closed: reaped, or the template is gone
                 text = self._unread.decode(errors="replace").strip()
-                # No status written: the keeper itself was killed (by us, or with everything in the cgroup).
-                self.returncode = int(text) if text.lstrip("-").isdigit() else -signal.SIGKILL
+                if text.lstrip("-").isdigit():
+                    self.returncode = int(text)
+                elif readable(self.pidfd):  # (a pidfd is readable once its process has exited)
+                    self.returncode = -signal.SIGKILL
+                else:
+                    # The template died and the kernel lives on: from now on the same descriptor number is its
+                    # pidfd, readable once it exits, so whoever polls the report pipe still hears of its death.
+                    os.dup2(self.pidfd, self.report)
+                    self._report_is_pidfd = True
         return self.returncode
 
     def send_signal(self, number: int) -> None:
@@ -95,12 +113,20 @@ class ForkedProcess:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self.pidfd, number)
 
+    def kill(self) -> None:
+        """The kernel and everything it started: its lifeline ends them all (where it is PID 1 of their
+        namespace, they die with it)."""
+        if self.lifeline >= 0:
+            os.close(self.lifeline)
+            self.lifeline = -1
+        self.send_signal(signal.SIGKILL)
+
     def close(self) -> None:
-        """Let the kernel go: its keeper sees our end of the report pipe close, and kills it if it still runs."""
-        for fd in (self.report, self.pidfd):
+        """Let the kernel go: its lifeline ends, and with it the kernel if it still runs."""
+        for fd in (self.lifeline, self.report, self.pidfd):
             if fd >= 0:
                 os.close(fd)
-        self.report = self.pidfd = -1
+        self.lifeline = self.report = self.pidfd = -1
 
 
 class KernelTemplate:
@@ -219,6 +245,9 @@ class KernelTemplate:
             self._kill()
             raise RuntimeError(f"it exited while starting: {self.log_tail()}")
         details = json.loads(message)
+        if details["lifeline_error"]:
+            self._kill()
+            raise TemplateRefused(f"its kernels' lifeline cannot run: {details['lifeline_error']}")
         if details["threads"] != 1:
             self._kill()
             raise TemplateRefused(f"it has {details['threads']} threads after preloading (a fork keeps only one): "
@@ -230,7 +259,7 @@ class KernelTemplate:
     def _on_readable(self) -> None:
         while self.socket is not None:
             try:
-                message, fds, _flags, _address = socket.recv_fds(self.socket, 1 << 16, 1)
+                message, fds, _flags, _address = socket.recv_fds(self.socket, 1 << 16, 3)
             except BlockingIOError:
                 return
             except OSError:
@@ -246,10 +275,12 @@ class KernelTemplate:
                 continue
             if "error" in reply:
                 future.set_exception(TemplateUnavailable(f"the kernel template failed: {reply['error']}"))
-            elif not fds:  # its pidfd did not reach us (no descriptor to spare): the kernel is let go
-                future.set_exception(TemplateUnavailable("the kernel's pidfd was not received"))
+            elif len(fds) != 3:  # not all reached us (no descriptor to spare): the kernel is let go (its lifeline ends)
+                for fd in fds:
+                    os.close(fd)
+                future.set_exception(TemplateUnavailable("the kernel's descriptors were not received"))
             else:
-                future.set_result((reply["pid"], fds[0]))
+                future.set_result(ForkedProcess(reply["pid"], *fds))
 
     def _down(self, why: str) -> None:
         self.ready = False
@@ -268,24 +299,19 @@ class KernelTemplate:
         if not self.available:
             raise TemplateUnavailable("the kernel template is not running")
         request_id = next(self.ids)
-        report, report_write = os.pipe2(os.O_CLOEXEC)
         future = asyncio.get_running_loop().create_future()
         self.pending[request_id] = future
         try:
-            data = json.dumps({"id": request_id, "spec": spec, "network": network}).encode()
-            await self._send(data, [report_write, log_fd])
-            os.close(report_write)
-            report_write = -1
-            pid, pidfd = await asyncio.wait_for(future, timeout)
-        except BaseException as error:
-            self.pending.pop(request_id, None)
-            os.close(report)  # a kernel forked after all sees this and kills itself
-            if report_write >= 0:
-                os.close(report_write)
+            await self._send(json.dumps({"id": request_id, "spec": spec, "network": network}).encode(), [log_fd])
+            return await asyncio.wait_for(future, timeout)
+        except BaseException as error:  # (a kernel forked after all is let go when its answer comes)
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().close()  # it came as we gave up
             if isinstance(error, (OSError, asyncio.TimeoutError)):
                 raise TemplateUnavailable(f"the kernel template did not answer: {error!r}") from error
             raise
-        return ForkedProcess(pid, pidfd, report)
+        finally:
+            self.pending.pop(request_id, None)
 
     async def _send(self, data: bytes, fds: list[int]) -> None:
         loop = asyncio.get_running_loop()

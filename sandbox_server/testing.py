@@ -1,5 +1,5 @@
 """Helpers for the tests and benchmarks: a stock Kernel Gateway or Enterprise Gateway process for the gateway
-backend, and a probe of a server's /health while something runs.
+backend, a probe of a server's /health while something runs, and the processes below a server.
 
     with KernelGateway(port, workdir, token="secret") as gateway:
         ... --backend gateway --gateway-url {gateway.url} --gateway-token secret ...
@@ -19,12 +19,57 @@ import threading
 import time
 import uuid
 from socket import IPPROTO_TCP, TCP_QUICKACK
+from typing import NamedTuple
 
 import requests
 import websocket
 
 START_DEADLINE_S = 60  # one start takes ~1.5 s here; the slack is for a loaded CI machine
 STOP_GRACE_S = 15
+
+
+class Process(NamedTuple):
+    pid: int
+    name: str  # /proc/PID/comm
+    argv: bytes  # NUL-separated
+    started: int  # clock ticks after boot: with the pid, names this process and no later one
+
+
+def process_table() -> dict[int, tuple[int, Process]]:
+    """Every process now: pid -> (parent's pid, the process)."""
+    table = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                stat = handle.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                argv = handle.read()
+        except OSError:  # (gone meanwhile)
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # the name, in parentheses, may hold anything
+        table[int(entry)] = (int(fields[1]), Process(int(entry), stat[stat.index("(") + 1:stat.rindex(")")], argv,
+                                                     int(fields[19])))
+    return table
+
+
+def descendants(root: int) -> list[Process]:
+    """Every process below `root`, found by ancestry: a server's template and kernels, and what they started
+    (a forked kernel's lifeline names nothing of the server)."""
+    table = process_table()
+    below, added = {root}, True
+    while added:  # (a parent may have a larger pid than its child)
+        added = False
+        for pid, (parent, _process) in table.items():
+            if parent in below and pid not in below:
+                below.add(pid)
+                added = True
+    return [table[pid][1] for pid in sorted(below - {root})]
+
+
+def still_running(processes: list[Process]) -> list[Process]:
+    table = process_table()
+    return [process for process in processes
+            if process.pid in table and table[process.pid][1].started == process.started]
 
 
 class KernelGateway:

@@ -4,23 +4,23 @@ and forks kernels on request, so a new kernel costs a fork and an ipykernel set-
 Run by the server (template.py) as `<kernel python> -s -E .../zygote.py FD PRELOAD TMPDIR KERNEL_CONFIG WAY`, as
 root when the server is; WAY is `namespaced`, or `plain` where kernels get no namespaces. FD is its end of a
 SOCK_SEQPACKET socket pair: each request is one message (the confine spec isolation.py builds, as JSON) with
-two file descriptors, the write end of the kernel's report pipe and its log file. The template itself never
-reads a request: it sees the socket readable, forks the kernel's keeper, and goes on once the keeper has
-taken the message. So the template's memory is the same at every fork, and nothing of one session's request
-is in the next kernel. Per kernel, two processes:
+one file descriptor, the kernel's log file. The template itself never reads a request: it sees the socket
+readable, forks a kernel, and goes on once the kernel has taken the message. So the template's memory is the
+same at every fork, and nothing of one session's request is in the next kernel. Per kernel, two processes:
 
-    template (root, host namespaces; makes a new pid namespace for each keeper, then enters its own again)
-      keeper  PID 1 of the kernel's pid namespace (when namespaced): takes the request, sends its pid and a
-              pidfd back, enters its other new namespaces (unshare), forks the kernel, drops to the kernel's
-              uid and seccomp; then reaps orphans, passes SIGINT/SIGTERM on, and writes the kernel's exit
-              status on the report pipe. When the server's end of that pipe closes (the server died, or gave
-              the kernel up) it kills everything and exits. It does as little as it can before the fork:
-              every page it writes is a page that later becomes its own (2 MB a keeper).
-        kernel  joins the cgroups, shapes the mounts (confine.py's functions, the same as a booted kernel),
-                sets rlimits, drops to its uid, dies with the keeper, seccomp, closes every inherited descriptor, takes
-                the session's environment, reseeds every random generator the template imported, and
-                becomes a normal ipykernel, with the application and IPython shell the template made
-                (pointed at its own session first) and the output hooks installed before it answers.
+    template (root, host namespaces; makes a new pid namespace for each kernel, then enters its own again)
+      lifeline  `cat` of a pipe whose other end only the server holds, spawned (vfork and exec: ~0.2 MB);
+                when namespaced, PID 1 of the kernel's pid namespace, ignoring SIGCHLD so orphans are reaped
+                at once; else a shell that kills the kernel's process group. The end of the pipe (the
+                server gave the kernel up, or died) ends it, and so the kernel and everything it started.
+      kernel    (PID 2 there) takes the request, sends the server its pid, a pidfd, its report pipe and its
+                lifeline; enters its other new namespaces (unshare), joins the cgroups, shapes the mounts
+                (confine.py's functions, the same as a booted kernel), sets rlimits, drops to its uid,
+                seccomp, closes every inherited descriptor, takes the session's environment, reseeds every
+                random generator the template imported, and becomes a normal ipykernel, with the application
+                and IPython shell the template made (pointed at its own session first) and the output hooks
+                installed before it answers. The template is its parent, and writes its exit status on its
+                report pipe when it reaps it; a kernel outlives the template.
 
 The template has no threads (BLAS libraries are held to one thread), no ZMQ context and no open session:
 what it imports is found by a rehearsal, a throwaway child that sets up a whole kernel and lists the
@@ -36,10 +36,12 @@ import gc
 import importlib
 import json
 import os
+import resource
 import select
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -57,8 +59,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 LIBC = ctypes.CDLL(None, use_errno=True)
-for _name in ("prctl", "unshare", "setns"):  # looked up here, once, not in every keeper and kernel
+for _name in ("prctl", "unshare", "setns"):  # looked up here, once, not in every kernel
     getattr(LIBC, _name)
+confine.libc().mount  # noqa: B018  (the same: confine's mounts use it)
 
 
 # -- the template ----------------------------------------------------------------------------------------
@@ -153,6 +156,7 @@ def reseed(states: list[object]) -> None:
 
 
 def serve(control: socket.socket, wake: int, prepared: dict) -> None:
+    reports: dict[int, int] = {}  # a kernel's pid -> the write end of its report pipe
     poller = select.poll()
     poller.register(control, select.POLLIN)
     poller.register(wake, select.POLLIN)
@@ -160,45 +164,102 @@ def serve(control: socket.socket, wake: int, prepared: dict) -> None:
         for fd, event in poller.poll():
             if fd == wake:
                 drain(wake)
-                reap_all()
+                reap_all(reports)
             elif event & select.POLLIN:
-                fork_keeper(control, prepared)
+                fork_kernel(control, prepared, reports)
             else:  # the server's end closed: it is gone
                 os._exit(0)
 
 
-def fork_keeper(control: socket.socket, prepared: dict) -> None:
-    """Fork the process that takes the next request and keeps its kernel, as PID 1 of a new pid namespace
-    where the template may make one: unshare(CLONE_NEWPID) puts only the children made after it there, and
-    entering its own again (setns) leaves the next keeper a namespace of its own."""
-    taken_read, taken_write = os.pipe()
+def fork_kernel(control: socket.socket, prepared: dict, reports: dict[int, int]) -> None:
+    """Fork the process that takes the next request and becomes its kernel, with its lifeline first: where
+    kernels are namespaced, the lifeline is PID 1 of a new pid namespace (unshare(CLONE_NEWPID) puts only the
+    children made after it there, so the kernel is PID 2), and the template then enters its own namespace
+    again (setns), which leaves the next kernel a namespace of its own."""
+    taken_read, taken_write = os.pipe2(os.O_CLOEXEC)
+    report_read, report_write = os.pipe2(os.O_CLOEXEC)
+    lifeline_read, lifeline_write = os.pipe2(os.O_CLOEXEC)
     own = prepared["pid_namespace"]
-    in_new_namespace = own is not None and LIBC.unshare(CLONE_NEWPID) == 0
+    problem = None
+    unshared = own is not None and LIBC.unshare(CLONE_NEWPID) == 0
+    if own is not None and not unshared:
+        problem = f"unshare(CLONE_NEWPID): {os.strerror(ctypes.get_errno())}"
+    pid = -1
     try:
-        pid = os.fork()
+        if problem is None:
+            try:
+                spawn_lifeline(prepared["lifeline"], lifeline_read)
+                pid = os.fork()
+            except OSError as error:  # (a lifeline that died at once leaves a namespace no one can enter)
+                problem = f"the kernel's lifeline: {error}"
         if pid == 0:
-            os.close(taken_read)
-            keeper(control, taken_write, prepared)
-    finally:  # (the template's own: a keeper never returns)
-        if in_new_namespace and LIBC.setns(own, CLONE_NEWPID) != 0:
+            kernel(control, taken_write, report_read, lifeline_write, None, prepared)
+    finally:  # (the template's own: a kernel never returns)
+        if unshared and LIBC.setns(own, CLONE_NEWPID) != 0:
             print("kernel template: cannot enter its own pid namespace again; exiting", file=sys.stderr, flush=True)
             os._exit(1)
-    os.close(taken_write)
+    if problem is not None:  # still someone must take the request, to tell the server why not
+        pid = os.fork()
+        if pid == 0:
+            kernel(control, taken_write, report_read, lifeline_write, problem, prepared)
+    for fd in (taken_write, report_read, lifeline_read, lifeline_write):
+        os.close(fd)
+    reports[pid] = report_write
     taken = os.read(taken_read, 1)
     os.close(taken_read)
-    if not taken:  # the keeper died before taking the request: something is badly wrong here
-        print("kernel template: a keeper died before taking its request; exiting", file=sys.stderr, flush=True)
+    if not taken:  # the kernel died before taking the request: something is badly wrong here
+        print("kernel template: a kernel died before taking its request; exiting", file=sys.stderr, flush=True)
         os._exit(1)
 
 
-def reap_all() -> None:
+def lifeline_command(namespaced: bool) -> list[str]:
+    """What each kernel's lifeline runs: it reads the pipe only the server holds the other end of, and ends
+    when that end closes (the server gave the kernel up, or died). Namespaced, it is PID 1 of the kernel's
+    namespace, whose end kills everything in it; it ignores SIGCHLD, so the orphans the kernel leaves it are
+    reaped at once. Otherwise it kills the kernel's process group, whose id the kernel writes first."""
+    if namespaced:
+        return [shutil.which("env") or "/usr/bin/env", "-i", "--ignore-signal=CHLD", shutil.which("cat") or "cat"]
+    script = 'read group; read end; test -z "$group" || kill -s KILL -- "-$group"'
+    return [shutil.which("sh") or "/bin/sh", "-c", script]
+
+
+def spawn_lifeline(argv: list[str], lifeline: int) -> int:
+    """posix_spawn: vfork and exec, so no copy of the template's page tables, and a process of ~0.2 MB."""
+    return os.posix_spawn(argv[0], argv, {}, file_actions=[
+        (os.POSIX_SPAWN_DUP2, lifeline, 0),
+        (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+        (os.POSIX_SPAWN_DUP2, 1, 2),
+    ], setsid=True)
+
+
+def check_lifeline(argv: list[str]) -> str | None:
+    """Why a lifeline cannot run here (`env --ignore-signal` is GNU coreutils 8.31 or later), or None."""
+    with open(os.devnull, "rb") as null:
+        try:
+            result = subprocess.run(argv, stdin=null, capture_output=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return f"{' '.join(argv)}: {error}"
+    if result.returncode != 0:
+        return f"{' '.join(argv)}: exit {result.returncode}: {result.stderr.decode(errors='replace').strip()}"
+    return None
+
+
+def reap_all(reports: dict[int, int]) -> None:
+    """Reap every child that exited; a kernel's status goes on its report pipe, which the server reads."""
     while True:
         try:
-            pid, _status = os.waitpid(-1, os.WNOHANG)
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             return
         if pid == 0:
             return
+        report = reports.pop(pid, None)
+        if report is not None:  # (else a lifeline, or an orphan of a kernel that is not namespaced)
+            try:
+                os.write(report, f"{os.waitstatus_to_exitcode(status)}\n".encode())  # negative: by that signal
+            except OSError:  # the server let the kernel go
+                pass
+            os.close(report)
 
 
 def drain(fd: int) -> None:
@@ -209,29 +270,38 @@ def drain(fd: int) -> None:
         pass
 
 
-# -- the keeper: init of the kernel's namespaces, its link to the server -----------------------------------
+# -- the kernel --------------------------------------------------------------------------------------------
 
 
-def take_request(control: socket.socket, taken: int, prepared: dict) -> tuple[dict, int, int]:
-    """The next request (spec, report pipe, log), in the keeper's new namespaces; the server hears the keeper's
-    pid (as the server sees it) and a pidfd, or why not."""
+def kernel(control: socket.socket, taken: int, report: int, lifeline: int, problem: str | None,
+           prepared: dict) -> None:
+    log = take_request(control, taken, report, lifeline, problem, prepared)
+    spec = log.pop("spec")
+    become_kernel(spec, log["fd"], prepared)
+
+
+def take_request(control: socket.socket, taken: int, report: int, lifeline: int, problem: str | None,
+                 prepared: dict) -> dict:
+    """The next request (spec and log), in the kernel's new namespaces. The server hears the kernel's pid (as
+    it sees it), a pidfd, the read end of its report pipe and the write end of its lifeline; or why not."""
     request_id = None
     try:
         if prepared["pid_namespace"] is not None:
             os.close(prepared["pid_namespace"])
-        message, fds, flags, _address = socket.recv_fds(control, REQUEST_MAX, 2)
+        message, fds, flags, _address = socket.recv_fds(control, REQUEST_MAX, 1)
         os.write(taken, b".")
         os.close(taken)
         request = json.loads(message)
         request_id = request["id"]
-        if flags & socket.MSG_TRUNC or len(fds) != 2:
+        if problem is not None:
+            raise OSError(problem)
+        if flags & socket.MSG_TRUNC or len(fds) != 1:
             raise ValueError("malformed request")
-        report, log = fds
         spec = request["spec"]
         # /proc is still the host's here: its `self` is this process's pid as the server sees it.
         pid = int(os.readlink("/proc/self"))
         if spec["namespaced"]:
-            if os.getpid() != 1:
+            if os.getpid() != 2:  # (1 is its lifeline)
                 raise OSError("the template could not make a pid namespace")
             namespaces = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
             if not request["network"]:
@@ -239,42 +309,19 @@ def take_request(control: socket.socket, taken: int, prepared: dict) -> tuple[di
             if LIBC.unshare(namespaces) != 0:
                 number = ctypes.get_errno()
                 raise OSError(number, f"unshare: {os.strerror(number)}")
+        os.setsid()
+        os.write(lifeline, f"{os.getpid()}\n".encode())  # the process group a lifeline that is not PID 1 kills
         pidfd = os.pidfd_open(os.getpid())
-        socket.send_fds(control, [json.dumps({"id": request_id, "pid": pid}).encode()], [pidfd])
-        os.close(pidfd)
-        return spec, report, log
+        socket.send_fds(control, [json.dumps({"id": request_id, "pid": pid}).encode()], [pidfd, report, lifeline])
+        for fd in (pidfd, report, lifeline, control.detach()):
+            os.close(fd)
+        return {"spec": spec, "fd": fds[0]}
     except BaseException as error:  # (every failure is the server's to hear about)
         with_id = {"id": request_id, "error": f"{type(error).__name__}: {error}"}
         try:
             control.send(json.dumps(with_id).encode())
         finally:
             os._exit(1)
-
-
-def keeper(control: socket.socket, taken: int, prepared: dict) -> None:
-    spec, report, log = take_request(control, taken, prepared)
-    try:
-        os.close(control.detach())
-        LIBC.prctl(PR_SET_NAME, b"codeact-keeper", 0, 0, 0)
-        os.setsid()
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.close(null)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        os.close(log)
-        kernel = os.fork()
-        if kernel == 0:
-            become_kernel(spec, report, prepared)
-        if spec["uid"] is not None:
-            confine.drop_privileges(spec["uid"])
-        if spec["seccomp"]:
-            seccomp.install(prepared["seccomp"])
-        watch(kernel, report)
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-    os._exit(1)
 
 
 def inherited_address_space(rlimits: dict[str, int]) -> dict[str, int]:
@@ -286,43 +333,14 @@ def inherited_address_space(rlimits: dict[str, int]) -> dict[str, int]:
     return {**rlimits, "RLIMIT_AS": rlimits["RLIMIT_AS"] + size} if "RLIMIT_AS" in rlimits else rlimits
 
 
-def watch(kernel: int, report: int) -> None:
-    """Until the kernel exits (its status goes on the report pipe) or the server's end of it closes."""
-    for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, lambda received, frame: os.kill(kernel, received))
-    wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.signal(signal.SIGCHLD, lambda received, frame: None)  # a Python handler, so the wakeup fd hears it
-    signal.set_wakeup_fd(wake_write)
-    poller = select.poll()
-    poller.register(wake_read, select.POLLIN)
-    poller.register(report, 0)  # POLLERR: no one reads the other end any more
-    while True:
-        for fd, _event in poller.poll():
-            if fd == report:
-                os.killpg(0, signal.SIGKILL)  # the kernel and all it started (in a pid namespace, exiting would)
-        drain(wake_read)
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                os._exit(1)
-            if pid == 0:
-                break
-            if pid == kernel:
-                code = os.waitstatus_to_exitcode(status)  # negative: killed by that signal
-                try:
-                    os.write(report, f"{code}\n".encode())
-                except OSError:
-                    pass
-                os._exit(code if code >= 0 else 128 - code)
-
-
-# -- the kernel --------------------------------------------------------------------------------------------
-
-
-def become_kernel(spec: dict, report: int, prepared: dict) -> None:
+def become_kernel(spec: dict, log: int, prepared: dict) -> None:
     try:
-        os.close(report)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
         confine.join_cgroups(spec["cgroups"])
         if spec["namespaced"]:
             # What `unshare --mount-proc` does: our mounts stop propagating to the host, then a /proc of the
@@ -332,13 +350,8 @@ def become_kernel(spec: dict, report: int, prepared: dict) -> None:
             confine.shape_mounts(spec["writable"], spec["private"], spec["closed"], spec["readable"])
         os.chdir(spec["workdir"])
         confine.set_rlimits(inherited_address_space(spec["rlimits"]))
-        parent = os.getppid()
         if spec["uid"] is not None:
             confine.drop_privileges(spec["uid"])
-        # After the uid change, which clears it: die with the keeper, never orphaned.
-        LIBC.prctl(confine.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:
-            os._exit(1)
         # The uid change also made it undumpable, unlike a booted kernel (exec resets that): its own /proc files
         # (environ, maps) would be root's. Its memory is its own session's to read, as a booted kernel's is.
         LIBC.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
@@ -348,7 +361,7 @@ def become_kernel(spec: dict, report: int, prepared: dict) -> None:
         for number, handler in ((signal.SIGCHLD, signal.SIG_DFL), (signal.SIGTERM, signal.SIG_DFL),
                                 (signal.SIGINT, signal.default_int_handler)):
             signal.signal(number, handler)
-        os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # nothing of the template's or another kernel's
+        os.closerange(3, prepared["open_max"])  # nothing of the template's or another kernel's
         env = dict(spec["env"])
         if spec["uid"] is not None:
             env["USER"] = "codeact"
@@ -485,6 +498,7 @@ def own_pid_namespace(namespaced: bool) -> int | None:
 
 def main(argv: list[str]) -> None:
     control = socket.socket(fileno=int(argv[1]))
+    control.set_inheritable(False)  # (passed to it by the server) kernels have it, lifelines must not
     LIBC.prctl(PR_SET_NAME, b"codeact-zygote", 0, 0, 0)
     started = time.monotonic()
     imported, failed = preload([name for name in argv[2].split(",") if name], argv[3])
@@ -492,6 +506,11 @@ def main(argv: list[str]) -> None:
     prepared["random_states"] = random_states()
     prepared["pid_namespace"] = own_pid_namespace(argv[5] == "namespaced")
     prepared["seccomp"] = seccomp.compiled() if seccomp.supported() else None
+    prepared["lifeline"] = lifeline_command(prepared["pid_namespace"] is not None)
+    lifeline_error = check_lifeline(prepared["lifeline"])
+    # It holds the write end of each live kernel's report pipe.
+    prepared["open_max"] = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (prepared["open_max"],) * 2)
     threads = len(os.listdir("/proc/self/task"))
     gc.collect()
     gc.freeze()  # what the template holds stays out of every kernel's collections: its pages stay shared
@@ -502,7 +521,8 @@ def main(argv: list[str]) -> None:
     signal.set_wakeup_fd(wake_write)
     control.send(json.dumps({"ready": True, "seconds": round(time.monotonic() - started, 3),
                              "modules": len(sys.modules), "preloaded": imported, "failed": failed,
-                             "threads": threads, "random_states": len(prepared["random_states"])}).encode())
+                             "threads": threads, "random_states": len(prepared["random_states"]),
+                             "lifeline_error": lifeline_error}).encode())
     serve(control, wake_read, prepared)
 
 

@@ -15,6 +15,7 @@ import requests
 
 from codeact_sdk.local_sandbox import LocalSandbox
 from codeact_sdk.testing import ScriptedModelServer
+from sandbox_server.testing import descendants, still_running
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
@@ -73,9 +74,15 @@ class SandboxProcess:
             return next(int(line.split()[1]) for line in handle if line.startswith(field + ":"))
 
     def stop(self, timeout: float = 10.0) -> float:
-        """SIGTERM, and the seconds it took to exit; fails past `timeout`."""
+        """SIGTERM, and the seconds it took to exit; fails past `timeout`, or when any process it started (its
+        template, kernels, their lifelines, what they ran) outlives it."""
+        started = descendants(self.process.pid) if self.process.poll() is None else []
         took = self.server.stop(timeout)
         assert took < timeout, f"server did not exit within {timeout} s of SIGTERM"
+        deadline = time.monotonic() + 10
+        while (left := still_running(started)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not left, f"outlived the server: {left}"
         return took
 
 

@@ -444,10 +444,34 @@ def test_kernels_run_with_no_new_privs_and_the_seccomp_filter(server, capabiliti
 def test_a_kernel_cannot_signal_its_init_away_or_reach_the_host_through_it(server, capabilities):
     if not capabilities.namespaces:
         pytest.skip("no pid namespace here")
+    """PID 1 of a kernel's namespace ends the kernel when it ends. A booted kernel's init ignores the signal (an
+    init gets only the signals it handles); a forked kernel's lifeline is root's, so the kill is refused. The
+    lifeline lives in the host's mount namespace: its /proc entries must stay closed to the kernel."""
     session = server.create()
-    result = server.execute(session, "import os, signal\nos.kill(1, signal.SIGKILL)\nprint(os.getppid())")
-    assert result["status"] == "ok" and result["stdout"] == "1\n", result
+    server.execute(session, "kept = 41")
+    result = server.execute(session, INIT_ATTACK)
+    assert result["status"] == "ok", result
+    outcome, init_alive, through_init = json.loads(result["stdout"])
+    assert outcome in ("ignored", "refused") and init_alive, result["stdout"]
+    assert through_init in ("closed", "own root"), "the kernel reached a root beyond its own through PID 1"
+    assert server.execute(session, "kept + 1")["results"][0]["data"]["text/plain"] == "42"
     server.close(session)
+
+
+INIT_ATTACK = """
+import json, os, signal, time
+try:
+    os.kill(1, signal.SIGKILL)
+    outcome = "ignored"
+except PermissionError:
+    outcome = "refused"
+time.sleep(0.2)
+try:
+    through_init = "own root" if sorted(os.listdir("/proc/1/root")) == sorted(os.listdir("/")) else "host root"
+except OSError:
+    through_init = "closed"
+print(json.dumps([outcome, os.path.exists("/proc/1"), through_init]))
+"""
 
 
 def test_the_server_port_is_closed_to_kernels_without_the_network(server, capabilities):

@@ -260,9 +260,30 @@ def test_a_dead_kernel_is_replaced_by_a_fork_with_its_exit_reported(server):
     assert started(server, "fork") >= forked + 2
 
 
-def test_forked_kernels_die_with_a_server_killed_outright(tmp_path):
-    killed = start_sandbox(str(tmp_path), pool_size=2)
+def test_kernels_outlive_the_template_and_their_deaths_are_still_seen(server):
+    """The template is each forked kernel's parent and writes its exit status when it reaps it; once the
+    template is gone, a kernel lives on (its session keeps its state) and its death is still seen at once."""
+    session = server.create()
+    server.execute(session, "kept = 41")
+    os.kill(template_pid(server), signal.SIGKILL)
+    wait_for(lambda: template_up(server), 30, "the template back")
+    assert server.execute(session, "kept + 1")["results"][0]["data"]["text/plain"] == "42"
+    started_at = time.monotonic()
+    died = server.execute(session, "import os\nos._exit(3)")
+    assert died["status"] == "died", died
+    assert time.monotonic() - started_at < 5, "its death was not seen at once"
+    assert server.execute(session, "1+1")["results"][0]["data"]["text/plain"] == "2"
+    server.close(session)
+
+
+@pytest.mark.parametrize("isolation", [[], ["--no-isolate"]], ids=["isolated", "no-isolate"])
+def test_forked_kernels_die_with_a_server_killed_outright(tmp_path, isolation):
+    """Isolated, a kernel's lifeline is PID 1 of its pid namespace; without isolation it kills the kernel's
+    process group: either way the end of the server ends the kernel and what it started."""
+    killed = start_sandbox(str(tmp_path), *isolation, pool_size=2)
     session = killed.create()
+    assert killed.execute(session, "open('/proc/self/comm').read()")["results"][0]["data"]["text/plain"] \
+        == "'codeact-kernel\\n'", "not a forked kernel"
     killed.execute(session, "import subprocess\nsubprocess.Popen(['sleep', '301.5'])")
     assert killed.kernel_pids() and sleepers()
     killed.process.send_signal(signal.SIGKILL)

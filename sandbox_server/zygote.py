@@ -9,7 +9,7 @@ readable, forks a kernel, and goes on once the kernel has taken the message. So 
 same at every fork, and nothing of one session's request is in the next kernel. Per kernel, two processes:
 
     template (root, host namespaces; makes a new pid namespace for each kernel, then enters its own again)
-      lifeline  `cat` of a pipe whose other end only the server holds, spawned (vfork and exec: ~0.2 MB);
+      lifeline  `cat` of a pipe whose other end only the server holds, spawned (vfork and exec: ~0.1 MB);
                 when namespaced, PID 1 of the kernel's pid namespace, ignoring SIGCHLD so orphans are reaped
                 at once; else a shell that kills the kernel's process group. The end of the pipe (the
                 server gave the kernel up, or died) ends it, and so the kernel and everything it started.
@@ -224,7 +224,7 @@ def lifeline_command(namespaced: bool) -> list[str]:
 
 
 def spawn_lifeline(argv: list[str], lifeline: int) -> int:
-    """posix_spawn: vfork and exec, so no copy of the template's page tables, and a process of ~0.2 MB."""
+    """posix_spawn: vfork and exec, so no copy of the template's page tables, and a process of ~0.1 MB."""
     return os.posix_spawn(argv[0], argv, {}, file_actions=[
         (os.POSIX_SPAWN_DUP2, lifeline, 0),
         (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),

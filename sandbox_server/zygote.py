@@ -275,13 +275,12 @@ def drain(fd: int) -> None:
 
 def kernel(control: socket.socket, taken: int, report: int, lifeline: int, problem: str | None,
            prepared: dict) -> None:
-    log = take_request(control, taken, report, lifeline, problem, prepared)
-    spec = log.pop("spec")
-    become_kernel(spec, log["fd"], prepared)
+    spec, log = take_request(control, taken, report, lifeline, problem, prepared)
+    become_kernel(spec, log, prepared)
 
 
 def take_request(control: socket.socket, taken: int, report: int, lifeline: int, problem: str | None,
-                 prepared: dict) -> dict:
+                 prepared: dict) -> tuple[dict, int]:
     """The next request (spec and log), in the kernel's new namespaces. The server hears the kernel's pid (as
     it sees it), a pidfd, the read end of its report pipe and the write end of its lifeline; or why not."""
     request_id = None
@@ -315,7 +314,7 @@ def take_request(control: socket.socket, taken: int, report: int, lifeline: int,
         socket.send_fds(control, [json.dumps({"id": request_id, "pid": pid}).encode()], [pidfd, report, lifeline])
         for fd in (pidfd, report, lifeline, control.detach()):
             os.close(fd)
-        return {"spec": spec, "fd": fds[0]}
+        return spec, fds[0]
     except BaseException as error:  # (every failure is the server's to hear about)
         with_id = {"id": request_id, "error": f"{type(error).__name__}: {error}"}
         try:

@@ -355,6 +355,24 @@ def test_a_template_that_cannot_serve_is_reported_and_kernels_boot(tmp_path, mod
     assert server.kernel_pids() == []
 
 
+def test_a_system_whose_env_cannot_ignore_sigchld_boots_kernels_and_says_why(tmp_path):
+    """A forked kernel's lifeline needs `env --ignore-signal` (GNU coreutils 8.31 or later; not busybox): where
+    the template finds an `env` without it, kernels boot, and the start-up log says why."""
+    python, _site = operator_venv(tmp_path / "operator-venv")
+    old_env = tmp_path / "operator-venv" / "bin" / "env"  # first on the template's PATH
+    old_env.write_text("#!/bin/sh\necho \"env: unrecognized option '$3'\" >&2\nexit 125\n")
+    old_env.chmod(0o755)
+    server = start_sandbox(str(tmp_path / "root"), "--kernel-python", python)
+    try:
+        report = next(line for line in server.log if "kernels: " in line)
+        assert "kernels: booted (" in report and "lifeline cannot run" in report, report
+        assert "unrecognized option" in report, report
+        assert server.execute(server.create(), "1+1")["results"][0]["data"]["text/plain"] == "2"
+        assert started(server, "fork") == 0 and started(server, "boot") >= 1
+    finally:
+        server.stop()
+
+
 def test_a_restarted_template_is_tried_again_and_not_used_when_its_kernels_fail(tmp_path):
     """A template is checked after every start, not only the first: here its second start preloads a module
     that breaks forked kernels (a marker file the test writes in between decides)."""

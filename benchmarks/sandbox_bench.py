@@ -20,7 +20,7 @@ import requests
 import websocket
 
 from codeact_sdk.local_sandbox import LocalSandbox
-from sandbox_server.testing import HealthProbe, KernelGateway, plain_execute
+from sandbox_server.testing import HealthProbe, KernelGateway, descendants, plain_execute
 
 from .measure import free_port, rss_kb, sample, summary, table
 
@@ -94,7 +94,8 @@ def concurrency(sandbox: LocalSandbox, sessions: int = 100, executes: int = 20) 
         ids = list(executor.map(create, range(sessions)))
     kernels = kernel_processes(sandbox.root_dir)
     kernel_rss_mb = sum(rss_kb(pid) for pid in kernels) / 1024
-    inits = kernel_processes(sandbox.root_dir, b"confine.py")
+    inits = kernel_processes(sandbox.root_dir, b"confine.py")  # booted kernels' inits; forked ones' lifelines:
+    inits += [process.pid for process in descendants(sandbox.process.pid) if process.name == "cat"]
     init_private_mb = sum(private_kb(pid) for pid in inits) / 1024
 
     def run(session_id: str) -> tuple[list[float], int]:
@@ -128,13 +129,13 @@ def concurrency(sandbox: LocalSandbox, sessions: int = 100, executes: int = 20) 
     }
 
 
-FORKED_NAMES = {b"ipykernel_launcher": "codeact-kernel", b"confine.py": "codeact-keeper"}
+FORKED_NAMES = {b"ipykernel_launcher": "codeact-kernel"}
 
 
 def kernel_processes(root_dir: str, program: bytes = b"ipykernel_launcher") -> list[int]:
     """A server's processes running `program`: the ipykernel interpreters, or with b"confine.py" the inits
-    (their command lines name their connection files); for kernels forked from the template, the processes
-    of the same role (named codeact-kernel and codeact-keeper: their command line is the template's)."""
+    (their command lines name their connection files); for kernels forked from the template, the kernels,
+    named codeact-kernel (their command line is the template's)."""
     found = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -238,7 +239,7 @@ def measure_all(root: str) -> str:
     ])
     report += (f"\n### Memory\n\n- RSS per idle session (kernel process): {loaded['rss_per_idle_session_mb']:.1f} MB "
                f"over {loaded['kernels']} kernels\n"
-               f"- the init or keeper (PID 1 of each kernel's pid namespace): {loaded['init_private_mb']:.1f} MB "
+               f"- the init or lifeline (PID 1 of each kernel's pid namespace): {loaded['init_private_mb']:.1f} MB "
                "private memory per session\n"
                f"- server peak RSS growth during a 200 MB print and a 200 MB os.write: {growth:.1f} MB\n")
     report += "\n" + table("Event loop under hostile output: /health answer time, same run", [

@@ -241,7 +241,7 @@ class LocalBackend:
             if error.started_by != "fork":
                 raise
             # A template that is up can still make kernels that die (a preloaded module that breaks them, a
-            # keeper refused by the OS): this session's kernel boots, slower, rather than fail.
+            # namespace refused by the OS): this session's kernel boots, slower, rather than fail.
             log.warning("a kernel forked from the template exited at start; this one boots instead: %s", error)
             return await self._start_kernel(home, network, None)
 

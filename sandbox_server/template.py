@@ -135,7 +135,7 @@ class KernelTemplate:
     def __init__(self, environment: KernelEnvironment, preload: str, workdir: str, namespaced: bool,
                  verify: Callable[[], Awaitable[str | None]] | None = None) -> None:
         self.environment = environment
-        self.namespaced = namespaced  # each keeper PID 1 of a pid namespace of its own (root, isolated)
+        self.namespaced = namespaced  # each kernel in a pid namespace of its own, its lifeline PID 1 (root, isolated)
         self.verify = verify  # after each start: why a kernel forked from it fails, or None
         self.preload = preload
         self.workdir = workdir  # for its log and its rehearsal's sockets: the server's root

@@ -58,10 +58,9 @@ REQUEST_MAX = 1 << 20  # bytes of one request: a spec is a few KB
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-LIBC = ctypes.CDLL(None, use_errno=True)
-for _name in ("prctl", "unshare", "setns"):  # looked up here, once, not in every kernel
+LIBC = confine.libc()
+for _name in ("prctl", "unshare", "setns", "mount"):  # looked up here, once, not in every kernel
     getattr(LIBC, _name)
-confine.libc().mount  # noqa: B018  (the same: confine's mounts use it)
 
 
 # -- the template ----------------------------------------------------------------------------------------
@@ -490,8 +489,8 @@ def run_kernel(connection_file: str, hook_limits: dict[str, int], prepared: dict
 
 
 def own_pid_namespace(namespaced: bool) -> int | None:
-    """A descriptor of the template's pid namespace, to enter again after making one for a keeper; None where
-    kernels are not namespaced (not root, or --no-isolate): keepers are then plain children."""
+    """A descriptor of the template's pid namespace, to enter again after making one for a kernel; None where
+    kernels are not namespaced (not root, or --no-isolate): kernels are then plain children."""
     return os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC) if namespaced else None
 
 

@@ -195,9 +195,9 @@ def test_the_template_has_no_threads_and_only_its_own_descriptors(server):
     pid = template_pid(server)
     with open(f"/proc/{pid}/status") as handle:
         assert re.search(r"^Threads:\s+1$", handle.read(), re.M), "the kernel template runs threads"
-    # Only stdio (its log), its end of the server's socket pair, its wakeup pipe, its own pid namespace, and
-    # while it forks a keeper that keeper's pipe: no zmq context (its eventfds and epoll are anonymous inodes),
-    # no session. (A count of at most 6 failed once in CI: the pool refill had a keeper being forked then.)
+    # Only stdio (its log), its end of the server's socket pair, its wakeup pipe, its own pid namespace, the
+    # write end of each live kernel's report pipe, and while it forks a kernel that kernel's pipes: no zmq
+    # context (its eventfds and epoll are anonymous inodes), no session.
     targets = descriptors(pid)
     assert not [target for target in targets if target.startswith("anon_inode:")], targets
     assert len([target for target in targets if target.startswith("socket:")]) == 1, targets

@@ -134,7 +134,7 @@ class LocalKernel:
         # bound retries 100 ms later, and a reply routed to it meanwhile is dropped: nothing waits on stdin
         # at start-up, so the first input() of a fresh kernel's first execute hung (4 times in 30).
         paths = [f"{self.connection['ip']}-{self.connection[f'{name}_port']}"
-                 for name in ("shell", "iopub", "stdin", "control", "hb")]
+                 for name in ("shell", "iopub", "stdin", "control")]
         pause = 0.005
         while not all(os.path.exists(path) for path in paths):
             self._check_starting(deadline, timeout, "bind its sockets")
@@ -142,7 +142,9 @@ class LocalKernel:
             pause = min(pause * 1.25, 0.05)  # 5 ms apart at first; in a burst, 100 kernels wait seconds
         client = AsyncKernelClient(context=self.context)
         client.load_connection_info(self.connection)
-        client.start_channels()
+        # No heartbeat channel: a kernel's death is seen from its process (pidfd and report pipe, or a poll),
+        # and each channel was a thread of this server pinging its kernel every 3 s, idle or not.
+        client.start_channels(hb=False)
         self.client = client
         # Ready means a kernel_info reply on shell and a status on iopub: a SUB socket that joined late
         # misses what was published before, and an execute would then wait for an idle that never comes.

@@ -420,8 +420,9 @@ def run_kernel(connection_file: str, hook_limits: dict[str, int], prepared: dict
     and directory, environment, history session and kernel. Two steps are left out that copy much of the
     template's memory into the kernel for nothing: ipykernel's list of loaded modules' files, which only its
     debugger reads (every module object and file name touched: 4 MB), and IPython's set of module names,
-    made in the template instead. Then the output and message caps (kernel_hooks.py), which a booted kernel
-    gets from a first execute. The kernel is otherwise ipykernel's own, unchanged."""
+    made in the template instead. It has no heartbeat channel, which the server does not use. Then the output
+    and message caps (kernel_hooks.py), which a booted kernel gets from a first execute. The kernel is otherwise
+    ipykernel's own, unchanged."""
     from ipykernel.kernelapp import IPKernelApp
     from ipykernel.zmqshell import ZMQInteractiveShell
     from IPython.core.application import BaseIPythonApplication
@@ -470,6 +471,9 @@ def run_kernel(connection_file: str, hook_limits: dict[str, int], prepared: dict
         shell._sys_modules_keys = prepared["module_names"]  # (not copied: that touches every name)
 
     app.init_kernel = init_kernel_without_module_list
+    # No heartbeat: the server never pings (it sees a kernel's death by its pidfd and report pipe), and a heartbeat
+    # is a zmq context of its own, with three threads, in every kernel.
+    app.init_heartbeat = lambda: None
     if all(hasattr(app, name) for name in ("_run_startup_files", "_run_exec_lines", "_run_exec_files",
                                            "_run_cmd_line_code", "_run_module")):
         app.init_code = init_code
@@ -479,7 +483,7 @@ def run_kernel(connection_file: str, hook_limits: dict[str, int], prepared: dict
         app.initialize([])
     finally:
         BaseIPythonApplication.initialize = initialize
-        for name in ("init_kernel", "init_code", "parse_command_line"):
+        for name in ("init_kernel", "init_code", "init_heartbeat", "parse_command_line"):
             app.__dict__.pop(name, None)
     namespace = shell.user_ns
     exec(prepared["hooks"], namespace)

@@ -172,8 +172,10 @@ class KernelTemplate:
             return f"booted (no kernel template: {self.details.get('error', 'still starting')})"
         details = self.details
         preloaded = ", ".join(details["preloaded"]) or "nothing beyond ipykernel"
+        packed = (f"the code of {details['packed']} functions kernels call packed together"
+                  if details.get("packed") is not None else "a rehearsal kernel did not answer: code not packed")
         text = (f"forked from a template (pid {self.process.pid}, ready in {details['seconds']:g} s, "
-                f"{details['modules']} modules; preloaded {preloaded}; BLAS single-threaded)")
+                f"{details['modules']} modules; preloaded {preloaded}; {packed}; BLAS single-threaded)")
         if details["failed"]:
             text += f"; not preloaded: {'; '.join(details['failed'])}"
         return text

@@ -25,12 +25,16 @@ same at every fork, and nothing of one session's request is in the next kernel. 
 The template has no threads (BLAS libraries are held to one thread), no ZMQ context and no open session:
 what it imports is found by a rehearsal, a throwaway child that sets up a whole kernel and lists the
 modules it loaded. Then it makes what of a kernel needs no socket: ipykernel's application, configured,
-and IPython's shell (`prepare_kernel`). It never runs a cell. Standard library only, besides what it
-preloads.
+and IPython's shell (`prepare_kernel`). A second rehearsal, a throwaway child of the prepared template, runs
+a whole forked kernel until it has answered `1+1` (`rehearse_kernel`): the template imports what that
+kernel still imported, and gives every function it called a new code object, made one after the other
+(`pack_called_code`), so the pages each kernel writes to run them are few. The template itself never runs a
+cell. Standard library only, besides what it preloads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import importlib
@@ -44,8 +48,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
+import types
 
 import confine  # this script's directory is sys.path[0]; both are standard library only
 import seccomp
@@ -103,12 +109,7 @@ def preload(modules: list[str], tmpdir: str) -> tuple[list[str], list[str]]:
     """Import what a kernel needs, then the operator's modules; (imported, failed) of the latter."""
     import ipykernel.kernelapp  # noqa: F401  (what the rehearsal itself needs)
 
-    for name in rehearse(tmpdir):
-        if name and name not in sys.modules:
-            try:
-                importlib.import_module(name)
-            except Exception:  # (a vendored module only importable from its parent's path)
-                pass
+    import_quietly(rehearse(tmpdir))
     imported, failed = [], []
     for name in modules:
         try:
@@ -117,6 +118,126 @@ def preload(modules: list[str], tmpdir: str) -> tuple[list[str], list[str]]:
         except Exception as error:  # (reported; the template goes on without it)
             failed.append(f"{name} ({type(error).__name__}: {error})")
     return imported, failed
+
+
+def import_quietly(names: list[str]) -> None:
+    for name in names:
+        if name and name not in sys.modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # (a vendored module only importable from its parent's path)
+                pass
+
+
+def rehearse_kernel(tmpdir: str, prepared: dict, timeout: float = 30.0) -> dict | None:
+    """What a forked kernel does that the template has not done, found by running one: a throwaway child of the
+    prepared template becomes a kernel as a forked kernel does (`run_kernel`, in a directory of its own, without
+    the confinement) and answers a client in the same process (a kernel_info, then `1+1`). It reports the
+    functions the kernel's threads called (by their code: file, first line, name) and the modules it imported.
+    None if it did not answer within `timeout`."""
+    directory = tempfile.mkdtemp(prefix="rehearsal-", dir=tmpdir)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read)
+            os.closerange(3, write)  # (the server's socket among them: only the template's)
+            os.closerange(write + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+            null = os.open(os.devnull, os.O_RDWR)
+            for target in (0, 1, 2):
+                os.dup2(null, target)
+            os.chdir(directory)
+            os.environ["IPYTHONDIR"] = os.path.join(directory, "ipython")
+            os.mkdir(os.environ["IPYTHONDIR"])
+            connection = os.path.join(directory, "connection.json")
+            with open(connection, "w") as handle:
+                json.dump({"transport": "ipc", "ip": os.path.join(directory, "k"), "shell_port": 1, "iopub_port": 2,
+                           "stdin_port": 3, "control_port": 4, "hb_port": 5, "key": os.urandom(16).hex(),
+                           "signature_scheme": "hmac-sha256", "kernel_name": "python3"}, handle)
+            from jupyter_client.blocking import BlockingKernelClient  # (the client's modules are not the kernel's)
+
+            before = set(sys.modules)
+            called: set[tuple[str, int, str]] = set()
+            recording = [True]
+
+            def record(frame, event: str, arg: object) -> None:
+                if event == "call" and recording[0]:
+                    code = frame.f_code
+                    called.add((code.co_filename, code.co_firstlineno, code.co_name))
+
+            def client() -> None:
+                try:
+                    kernel = BlockingKernelClient(connection_file=connection)
+                    kernel.load_connection_file()
+                    kernel.start_channels(hb=False)
+                    kernel.wait_for_ready(timeout=timeout)
+                    reply = kernel.execute_interactive("1+1", timeout=timeout, output_hook=lambda message: None)
+                    recording[0] = False
+                    if reply["content"]["status"] == "ok":
+                        report = json.dumps({"called": sorted(called), "modules": sorted(set(sys.modules) - before)})
+                        data = report.encode()
+                        while data:
+                            data = data[os.write(write, data):]
+                finally:
+                    os._exit(0)
+
+            threading.Thread(target=client, daemon=True).start()  # before the profile: it records the kernel
+            threading.setprofile(record)
+            sys.setprofile(record)
+            run_kernel(connection, {"output_cap": 1 << 20, "message_cap": 1 << 20}, prepared)
+        finally:
+            os._exit(1)
+    os.close(write)
+    data = b""
+    deadline = time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(read, select.POLLIN)
+    try:
+        while (remaining := deadline - time.monotonic()) > 0 and poller.poll(remaining * 1000):
+            chunk = os.read(read, 1 << 16)
+            if not chunk:
+                break
+            data += chunk
+        else:
+            data = b""  # (past the deadline)
+    finally:
+        os.close(read)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        shutil.rmtree(directory, ignore_errors=True)
+    if not data:
+        return None
+    learned = json.loads(data)
+    return {"called": {tuple(key) for key in learned["called"]}, "modules": learned["modules"]}
+
+
+def code_key(code: types.CodeType) -> tuple[str, int, str]:
+    return code.co_filename, code.co_firstlineno, code.co_name
+
+
+def pack_called_code(called: set[tuple[str, int, str]]) -> list[types.CodeType]:
+    """Give every function a kernel calls a new copy of its code object, made now, one after the other (and so
+    the code of the closures they make, which lives in their constants). Each call in a kernel writes to the
+    code object it runs (its reference count; in CPython 3.11 its warm-up counter and specialised
+    instructions), and every page it writes becomes the kernel's own copy: made at import, those code objects
+    were spread over pages of code no kernel runs. Returns the old code objects, which the template keeps:
+    freed, their memory would be reused by kernels' allocations, scattered again."""
+    copies: dict[int, types.CodeType] = {}
+    old: list[types.CodeType] = []
+
+    def copy(code: types.CodeType) -> types.CodeType:
+        if id(code) not in copies:
+            constants = tuple(copy(constant) if type(constant) is types.CodeType and code_key(constant) in called
+                              else constant for constant in code.co_consts)
+            old.append(code)
+            copies[id(code)] = code.replace(co_consts=constants)
+        return copies[id(code)]
+
+    for function in gc.get_objects():
+        if type(function) is types.FunctionType and code_key(function.__code__) in called:
+            function.__code__ = copy(function.__code__)
+    return old
 
 
 def random_states() -> list[object]:
@@ -505,6 +626,11 @@ def main(argv: list[str]) -> None:
     started = time.monotonic()
     imported, failed = preload([name for name in argv[2].split(",") if name], argv[3])
     prepared = prepare_kernel(json.loads(argv[4]))
+    learned = rehearse_kernel(argv[3], prepared)
+    if learned is not None:  # (else kernels work the same, with more of the template's pages copied)
+        import_quietly(learned["modules"])
+        prepared["module_names"] = frozenset(sys.modules)
+        prepared["old_code"] = pack_called_code(learned["called"])
     prepared["random_states"] = random_states()
     prepared["pid_namespace"] = own_pid_namespace(argv[5] == "namespaced")
     prepared["seccomp"] = seccomp.compiled() if seccomp.supported() else None
@@ -524,6 +650,7 @@ def main(argv: list[str]) -> None:
     control.send(json.dumps({"ready": True, "seconds": round(time.monotonic() - started, 3),
                              "modules": len(sys.modules), "preloaded": imported, "failed": failed,
                              "threads": threads, "random_states": len(prepared["random_states"]),
+                             "packed": len(prepared["old_code"]) if learned is not None else None,
                              "lifeline_error": lifeline_error}).encode())
     serve(control, wake_read, prepared)
 

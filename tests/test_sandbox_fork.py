@@ -84,6 +84,31 @@ def test_kernels_are_forked_by_default_and_the_start_up_log_says_how(server, tmp
         preloading.stop()
 
 
+PACKED = """
+import json, traceback
+from IPython.core.interactiveshell import InteractiveShell
+try:
+    get_ipython().transform_cell(None)  # fails inside functions every kernel calls, whose code was packed
+except Exception as error:
+    frame = traceback.extract_tb(error.__traceback__)[1]  # ([0] is this cell)
+code = InteractiveShell.transform_cell.__code__
+print(json.dumps({"frame": [frame.filename, frame.name, frame.lineno], "file": code.co_filename,
+                  "lines": [code.co_firstlineno, max(line for *_, line in code.co_lines() if line)]}))
+"""
+
+
+def test_the_code_kernels_run_is_packed_together_and_reports_its_lines(server):
+    """A rehearsal kernel, forked from the template before it serves, tells it which functions kernels call; it
+    gives them new code objects made one after the other, so each kernel copies fewer of its pages (each call
+    writes to the code object it runs). They run, and fail with their own files and lines, as before."""
+    report = next(line for line in server.log if "kernels: forked from a template" in line)
+    packed = re.search(r"the code of (\d+) functions kernels call packed together", report)
+    assert packed and int(packed.group(1)) > 300, report
+    seen = probe(server, server.create(), PACKED)
+    assert seen["frame"][:2] == [seen["file"], "transform_cell"] and seen["file"].endswith("interactiveshell.py")
+    assert seen["lines"][0] <= seen["frame"][2] <= seen["lines"][1]
+
+
 RANDOMS = """
 import json, random, multiprocessing, numpy
 print(json.dumps({"random": random.random(), "numpy": float(numpy.random.random()),

@@ -40,6 +40,7 @@ import gc
 import importlib
 import json
 import os
+import re
 import resource
 import select
 import shutil
@@ -133,8 +134,8 @@ def rehearse_kernel(tmpdir: str, prepared: dict, timeout: float = 30.0) -> dict 
     """What a forked kernel does that the template has not done, found by running one: a throwaway child of the
     prepared template becomes a kernel as a forked kernel does (`run_kernel`, in a directory of its own, without
     the confinement) and answers a client in the same process (a kernel_info, then `1+1`). It reports the
-    functions the kernel's threads called (by their code: file, first line, name) and the modules it imported.
-    None if it did not answer within `timeout`."""
+    functions the kernel's threads called (by their code: file, first line, name), the modules it imported and
+    the regular expressions it compiled. None if it did not answer within `timeout`."""
     directory = tempfile.mkdtemp(prefix="rehearsal-", dir=tmpdir)
     read, write = os.pipe()
     pid = os.fork()
@@ -157,6 +158,7 @@ def rehearse_kernel(tmpdir: str, prepared: dict, timeout: float = 30.0) -> dict 
             from jupyter_client.blocking import BlockingKernelClient  # (the client's modules are not the kernel's)
 
             before = set(sys.modules)
+            compiled_before = set(re._cache)
             called: set[tuple[str, int, str]] = set()
             recording = [True]
 
@@ -174,7 +176,11 @@ def rehearse_kernel(tmpdir: str, prepared: dict, timeout: float = 30.0) -> dict 
                     reply = kernel.execute_interactive("1+1", timeout=timeout, output_hook=lambda message: None)
                     recording[0] = False
                     if reply["content"]["status"] == "ok":
-                        report = json.dumps({"called": sorted(called), "modules": sorted(set(sys.modules) - before)})
+                        patterns = [(pattern.decode("latin-1") if isinstance(pattern, bytes) else pattern,
+                                     isinstance(pattern, bytes), flags)
+                                    for _kind, pattern, flags in set(re._cache) - compiled_before]
+                        report = json.dumps({"called": sorted(called), "modules": sorted(set(sys.modules) - before),
+                                             "patterns": patterns})
                         data = report.encode()
                         while data:
                             data = data[os.write(write, data):]
@@ -209,7 +215,9 @@ def rehearse_kernel(tmpdir: str, prepared: dict, timeout: float = 30.0) -> dict 
     if not data:
         return None
     learned = json.loads(data)
-    return {"called": {tuple(key) for key in learned["called"]}, "modules": learned["modules"]}
+    return {"called": {tuple(key) for key in learned["called"]}, "modules": learned["modules"],
+            "patterns": [(pattern.encode("latin-1") if is_bytes else pattern, flags)
+                         for pattern, is_bytes, flags in learned["patterns"]]}
 
 
 def code_key(code: types.CodeType) -> tuple[str, int, str]:
@@ -518,6 +526,7 @@ def prepare_kernel(config: dict) -> dict:
     from ipykernel.kernelapp import IPKernelApp
     from ipykernel.zmqshell import ZMQInteractiveShell
     from IPython.core.application import BaseIPythonApplication
+    from IPython.core.extensions import BUILTINS_EXTS
     from traitlets.config import Config
 
     app = IPKernelApp.instance(config=Config(config))
@@ -526,8 +535,18 @@ def prepare_kernel(config: dict) -> dict:
     app.parse_command_line = lambda argv=None: None
     BaseIPythonApplication.initialize(app, [])  # what IPKernelApp.initialize starts with: config files, profile
     # As IPythonKernel.__init__ makes it, less the kernel, which each kernel sets.
-    ZMQInteractiveShell.instance(parent=app, profile_dir=app.profile_dir, user_module=None, user_ns=None,
-                                 kernel=None, compiler_class=XCachingCompiler)
+    shell = ZMQInteractiveShell.instance(parent=app, profile_dir=app.profile_dir, user_module=None, user_ns=None,
+                                         kernel=None, compiler_class=XCachingCompiler)
+    # IPython makes its display formatters (a dozen configured objects) when a cell first shows a value: in each
+    # kernel, a third of its first `1+1`. They hold no session's state; made here, every kernel shares them.
+    shell.display_formatter.formatters  # noqa: B018  (the trait's default, made on first access)
+    # IPython loads its own extensions (storemagic) by first importing the bare name, which fails after a search
+    # of every directory on the path (the kernel's own among them); it then loads IPython.extensions.NAME and
+    # marks NAME as one of its own. The template does the marking and names the module it ends up loading.
+    app.default_extensions = [f"IPython.extensions.{name}" if name in BUILTINS_EXTS else name
+                              for name in app.default_extensions]
+    BUILTINS_EXTS.update({name: True for name in BUILTINS_EXTS if f"IPython.extensions.{name}"
+                          in app.default_extensions})
     with open(os.path.join(HERE, "kernel_hooks.py")) as handle:
         hooks = compile(handle.read(), "<codeact kernel setup>", "exec")
     # What IPython records at the end of its start-up (the modules `%reset -f` keeps): made here, because a
@@ -629,6 +648,9 @@ def main(argv: list[str]) -> None:
     learned = rehearse_kernel(argv[3], prepared)
     if learned is not None:  # (else kernels work the same, with more of the template's pages copied)
         import_quietly(learned["modules"])
+        for pattern, flags in learned["patterns"]:  # (re's cache: kernels find them compiled)
+            with contextlib.suppress(re.error):
+                re.compile(pattern, flags)
         prepared["module_names"] = frozenset(sys.modules)
         prepared["old_code"] = pack_called_code(learned["called"])
     prepared["random_states"] = random_states()

@@ -6,6 +6,8 @@ changes:
 - A streamed chat completion reports its usage (prompt and completion tokens) in its last chunk, the one
   with the finish reason, as vLLM and OpenAI do with `stream_options.include_usage`. llama-cpp-python
   reports usage only for replies that are not streamed, so every streamed turn lacked its prompt size.
+- No extra weight buffers (AMX, repacking): a natively built llama.cpp used AMX on a virtual machine whose CPU
+  advertised it and crashed on the first completion (`model_params_without_extra_buffers`).
 - The RAM prompt cache (`--cache true`) keeps to its `--cache_size`. Each cached state also holds a batch of
   logits (n_batch x vocabulary floats: 311 MB for Qwen2.5), which the cache left out of its size: measured,
   the server grew by ~350 MB a turn past any bound. Counted, the bound holds.
@@ -128,6 +130,19 @@ def cache_size_with_logits(cache: LlamaRAMCache) -> int:
     return sum(state.llama_state_size + state.scores.nbytes for state in cache.cache_state.values())
 
 
+def model_params_without_extra_buffers() -> llama_cpp.llama_cpp.llama_model_params:
+    """llama.cpp's model defaults, less its CPU backend's extra weight buffers (AMX tiles, repacked layouts). Built
+    for this machine (pip compiles llama.cpp natively), it uses AMX wherever the CPU advertises it, and a virtual
+    machine can advertise AMX that faults: seen here, every completion killed the server (a general protection
+    fault on `ldtilecfg` in ggml_backend_amx_mul_mat) and the stack never answered. Without them the weights stay
+    in plain CPU buffers, computed with AVX2/AVX-512: decode measured 14 tokens/s on the 0.5B model, as before."""
+    params = llama_model_default_params()
+    params.use_extra_bufts = False
+    return params
+
+
+llama_model_default_params = llama_cpp.llama_cpp.llama_model_default_params
+llama_cpp.llama_cpp.llama_model_default_params = model_params_without_extra_buffers
 LlamaRAMCache.cache_size = property(cache_size_with_logits)
 llama_cpp.Llama.create_completion = create_completion_counting_the_prompt
 llama_cpp.Llama.create_chat_completion = create_chat_completion_with_usage

@@ -28,6 +28,17 @@ IDLE_SESSIONS = 100
 REPLACEMENTS = 20
 
 
+def wait_until_quiet(sandbox: LocalSandbox, timeout: float = 120.0) -> None:
+    """The pool refilled and the last burst's sessions removed: their directories and cgroups go in the background
+    (rm runs), which would otherwise take a share of the CPU of the next burst."""
+    sandbox.wait_for_pool(4, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while any(name == "rm" for _pid, name, *_ in descendants(sandbox.process.pid)):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the server's clean-up of earlier sessions did not end")
+        time.sleep(0.1)
+
+
 def burst(sandbox: LocalSandbox, count: int) -> dict:
     """`count` clients, released together, each creating a session and running `1+1`."""
     headers = {"Authorization": f"Bearer {sandbox.token}"}
@@ -124,11 +135,11 @@ def replacements(sandbox: LocalSandbox) -> dict[str, list[float]]:
 def measure(way: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="codeact-bench-") as root, \
             LocalSandbox("--kernel-start", way, "--max-sessions", "150", pool_size=4, root_dir=root) as sandbox:
-        sandbox.wait_for_pool(4)
         results: dict = {"bursts": {}}
         for count in BURSTS:
+            wait_until_quiet(sandbox)
             results["bursts"][count] = burst(sandbox, count)
-            sandbox.wait_for_pool(4, timeout=120)  # refilled, as before the first
+        wait_until_quiet(sandbox)
         results["memory"] = idle_memory(sandbox)
         sandbox.wait_for_pool(4, timeout=120)
         results["replacement"] = replacements(sandbox)

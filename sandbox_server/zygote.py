@@ -579,7 +579,7 @@ def run_kernel(connection_file: str, hook_limits: dict[str, int], prepared: dict
     def adopt_session(self: IPKernelApp, argv: list | None = None) -> None:
         """In place of BaseIPythonApplication.initialize, done in the template: this session's IPython directory
         and profile (under its runtime directory), and what the shell took from the template's surroundings."""
-        self.ipython_dir = shell.ipython_dir = get_ipython_dir()
+        self.ipython_dir = shell.ipython_dir = session_ipython_dir() or get_ipython_dir()
         self.profile_dir = shell.profile_dir = ProfileDir.create_profile_dir_by_name(self.ipython_dir, "default",
                                                                                      self.config)
         shell.home_dir = get_home_dir()
@@ -630,6 +630,20 @@ def run_kernel(connection_file: str, hook_limits: dict[str, int], prepared: dict
     namespace.pop("install_output_cap")(hook_limits["output_cap"])
     namespace.pop("install_message_cap")(hook_limits["message_cap"])
     app.start()
+
+
+def session_ipython_dir() -> str | None:
+    """IPYTHONDIR, which the server sets to a directory in the kernel's runtime directory, made here; None where it
+    is unset or cannot be made, for IPython's own lookup and its fallbacks (which first find the home and XDG
+    directories, resolving every link: a third of pointing IPython at the session)."""
+    directory = os.environ.get("IPYTHONDIR")
+    if not directory or not os.path.isabs(directory):
+        return None
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError:
+        return None
+    return directory if os.access(directory, os.W_OK) else None
 
 
 def own_pid_namespace(namespaced: bool) -> int | None:

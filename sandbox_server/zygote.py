@@ -53,6 +53,7 @@ import threading
 import time
 import traceback
 import types
+from collections.abc import Callable
 
 import confine  # this script's directory is sys.path[0]; both are standard library only
 import seccomp
@@ -73,36 +74,70 @@ for _name in ("prctl", "unshare", "setns", "mount"):  # looked up here, once, no
 # -- the template ----------------------------------------------------------------------------------------
 
 
-def rehearse(tmpdir: str) -> list[str]:
-    """The modules a kernel loads once set up, found by setting one up in a throwaway child."""
+def in_throwaway_child(tmpdir: str, run: Callable[[str, Callable[[bytes], None]], None], timeout: float) -> bytes:
+    """What `run(connection_file, report)`, called in a child of the template, passes to `report`: the child has a
+    kernel's connection file (IPC, in a directory of its own, removed after), an IPython directory there, and
+    none of the template's descriptors; it is killed once it has reported, or after `timeout` (then b"")."""
     directory = tempfile.mkdtemp(prefix="rehearsal-", dir=tmpdir)
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(read)
+            os.closerange(3, write)  # (the server's socket among them: only the template's)
+            os.closerange(write + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
             null = os.open(os.devnull, os.O_RDWR)
             for target in (0, 1, 2):
                 os.dup2(null, target)
+            os.chdir(directory)
             os.environ["IPYTHONDIR"] = os.path.join(directory, "ipython")
+            os.mkdir(os.environ["IPYTHONDIR"])
             connection = os.path.join(directory, "connection.json")
             with open(connection, "w") as handle:
                 json.dump({"transport": "ipc", "ip": os.path.join(directory, "k"), "shell_port": 1, "iopub_port": 2,
                            "stdin_port": 3, "control_port": 4, "hb_port": 5, "key": os.urandom(16).hex(),
                            "signature_scheme": "hmac-sha256", "kernel_name": "python3"}, handle)
-            from ipykernel.kernelapp import IPKernelApp
 
-            IPKernelApp.instance().initialize(["-f", connection, "--HistoryManager.hist_file=:memory:"])
-            os.write(write, "\n".join(sys.modules).encode())
+            def report(data: bytes) -> None:
+                while data:
+                    data = data[os.write(write, data):]
+                os.close(write)
+
+            run(connection, report)
         finally:
             os._exit(0)
     os.close(write)
     data = b""
-    while chunk := os.read(read, 1 << 16):
-        data += chunk
-    os.close(read)
-    os.waitpid(pid, 0)
-    shutil.rmtree(directory, ignore_errors=True)
+    deadline = time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(read, select.POLLIN)
+    try:
+        while (remaining := deadline - time.monotonic()) > 0 and poller.poll(remaining * 1000):
+            chunk = os.read(read, 1 << 16)
+            if not chunk:
+                break
+            data += chunk
+        else:
+            data = b""  # (past the deadline)
+    finally:
+        os.close(read)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        shutil.rmtree(directory, ignore_errors=True)
+    return data
+
+
+def rehearse(tmpdir: str) -> list[str]:
+    """The modules a kernel loads once set up, found by setting one up in a throwaway child."""
+
+    def set_up(connection: str, report: Callable[[bytes], None]) -> None:
+        from ipykernel.kernelapp import IPKernelApp
+
+        IPKernelApp.instance().initialize(["-f", connection, "--HistoryManager.hist_file=:memory:"])
+        report("\n".join(sys.modules).encode())
+
+    data = in_throwaway_child(tmpdir, set_up, timeout=60.0)
     return data.decode().split("\n") if data else []
 
 
@@ -136,82 +171,42 @@ def rehearse_kernel(tmpdir: str, prepared: dict, timeout: float = 30.0) -> dict 
     the confinement) and answers a client in the same process (a kernel_info, then `1+1`). It reports the
     functions the kernel's threads called (by their code: file, first line, name), the modules it imported and
     the regular expressions it compiled. None if it did not answer within `timeout`."""
-    directory = tempfile.mkdtemp(prefix="rehearsal-", dir=tmpdir)
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read)
-            os.closerange(3, write)  # (the server's socket among them: only the template's)
-            os.closerange(write + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-            null = os.open(os.devnull, os.O_RDWR)
-            for target in (0, 1, 2):
-                os.dup2(null, target)
-            os.chdir(directory)
-            os.environ["IPYTHONDIR"] = os.path.join(directory, "ipython")
-            os.mkdir(os.environ["IPYTHONDIR"])
-            connection = os.path.join(directory, "connection.json")
-            with open(connection, "w") as handle:
-                json.dump({"transport": "ipc", "ip": os.path.join(directory, "k"), "shell_port": 1, "iopub_port": 2,
-                           "stdin_port": 3, "control_port": 4, "hb_port": 5, "key": os.urandom(16).hex(),
-                           "signature_scheme": "hmac-sha256", "kernel_name": "python3"}, handle)
-            from jupyter_client.blocking import BlockingKernelClient  # (the client's modules are not the kernel's)
 
-            before = set(sys.modules)
-            compiled_before = set(re._cache)
-            called: set[tuple[str, int, str]] = set()
-            recording = [True]
+    def answer(connection: str, report: Callable[[bytes], None]) -> None:
+        from jupyter_client.blocking import BlockingKernelClient  # (the client's modules are not the kernel's)
 
-            def record(frame, event: str, arg: object) -> None:
-                if event == "call" and recording[0]:
-                    code = frame.f_code
-                    called.add((code.co_filename, code.co_firstlineno, code.co_name))
+        before = set(sys.modules)
+        compiled_before = set(re._cache)
+        called: set[tuple[str, int, str]] = set()
+        recording = [True]
 
-            def client() -> None:
-                try:
-                    kernel = BlockingKernelClient(connection_file=connection)
-                    kernel.load_connection_file()
-                    kernel.start_channels(hb=False)
-                    kernel.wait_for_ready(timeout=timeout)
-                    reply = kernel.execute_interactive("1+1", timeout=timeout, output_hook=lambda message: None)
-                    recording[0] = False
-                    if reply["content"]["status"] == "ok":
-                        patterns = [(pattern.decode("latin-1") if isinstance(pattern, bytes) else pattern,
-                                     isinstance(pattern, bytes), flags)
-                                    for _kind, pattern, flags in set(re._cache) - compiled_before]
-                        report = json.dumps({"called": sorted(called), "modules": sorted(set(sys.modules) - before),
-                                             "patterns": patterns})
-                        data = report.encode()
-                        while data:
-                            data = data[os.write(write, data):]
-                finally:
-                    os._exit(0)
+        def record(frame, event: str, arg: object) -> None:
+            if event == "call" and recording[0]:
+                called.add(code_key(frame.f_code))
 
-            threading.Thread(target=client, daemon=True).start()  # before the profile: it records the kernel
-            threading.setprofile(record)
-            sys.setprofile(record)
-            run_kernel(connection, {"output_cap": 1 << 20, "message_cap": 1 << 20}, prepared)
-        finally:
-            os._exit(1)
-    os.close(write)
-    data = b""
-    deadline = time.monotonic() + timeout
-    poller = select.poll()
-    poller.register(read, select.POLLIN)
-    try:
-        while (remaining := deadline - time.monotonic()) > 0 and poller.poll(remaining * 1000):
-            chunk = os.read(read, 1 << 16)
-            if not chunk:
-                break
-            data += chunk
-        else:
-            data = b""  # (past the deadline)
-    finally:
-        os.close(read)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        shutil.rmtree(directory, ignore_errors=True)
+        def client() -> None:
+            try:
+                kernel = BlockingKernelClient(connection_file=connection)
+                kernel.load_connection_file()
+                kernel.start_channels(hb=False)
+                kernel.wait_for_ready(timeout=timeout)
+                reply = kernel.execute_interactive("1+1", timeout=timeout, output_hook=lambda message: None)
+                recording[0] = False
+                if reply["content"]["status"] == "ok":
+                    patterns = [(pattern.decode("latin-1") if isinstance(pattern, bytes) else pattern,
+                                 isinstance(pattern, bytes), flags)
+                                for _kind, pattern, flags in set(re._cache) - compiled_before]
+                    report(json.dumps({"called": sorted(called), "modules": sorted(set(sys.modules) - before),
+                                       "patterns": patterns}).encode())
+            finally:
+                os._exit(0)
+
+        threading.Thread(target=client, daemon=True).start()  # before the profile: it records the kernel
+        threading.setprofile(record)
+        sys.setprofile(record)
+        run_kernel(connection, {"output_cap": 1 << 20, "message_cap": 1 << 20}, prepared)
+
+    data = in_throwaway_child(tmpdir, answer, timeout)
     if not data:
         return None
     learned = json.loads(data)

@@ -78,7 +78,9 @@ def in_throwaway_child(tmpdir: str, run: Callable[[str, Callable[[bytes], None]]
     """What `run(connection_file, report)`, called in a child of the template, passes to `report`: the child has a
     kernel's connection file (IPC, in a directory of its own, removed after), an IPython directory there, and
     none of the template's descriptors; it is killed once it has reported, or after `timeout` (then b"")."""
-    directory = tempfile.mkdtemp(prefix="rehearsal-", dir=tmpdir)
+    # A short name: the kernel's sockets go in it, and the server checks its root for its own kernels' paths
+    # (<root>/sXXXXXX/kNNNNNNN/k-5) against the 107 bytes of a socket path.
+    directory = tempfile.mkdtemp(prefix="r", dir=tmpdir)
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:

@@ -1,0 +1,138 @@
+"""A/B of session bursts (#15) between this checkout and another, alternated in one run: this machine's speed
+drifts by a fifth within an hour, so bursts measured in separate runs do not compare.
+
+    git worktree add ../base REV
+    python -m benchmarks.burst_ab ../base [--rounds 2] [--bursts 3] [--count 100]
+
+Each round measures the other checkout, then this one. A measurement starts a server from that checkout's own
+directory (`python -m` puts the working directory first on sys.path, so a server started from here would run
+this code whatever PYTHONPATH says), makes one warm-up burst, then `--bursts` bursts, each on a quiet server
+(the pool refilled, no clean-up running), and reads around each the machine's CPU (/proc/stat, without idle,
+iowait and steal) and the server's, the template's and the new kernels' (/proc/PID/stat).
+
+The measurement (`--measure`) runs this file by its path with the other checkout first on the path, so it uses
+only what both have: LocalSandbox and `descendants`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+TICKS = os.sysconf("SC_CLK_TCK")
+FIGURES = ("all_s", "machine_ms", "server_ms", "template_ms", "kernels_ms")
+
+
+def process_cpu(pid: int) -> float:
+    """Seconds of CPU of a process, its threads included (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def machine_cpu() -> float:
+    with open("/proc/stat") as handle:
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, handle.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / TICKS
+
+
+def measure(count: int, bursts: int) -> None:
+    import requests
+
+    from codeact_sdk.local_sandbox import LocalSandbox
+    from sandbox_server.testing import descendants
+
+    def wait_until_quiet(sandbox: LocalSandbox) -> None:
+        sandbox.wait_for_pool(4, timeout=120)
+        deadline = time.monotonic() + 120
+        while any(process[1] == "rm" for process in descendants(sandbox.process.pid)):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the server's clean-up did not end")
+            time.sleep(0.1)
+        time.sleep(0.5)
+
+    def burst(sandbox: LocalSandbox) -> dict:
+        headers = {"Authorization": f"Bearer {sandbox.token}"}
+        barrier = threading.Barrier(count)
+
+        def one(_: int) -> tuple[float, float, str, bool]:
+            http = requests.Session()
+            http.headers.update(headers)
+            barrier.wait()
+            started = time.perf_counter()
+            session = http.post(sandbox.url + "/v1/sessions", json={}, timeout=300).json()["id"]
+            reply = http.post(f"{sandbox.url}/v1/sessions/{session}/execute", json={"code": "1+1"}, timeout=300)
+            ok = reply.status_code == 200 and reply.json()["results"][0]["data"]["text/plain"] == "2"
+            return started, time.perf_counter(), session, ok
+
+        server = sandbox.process.pid
+        template = next(process[0] for process in descendants(server) if process[1] == "codeact-zygote")
+        before = {process[0] for process in descendants(server)}
+        cpu = (machine_cpu(), process_cpu(server), process_cpu(template))
+        with ThreadPoolExecutor(count) as executor:
+            outcomes = list(executor.map(one, range(count)))
+        after = (machine_cpu(), process_cpu(server), process_cpu(template))
+        kernels = sum(process_cpu(process[0]) for process in descendants(server)
+                      if process[0] not in before and process[1] == "codeact-kernel")
+        with ThreadPoolExecutor(8) as executor:
+            list(executor.map(lambda session: requests.delete(f"{sandbox.url}/v1/sessions/{session}",
+                                                              headers=headers, timeout=60),
+                              [outcome[2] for outcome in outcomes]))
+        per_session = [1000 * (end - start) / count for start, end in zip(cpu, after, strict=True)]
+        return {"all_s": max(outcome[1] for outcome in outcomes) - min(outcome[0] for outcome in outcomes),
+                "machine_ms": per_session[0], "server_ms": per_session[1], "template_ms": per_session[2],
+                "kernels_ms": 1000 * kernels / count, "errors": sum(not outcome[3] for outcome in outcomes)}
+
+    with tempfile.TemporaryDirectory(prefix="codeact-ab-") as root, \
+            LocalSandbox("--kernel-start", "fork", "--max-sessions", str(count + 50), pool_size=4,
+                         root_dir=root) as sandbox:
+        wait_until_quiet(sandbox)
+        burst(sandbox)  # warm-up
+        for _ in range(bursts):
+            wait_until_quiet(sandbox)
+            print(json.dumps(burst(sandbox)), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("other", help="another checkout of this project (e.g. a git worktree at an earlier commit)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--bursts", type=int, default=3)
+    parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        measure(args.count, args.bursts)
+        return
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    trees = {"other": os.path.abspath(args.other), "this": here}
+    results: dict[str, list[dict]] = {name: [] for name in trees}
+    for _ in range(args.rounds):
+        for name, tree in trees.items():
+            command = [sys.executable, os.path.abspath(__file__), tree, "--measure", "--bursts", str(args.bursts),
+                       "--count", str(args.count)]
+            output = subprocess.run(command, cwd=tree, env={**os.environ, "PYTHONPATH": tree}, check=True,
+                                    capture_output=True, text=True, timeout=1800).stdout
+            for line in output.splitlines():
+                results[name].append(json.loads(line))
+                print(name, line, flush=True)
+    print(f"\n| checkout | bursts | errors | {' | '.join(FIGURES)} (medians) |")
+    print(f"|---|---:|---:|{'---:|' * len(FIGURES)}")
+    for name, runs in results.items():
+        medians = " | ".join(f"{statistics.median(run[figure] for run in runs):.2f}" for figure in FIGURES)
+        print(f"| {name} ({trees[name]}) | {len(runs)} | {sum(run['errors'] for run in runs)} | {medians} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -109,6 +109,35 @@ def test_the_code_kernels_run_is_packed_together_and_reports_its_lines(server):
     assert seen["lines"][0] <= seen["frame"][2] <= seen["lines"][1]
 
 
+HEARTBEAT = """
+import json, os
+from ipykernel.kernelapp import IPKernelApp
+app = IPKernelApp.instance()
+print(json.dumps({"heartbeat": app.heartbeat is not None, "bound": os.path.exists(f"{app.ip}-{app.hb_port}"),
+                  "process": open('/proc/self/comm').read().strip()}))
+"""
+
+
+def threads(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        return int(re.search(r"^Threads:\s+(\d+)$", handle.read(), re.M).group(1))
+
+
+def test_no_heartbeat_in_the_server_or_in_forked_kernels(server):
+    """Nothing pings a kernel (its death is seen from its process): the server opens no heartbeat channel, a
+    thread each, and a forked kernel starts no heartbeat (a zmq context and three threads)."""
+    before = threads(server.process.pid)
+    sessions = [server.create() for _ in range(12)]
+    for session in sessions:
+        assert server.execute(session, "1+1")["status"] == "ok"
+    # Twelve kernels more; the worker threads of the server's set-up are at most six (two cores + 4).
+    assert threads(server.process.pid) < before + 12
+    seen = probe(server, sessions[0], HEARTBEAT)
+    for session in sessions:  # (the module's server: later tests count its sessions)
+        server.close(session)
+    assert seen == {"heartbeat": False, "bound": False, "process": "codeact-kernel"}
+
+
 RANDOMS = """
 import json, random, multiprocessing, numpy
 print(json.dumps({"random": random.random(), "numpy": float(numpy.random.random()),

@@ -130,7 +130,8 @@ def test_no_heartbeat_in_the_server_or_in_forked_kernels(server):
     sessions = [server.create() for _ in range(12)]
     for session in sessions:
         assert server.execute(session, "1+1")["status"] == "ok"
-    # Twelve kernels more; the worker threads of the server's set-up are at most six (two cores + 4).
+    # Twelve kernels more, each a thread more with a heartbeat channel; sessions made one at a time reuse the
+    # idle worker threads of the server's set-up.
     assert threads(server.process.pid) < before + 12
     seen = probe(server, sessions[0], HEARTBEAT)
     for session in sessions:  # (the module's server: later tests count its sessions)

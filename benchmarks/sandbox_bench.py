@@ -95,7 +95,7 @@ def concurrency(sandbox: LocalSandbox, sessions: int = 100, executes: int = 20) 
     kernels = kernel_processes(sandbox.root_dir)
     kernel_rss_mb = sum(rss_kb(pid) for pid in kernels) / 1024
     inits = kernel_processes(sandbox.root_dir, b"confine.py")  # booted kernels' inits; forked ones' lifelines:
-    inits += [process.pid for process in descendants(sandbox.process.pid) if process.name == "cat"]
+    inits += [process.pid for process in descendants(sandbox.process.pid) if process.name in ("lifeline", "cat")]
     init_private_mb = sum(private_kb(pid) for pid in inits) / 1024
 
     def run(session_id: str) -> tuple[list[float], int]:

@@ -9,7 +9,8 @@ readable, forks a kernel, and goes on once the kernel has taken the message. So 
 same at every fork, and nothing of one session's request is in the next kernel. Per kernel, two processes:
 
     template (root, host namespaces; makes a new pid namespace for each kernel, then enters its own again)
-      lifeline  `cat` of a pipe whose other end only the server holds, spawned (vfork and exec: ~0.1 MB);
+      lifeline  reads a pipe whose other end only the server holds, spawned (vfork and exec): our own 65
+                bytes of code (lifeline.py, ~10 KB), or `cat` where that cannot run (~0.1 MB);
                 when namespaced, PID 1 of the kernel's pid namespace, ignoring SIGCHLD so orphans are reaped
                 at once; else a shell that kills the kernel's process group. The end of the pipe (the
                 server gave the kernel up, or died) ends it, and so the kernel and everything it started.
@@ -55,8 +56,9 @@ import traceback
 import types
 from collections.abc import Callable
 
-import confine  # this script's directory is sys.path[0]; both are standard library only
+import confine  # this script's directory is sys.path[0]; all three are standard library only
 import seccomp
+from lifeline import write_lifeline
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x4000000, 0x8000000, 0x20000000, \
     0x40000000
@@ -337,28 +339,47 @@ def fork_kernel(control: socket.socket, prepared: dict, reports: dict[int, int])
         os._exit(1)
 
 
-def lifeline_command(namespaced: bool) -> list[str]:
-    """What each kernel's lifeline runs: it reads the pipe only the server holds the other end of, and ends
-    when that end closes (the server gave the kernel up, or died). Namespaced, it is PID 1 of the kernel's
-    namespace, whose end kills everything in it; it ignores SIGCHLD, so the orphans the kernel leaves it are
-    reaped at once. Otherwise it kills the kernel's process group, whose id the kernel writes first."""
-    if namespaced:
-        return [shutil.which("env") or "/usr/bin/env", "-i", "--ignore-signal=CHLD", shutil.which("cat") or "cat"]
-    script = 'read group; read end; test -z "$group" || kill -s KILL -- "-$group"'
-    return [shutil.which("sh") or "/bin/sh", "-c", script]
+def lifeline_command(namespaced: bool, directory: str) -> tuple[list[str], str | None]:
+    """What each kernel's lifeline runs, and why no lifeline can run here (None when one can). It reads the pipe
+    only the server holds the other end of, and ends when that end closes (the server gave the kernel up, or
+    died). Namespaced, it is PID 1 of the kernel's namespace, whose end kills everything in it; it ignores
+    SIGCHLD, so the orphans the kernel leaves it are reaped at once: our own program (lifeline.py, written in
+    `directory`) where it runs, else `env -i --ignore-signal=CHLD cat`. Otherwise it is a shell that kills the
+    kernel's process group, whose id the kernel writes first."""
+    if not namespaced:
+        script = 'read group; read end; test -z "$group" || kill -s KILL -- "-$group"'
+        argv = [shutil.which("sh") or "/bin/sh", "-c", script]
+        return argv, check_lifeline(argv)
+    candidates, errors = [], []
+    try:
+        own = write_lifeline(directory)
+        if own is not None:
+            candidates.append([own])
+    except OSError as error:
+        errors.append(f"{directory}: {error}")
+    candidates.append([shutil.which("env") or "/usr/bin/env", "-i", "--ignore-signal=CHLD",
+                       shutil.which("cat") or "cat"])
+    for argv in candidates:
+        error = check_lifeline(argv)
+        if error is None:
+            return argv, None
+        errors.append(error)
+    return candidates[-1], "; ".join(errors)
 
 
-def spawn_lifeline(argv: list[str], lifeline: int) -> int:
-    """posix_spawn: vfork and exec, so no copy of the template's page tables, and a process of ~0.1 MB."""
+def spawn_lifeline(argv: list[str], pipe: int) -> int:
+    """posix_spawn: vfork and exec, so no copy of the template's page tables, and a process of ~10 KB (`cat`:
+    ~0.1 MB)."""
     return os.posix_spawn(argv[0], argv, {}, file_actions=[
-        (os.POSIX_SPAWN_DUP2, lifeline, 0),
+        (os.POSIX_SPAWN_DUP2, pipe, 0),
         (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
         (os.POSIX_SPAWN_DUP2, 1, 2),
     ], setsid=True)
 
 
 def check_lifeline(argv: list[str]) -> str | None:
-    """Why a lifeline cannot run here (`env --ignore-signal` is GNU coreutils 8.31 or later), or None."""
+    """Why a lifeline cannot run here (ours, in a directory mounted noexec; `env --ignore-signal` is GNU coreutils
+    8.31 or later), or None."""
     with open(os.devnull, "rb") as null:
         try:
             result = subprocess.run(argv, stdin=null, capture_output=True, timeout=10)
@@ -495,7 +516,7 @@ def become_kernel(spec: dict, log: int, prepared: dict) -> None:
         # packages), then the environment's own; not this script's directory. IPython adds '' as it does there.
         extra = [entry for entry in env.get("PYTHONPATH", "").split(":") if entry]
         sys.path[:] = [*extra, *(entry for entry in sys.path if entry != HERE)]
-        for name in ("confine", "seccomp"):  # the template's own, not the kernel's
+        for name in ("confine", "lifeline", "seccomp"):  # the template's own, not the kernel's
             sys.modules.pop(name, None)
         reseed(prepared["random_states"])
         LIBC.prctl(PR_SET_NAME, b"codeact-kernel", 0, 0, 0)  # what ps and top show
@@ -667,8 +688,7 @@ def main(argv: list[str]) -> None:
     prepared["random_states"] = random_states()
     prepared["pid_namespace"] = own_pid_namespace(argv[5] == "namespaced")
     prepared["seccomp"] = seccomp.compiled() if seccomp.supported() else None
-    prepared["lifeline"] = lifeline_command(prepared["pid_namespace"] is not None)
-    lifeline_error = check_lifeline(prepared["lifeline"])
+    prepared["lifeline"], lifeline_error = lifeline_command(prepared["pid_namespace"] is not None, argv[3])
     # It holds the write end of each live kernel's report pipe.
     prepared["open_max"] = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (prepared["open_max"],) * 2)

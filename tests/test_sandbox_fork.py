@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -144,6 +145,49 @@ import json, random, multiprocessing, numpy
 print(json.dumps({"random": random.random(), "numpy": float(numpy.random.random()),
                   "authkey": multiprocessing.current_process().authkey.hex()}))
 """
+
+
+LIFELINE = """
+import json
+status = dict(line.split(':', 1) for line in open('/proc/1/status'))
+print(json.dumps([open('/proc/self/comm').read().strip(), status['Name'].strip(),
+                  bin(int(status['SigIgn'], 16))[::-1][16]]))
+"""
+
+
+def test_a_namespaced_kernels_lifeline_is_our_own_small_program(server):
+    """PID 1 of a forked kernel's pid namespace is lifeline.py's program (x86-64): it ignores SIGCHLD (the orphans
+    test of test_sandbox_attacks.py shows them reaped) and holds a few pages, where `env` + `cat` held ~100 KB."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("our lifeline is x86-64 code; elsewhere `env` + `cat`")
+    sessions = []
+    for _ in range(4):  # past the pool's kernels, should an earlier test have left booted ones there
+        sessions.append(server.create())
+        seen = probe(server, sessions[-1], LIFELINE)
+        if seen[0] == "codeact-kernel":
+            break
+    assert seen == ["codeact-kernel", "lifeline", "1"], seen  # (bit 16 from the right: signal 17, SIGCHLD)
+    lifelines = [pid for pid in server_descendants(server) if comm(pid) == "lifeline"]
+    assert lifelines, "no lifeline among the server's descendants"
+    with open(f"/proc/{lifelines[0]}/smaps_rollup") as handle:
+        private_kb = sum(int(line.split()[1]) for line in handle if line.startswith(("Private_Clean", "Private_Dirty")))
+    assert private_kb < 32, private_kb
+    for session in sessions:
+        server.close(session)
+
+
+def server_descendants(server) -> list[int]:
+    from sandbox_server.testing import descendants
+
+    return [process.pid for process in descendants(server.process.pid)]
+
+
+def comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
 
 
 def test_two_sessions_draw_different_random_streams(server):
@@ -410,22 +454,34 @@ def test_a_template_that_cannot_serve_is_reported_and_kernels_boot(tmp_path, mod
     assert server.kernel_pids() == []
 
 
-def test_a_system_whose_env_cannot_ignore_sigchld_boots_kernels_and_says_why(tmp_path):
-    """A forked kernel's lifeline needs `env --ignore-signal` (GNU coreutils 8.31 or later; not busybox): where
-    the template finds an `env` without it, kernels boot, and the start-up log says why."""
+def test_where_no_lifeline_can_run_kernels_boot_and_the_log_says_why(tmp_path):
+    """A namespaced kernel's lifeline is our own program, written in the server's directory, or where that cannot
+    run, `env --ignore-signal` and `cat` (GNU coreutils 8.31 or later; not busybox). Here the server's directory
+    is on a file system mounted noexec and the template finds an `env` without that option: kernels boot, and
+    the start-up log says why, for both."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a noexec file system needs root")
     python, _site = operator_venv(tmp_path / "operator-venv")
     old_env = tmp_path / "operator-venv" / "bin" / "env"  # first on the template's PATH
     old_env.write_text("#!/bin/sh\necho \"env: unrecognized option '$3'\" >&2\nexit 125\n")
     old_env.chmod(0o755)
-    server = start_sandbox(str(tmp_path / "root"), "--kernel-python", python)
+    root = tmp_path / "root"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "noexec,mode=0755,size=64m", "codeact-test", str(root)], check=True)
     try:
-        report = next(line for line in server.log if "kernels: " in line)
-        assert "kernels: booted (" in report and "lifeline cannot run" in report, report
-        assert "unrecognized option" in report, report
-        assert server.execute(server.create(), "1+1")["results"][0]["data"]["text/plain"] == "2"
-        assert started(server, "fork") == 0 and started(server, "boot") >= 1
+        server = start_sandbox(str(root), "--kernel-python", python)
+        try:
+            report = next(line for line in server.log if "kernels: " in line)
+            assert "kernels: booted (" in report and "lifeline cannot run" in report, report
+            if os.uname().machine == "x86_64":
+                assert "lifeline: [Errno 13] Permission denied" in report, report
+            assert "unrecognized option" in report, report
+            assert server.execute(server.create(), "1+1")["results"][0]["data"]["text/plain"] == "2"
+            assert started(server, "fork") == 0 and started(server, "boot") >= 1
+        finally:
+            server.stop()
     finally:
-        server.stop()
+        subprocess.run(["umount", "--lazy", str(root)], check=True)
 
 
 def test_a_restarted_template_is_tried_again_and_not_used_when_its_kernels_fail(tmp_path):

@@ -38,6 +38,19 @@ PR_SET_PDEATHSIG = 1
 LINUX = sys.platform.startswith("linux")
 
 
+# The channels the server opens to a kernel. No heartbeat: a kernel's death is seen from its process (pidfd and
+# report pipe, or a poll), and each heartbeat channel was a thread of this server pinging its kernel every 3 s,
+# idle or not. No control channel: an interrupt is a signal and a kill ends the process; each was one more
+# socket, connection and handshake per kernel, on both sides.
+CHANNELS = ("shell", "iopub", "stdin")
+
+
+def stop_channels(client: AsyncKernelClient) -> None:
+    """Close the channels we opened (jupyter_client's stop_channels opens the others to see that they are not)."""
+    for name in CHANNELS:
+        getattr(client, f"{name}_channel").stop()
+
+
 class KernelStartError(RuntimeError):
     """The kernel process exited or did not answer before its start deadline."""
 
@@ -133,8 +146,7 @@ class LocalKernel:
         # Connect only once the kernel has bound every socket. A channel that connects to a path not yet
         # bound retries 100 ms later, and a reply routed to it meanwhile is dropped: nothing waits on stdin
         # at start-up, so the first input() of a fresh kernel's first execute hung (4 times in 30).
-        paths = [f"{self.connection['ip']}-{self.connection[f'{name}_port']}"
-                 for name in ("shell", "iopub", "stdin", "control")]
+        paths = [f"{self.connection['ip']}-{self.connection[f'{name}_port']}" for name in CHANNELS]
         pause = 0.005
         while not all(os.path.exists(path) for path in paths):
             self._check_starting(deadline, timeout, "bind its sockets")
@@ -142,9 +154,7 @@ class LocalKernel:
             pause = min(pause * 1.25, 0.05)  # 5 ms apart at first; in a burst, 100 kernels wait seconds
         client = AsyncKernelClient(context=self.context)
         client.load_connection_info(self.connection)
-        # No heartbeat channel: a kernel's death is seen from its process (pidfd and report pipe, or a poll),
-        # and each channel was a thread of this server pinging its kernel every 3 s, idle or not.
-        client.start_channels(hb=False)
+        client.start_channels(**{name: name in CHANNELS for name in ("shell", "iopub", "stdin", "hb", "control")})
         self.client = client
         # Ready means a kernel_info reply on shell and a status on iopub: a SUB socket that joined late
         # misses what was published before, and an execute would then wait for an idle that never comes.
@@ -167,7 +177,7 @@ class LocalKernel:
         """New channels to the same kernel. A message over --max-message makes zmq drop the connection it came
         on, and zmq never reconnects after that: without this the session would get no output again."""
         if self.client is not None:
-            self.client.stop_channels()
+            stop_channels(self.client)
         await self._connect(time.monotonic() + timeout, timeout)
         await self.drain()
 
@@ -224,7 +234,7 @@ class LocalKernel:
         """Kill at once: the kernel, everything it started, and the launcher. Once its processes are gone this
         returns (a replacement can start); its cgroups and runtime directory are removed in the background."""
         if self.client is not None:
-            self.client.stop_channels()
+            stop_channels(self.client)
             self.client = None
         if self.process is not None:
             forked = isinstance(self.process, ForkedProcess)

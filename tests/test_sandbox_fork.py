@@ -140,6 +140,28 @@ def test_no_heartbeat_in_the_server_or_in_forked_kernels(server):
     assert seen == {"heartbeat": False, "bound": False, "process": "codeact-kernel"}
 
 
+CHANNEL_PATHS = """
+import json
+from ipykernel.kernelapp import IPKernelApp
+app = IPKernelApp.instance()
+print(json.dumps({name: f"{app.ip}-{getattr(app, name + '_port')}" for name in ("shell", "iopub", "stdin", "control")}))
+"""
+
+
+def test_the_server_connects_only_the_channels_it_uses(server):
+    """Shell, iopub and stdin: an interrupt is a signal and a kill ends the process, so no control channel (one
+    socket, connection and handshake less per kernel, on both sides) and no heartbeat."""
+    session = server.create()
+    paths = probe(server, session, CHANNEL_PATHS)
+    # The kernel's end of a connection the server made is in the server's network namespace (the one that
+    # connects makes both ends), where /proc/net/unix shows it with the path of the socket it reached.
+    with open("/proc/net/unix") as handle:
+        ends = [line.split()[-1] for line in handle.read().splitlines()[1:]]
+    server.close(session)
+    assert {name: ends.count(path) for name, path in paths.items()} == {"shell": 1, "iopub": 1, "stdin": 1,
+                                                                        "control": 0}
+
+
 RANDOMS = """
 import json, random, multiprocessing, numpy
 print(json.dumps({"random": random.random(), "numpy": float(numpy.random.random()),

@@ -31,11 +31,17 @@ def install_output_cap(limit):
 
         def attach(self):
             # IPython swaps each stream's write for a history-recording wrapper around every cell and
-            # restores it after, which would drop a wrapper installed once; so attach per execution.
-            stream = getattr(sys, self.name)
-            self.original_write = stream.write
-            stream.write = self.write
+            # restores it after, which would drop a wrapper installed once; so attach per execution, and
+            # detach after. A cell with top-level `await` runs without IPython's wrapper: left in place, this
+            # writer became the next cell's "original" and every later print recursed until it failed.
+            self.stream = getattr(sys, self.name)
+            self.original_write = self.stream.write
+            self.stream.write = self.write
             self.reset()
+
+        def detach(self):
+            if self.original_write is not None and getattr(self.stream, "write", None) == self.write:
+                self.stream.write = self.original_write
 
         def reset(self):
             self.written = 0
@@ -97,6 +103,7 @@ def install_output_cap(limit):
     def after_execute(*args):
         for writer in writers:
             writer.flush_tail()
+            writer.detach()
 
     shell = get_ipython()  # noqa: F821 - defined in every IPython kernel
     shell.events.register("pre_execute", before_execute)

@@ -547,6 +547,7 @@ def prepare_kernel(config: dict) -> dict:
     from IPython.core.extensions import BUILTINS_EXTS
     from traitlets.config import Config
 
+    without_shell_channel_thread()
     app = IPKernelApp.instance(config=Config(config))
     # The configuration is given as it is: traitlets' command-line parser walks every configurable class to
     # build itself (3.4 MB of touched pages in each kernel that ran it).
@@ -572,13 +573,40 @@ def prepare_kernel(config: dict) -> dict:
     return {"hooks": hooks, "module_names": frozenset(sys.modules)}
 
 
+def without_shell_channel_thread() -> None:
+    """Kernels take shell messages on their main thread, as ipykernel 6 did. ipykernel 7 receives them in a
+    thread of their own and passes each on to the main thread through a pair of sockets, for subshells (cells
+    that run beside a busy one), which nothing of ours asks for: per kernel one thread, one event loop and
+    socket pairs more to start, and two thread hops more per message. ipykernel 7 runs this way when the
+    thread is None, except that an execute with top-level `await` reads the thread's `parent_thread`; so the
+    kernel gets a stand-in that is false, whose parent thread is the main thread, and tells clients that it has
+    no subshells. Nothing to do with ipykernel 6."""
+    import ipykernel.kernelapp
+    import ipykernel.kernelbase
+
+    if not hasattr(ipykernel.kernelapp, "ShellChannelThread"):
+        return
+
+    class NoShellChannelThread:
+        @property
+        def parent_thread(self) -> threading.Thread:
+            return threading.main_thread()
+
+        def __bool__(self) -> bool:
+            return False
+
+    ipykernel.kernelapp.ShellChannelThread = lambda *args, **kwargs: NoShellChannelThread()
+    ipykernel.kernelbase.Kernel._supports_kernel_subshells = property(lambda self: bool(self.shell_channel_thread))
+
+
 def run_kernel(connection_file: str, hook_limits: dict[str, int], prepared: dict) -> None:
     """Set up and run an ipykernel as `python -m ipykernel_launcher -f CONNECTION_FILE` would, with the
     template's application and shell (`prepare_kernel`), each pointed at this session: its IPython profile
     and directory, environment, history session and kernel. Two steps are left out that copy much of the
     template's memory into the kernel for nothing: ipykernel's list of loaded modules' files, which only its
     debugger reads (every module object and file name touched: 4 MB), and IPython's set of module names,
-    made in the template instead. It has no heartbeat channel, which the server does not use. Then the output
+    made in the template instead. It has no heartbeat channel, which the server does not use, and no shell-channel
+    thread (`without_shell_channel_thread`, set once in the template). Then the output
     and message caps (kernel_hooks.py), which a booted kernel gets from a first execute. The kernel is otherwise
     ipykernel's own, unchanged."""
     from ipykernel.kernelapp import IPKernelApp

@@ -162,6 +162,26 @@ def test_the_server_connects_only_the_channels_it_uses(server):
                                                                         "control": 0}
 
 
+ASYNC_CELL = """
+import asyncio, json, threading
+await asyncio.sleep(0)
+print(json.dumps([open('/proc/self/comm').read().strip(), sorted(t.name for t in threading.enumerate())]))
+"""
+
+
+def test_forked_kernels_take_shell_messages_on_their_main_thread(server):
+    """No shell-channel thread (ipykernel 7's subshells, which nothing of ours asks for): a thread, an event loop
+    and two thread hops per message less. Cells with top-level `await` still run (ipykernel reads that thread's
+    parent thread for them), and the kernel tells clients it has no subshells."""
+    session = server.create()
+    process, threads = probe(server, session, ASYNC_CELL)
+    features = probe(server, session, "import json\nfrom ipykernel.kernelapp import IPKernelApp\n"
+                     "print(json.dumps(IPKernelApp.instance().kernel.kernel_info['supported_features']))")
+    server.close(session)
+    assert process == "codeact-kernel" and "Shell channel" not in threads and {"Control", "IOPub"} <= set(threads)
+    assert "kernel subshells" not in features, features
+
+
 RANDOMS = """
 import json, random, multiprocessing, numpy
 print(json.dumps({"random": random.random(), "numpy": float(numpy.random.random()),

@@ -384,7 +384,8 @@ def kernel_setup_code(config: Config) -> str:
     each kernel's start."""
     limits = kernel_hook_limits(config)
     source = (f"{inspect.getsource(kernel_hooks)}\ninstall_output_cap({limits['output_cap']})\n"
-              f"install_message_cap({limits['message_cap']})\ndel install_output_cap, install_message_cap\n")
+              f"install_message_cap({limits['message_cap']})\ninstall_interrupt_wakeup()\n"
+              "del install_output_cap, install_message_cap, install_interrupt_wakeup\n")
     return f"exec(compile({source!r}, '<codeact kernel setup>', 'exec'))"
 
 

@@ -146,6 +146,32 @@ def install_message_cap(limit):
     session.serialize = serialize
 
 
+def install_interrupt_wakeup():
+    """Let an interrupt stop a cell that awaits. On SIGINT during an awaiting cell, ipykernel's signal handler
+    schedules the cell's cancellation on the event loop; but the loop is blocked waiting for events, and a
+    callback added from its own thread wakes nothing, so the cell went on until its await ended by itself
+    (`await asyncio.sleep(600)` outlived the interrupt, and the timeout's restart then lost the session's
+    state). Every signal now also writes to a socket the loop watches, which wakes it."""
+    import asyncio
+    import signal
+    import socket
+
+    loop = asyncio.get_event_loop()  # the kernel's, started or about to be
+    ends = socket.socketpair()
+    for end in ends:
+        end.setblocking(False)
+
+    def drain():
+        try:
+            while ends[0].recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    loop.add_reader(ends[0].fileno(), drain)
+    signal.set_wakeup_fd(ends[1].fileno(), warn_on_full_buffer=False)
+
+
 def _codeact_file_operation(operation, path, *args):
     """File access for backends whose kernels live on another machine (the gateway backend): confined to
     the directory the kernel started in; refuses absolute paths, `..` and links that leave it."""

@@ -675,6 +675,7 @@ def run_kernel(connection_file: str, hook_limits: dict[str, int], prepared: dict
     exec(prepared["hooks"], namespace)
     namespace.pop("install_output_cap")(hook_limits["output_cap"])
     namespace.pop("install_message_cap")(hook_limits["message_cap"])
+    namespace.pop("install_interrupt_wakeup")()
     app.start()
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import stat
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -288,6 +289,40 @@ def test_orphaned_children_are_reaped_and_the_session_can_still_fork(server, cap
     result = server.execute(session, ORPHANS, timeout=60)
     assert result["status"] == "ok", result
     assert result["stdout"] == "0 0\n", result["stdout"]
+    server.close(session)
+
+
+def test_cells_with_top_level_await_leave_printing_and_the_output_cap_working(server):
+    """A cell with top-level `await` runs without IPython's per-cell wrapper of the output streams: the output
+    cap's writer, left attached after such a cell, became the next cell's original write, and every later
+    print in the session recursed until it failed."""
+    session = server.create()
+    first = server.execute(session, "import asyncio\nawait asyncio.sleep(0)\nprint('awaited')")
+    assert first["status"] == "ok" and first["stdout"] == "awaited\n", first["text"]
+    second = server.execute(session, "print('after')")
+    assert second["status"] == "ok" and second["stdout"] == "after\n", second["text"]
+    flood = server.execute(session, "import asyncio\nawait asyncio.sleep(0)\nprint('x' * 1_000_000)")
+    assert flood["truncated"] is True and "output truncated" in flood["stdout"]
+    assert server.execute(session, "print('still')")["stdout"] == "still\n"
+    server.close(session)
+
+
+def test_an_interrupt_stops_a_cell_that_awaits_and_the_session_keeps_its_state(server):
+    """On SIGINT ipykernel cancels an awaiting cell from a callback it schedules on the event loop, which nothing
+    woke: the cell went on until its await ended, and an execute timeout then restarted the kernel, losing the
+    session's state. The kernels' set-up makes every signal wake the loop."""
+    session = server.create()
+    server.execute(session, "x = 41")
+    outcome: dict = {}
+    worker = threading.Thread(target=lambda: outcome.update(
+        server.execute(session, "import asyncio\nawait asyncio.sleep(120)", timeout=300)), daemon=True)
+    worker.start()
+    time.sleep(1.0)
+    assert server.request("POST", f"/v1/sessions/{session}/interrupt").status_code == 200
+    worker.join(30)
+    assert not worker.is_alive(), "the awaiting cell outlived the interrupt"
+    assert outcome["status"] == "error" and outcome["error"]["name"] == "CancelledError", outcome
+    assert server.execute(session, "x + 1")["results"][0]["data"]["text/plain"] == "42"
     server.close(session)
 
 

@@ -61,21 +61,6 @@ def test_stdout_stderr_and_text_rendering(sandbox):
     sandbox.close(session)
 
 
-def test_cells_with_top_level_await_leave_printing_and_the_output_cap_working(sandbox):
-    """A cell with top-level `await` runs without IPython's per-cell wrapper of the output streams: the output
-    cap's writer, left attached after such a cell, became the next cell's original write, and every later
-    print in the session recursed until it failed."""
-    session = sandbox.create()
-    first = sandbox.execute(session, "import asyncio\nawait asyncio.sleep(0)\nprint('awaited')")
-    assert first["status"] == "ok" and first["stdout"] == "awaited\n", first["text"]
-    second = sandbox.execute(session, "print('after')")
-    assert second["status"] == "ok" and second["stdout"] == "after\n", second["text"]
-    flood = sandbox.execute(session, "import asyncio\nawait asyncio.sleep(0)\nprint('x' * 1_000_000)")
-    assert flood["truncated"] is True and "output truncated" in flood["stdout"]
-    assert sandbox.execute(session, "print('still')")["stdout"] == "still\n"
-    sandbox.close(session)
-
-
 def test_images_stay_base64_bytes_in_mime_bundles(sandbox):
     session = sandbox.create()
     result = sandbox.execute(session, PNG_CODE)

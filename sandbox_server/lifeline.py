@@ -1,11 +1,11 @@
 """A forked kernel's lifeline as a program of its own: 65 bytes of x86-64 code in a static executable.
 
 A forked kernel's lifeline is PID 1 of the kernel's pid namespace (see zygote.py): it ignores SIGCHLD, so the
-orphans it inherits are reaped at once, and reads a pipe that only the server writes to; when that pipe ends
-it exits, and the kernel and everything it started die with it. `env -i --ignore-signal=CHLD cat` does the
-same, and costs 1.5 ms of CPU per kernel: two executions, each loading and linking libc. This program needs
-neither libc nor a loader (0.12 ms), and takes ~10 KB instead of ~100 KB. Where it cannot run (another
-architecture, a directory mounted noexec), the template uses `env` and `cat`.
+orphans it inherits are reaped at once, and reads a pipe whose write end only the server holds; when the
+server closes it (or dies) it exits, and the kernel and everything it started die with it. `env -i
+--ignore-signal=CHLD cat` does the same, and costs 1.5 ms of CPU per kernel: two executions, each loading
+and linking libc. This program needs neither libc nor a loader (0.12 ms), and takes 7 KB instead of ~100 KB.
+Where it cannot run (another architecture, a directory mounted noexec), the template uses `env` and `cat`.
 
 Its code, as `as` assembles it (Linux x86-64 system calls):
 

@@ -1,7 +1,8 @@
 """Kernel start: forked from the kernel template against booted (#15), both measured in the same run.
 
 1. bursts of 10, 50 and 100 sessions requested at once, each creating its session and running `1+1`: the
-   time until all have answered, per-session p50/p99, errors;
+   time until all have answered, per-session p50/p99, errors, and the CPU per session of the whole machine
+   (/proc/stat: this benchmark's clients included) and of the server;
 2. memory per idle session over 100 sessions (each has run `1+1`): USS (what one more session costs) and
    PSS of its processes: the kernel and its lifeline (forked), or the kernel, its init and `unshare` (booted);
    and the template's own;
@@ -21,6 +22,7 @@ import requests
 from codeact_sdk.local_sandbox import LocalSandbox
 from sandbox_server.testing import descendants
 
+from .burst_ab import machine_cpu, process_cpu
 from .measure import percentile, summary, table
 
 BURSTS = (10, 50, 100)
@@ -57,14 +59,19 @@ def burst(sandbox: LocalSandbox, count: int) -> dict:
         ok = reply.status_code == 200 and reply.json()["results"][0]["data"]["text/plain"] == "2"
         return started, time.perf_counter(), ok, session
 
+    cpu = (machine_cpu(), process_cpu(sandbox.process.pid))
     with ThreadPoolExecutor(count) as executor:
         outcomes = list(executor.map(one, range(count)))
+    machine, server = (1000 * (after - before) / count
+                       for before, after in zip(cpu, (machine_cpu(), process_cpu(sandbox.process.pid)), strict=True))
     first = min(outcome[0] for outcome in outcomes)
     close_all(sandbox, [outcome[3] for outcome in outcomes if outcome[3]])
     return {
         "all": max(outcome[1] for outcome in outcomes) - first,
         "latency": [outcome[1] - outcome[0] for outcome in outcomes],
         "errors": sum(not outcome[2] for outcome in outcomes),
+        "machine_ms": machine,  # CPU of the whole machine per session, this benchmark's clients included
+        "server_ms": server,
     }
 
 
@@ -154,7 +161,8 @@ def main() -> str:
             run = results["bursts"][count]
             latency = summary(run["latency"])
             rows.append((f"{count} sessions at once, {way}", latency,
-                         f"all answered after {run['all']:.2f} s; errors {run['errors']}"))
+                         f"all answered after {run['all']:.2f} s; errors {run['errors']}; CPU per session: "
+                         f"machine {run['machine_ms']:.0f} ms, server {run['server_ms']:.1f} ms"))
     ratio = booted["bursts"][100]["all"] / forked["bursts"][100]["all"]
     report = table("Session bursts: create + `1+1`, requested at once (per-session latency)", rows)
     report += f"\n100 sessions: forked {ratio:.1f}x faster to all answered than booted.\n"

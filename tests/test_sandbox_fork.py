@@ -9,6 +9,7 @@ kernel with it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -496,21 +497,43 @@ def test_a_template_that_cannot_serve_is_reported_and_kernels_boot(tmp_path, mod
     assert server.kernel_pids() == []
 
 
+@contextlib.contextmanager
+def noexec_directory(path):
+    """`path`, a new tmpfs mounted noexec (root only), unmounted after."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a noexec file system needs root")
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "noexec,mode=0755,size=64m", "codeact-test", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+def test_where_our_lifeline_cannot_run_kernels_fork_with_env_and_cat(tmp_path):
+    """The server's directory on a file system mounted noexec: the template cannot run the lifeline it writes
+    there, and kernels are forked with `env --ignore-signal=CHLD cat` as their PID 1 instead."""
+    with noexec_directory(tmp_path / "root") as root:
+        server = start_sandbox(str(root))
+        try:
+            report = next(line for line in server.log if "kernels: " in line)
+            assert "kernels: forked from a template" in report, report
+            seen = probe(server, server.create(), LIFELINE)
+            assert seen == ["codeact-kernel", "cat", "1"], seen
+        finally:
+            server.stop()
+
+
 def test_where_no_lifeline_can_run_kernels_boot_and_the_log_says_why(tmp_path):
     """A namespaced kernel's lifeline is our own program, written in the server's directory, or where that cannot
     run, `env --ignore-signal` and `cat` (GNU coreutils 8.31 or later; not busybox). Here the server's directory
     is on a file system mounted noexec and the template finds an `env` without that option: kernels boot, and
     the start-up log says why, for both."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a noexec file system needs root")
-    python, _site = operator_venv(tmp_path / "operator-venv")
-    old_env = tmp_path / "operator-venv" / "bin" / "env"  # first on the template's PATH
-    old_env.write_text("#!/bin/sh\necho \"env: unrecognized option '$3'\" >&2\nexit 125\n")
-    old_env.chmod(0o755)
-    root = tmp_path / "root"
-    root.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "noexec,mode=0755,size=64m", "codeact-test", str(root)], check=True)
-    try:
+    with noexec_directory(tmp_path / "root") as root:
+        python, _site = operator_venv(tmp_path / "operator-venv")
+        old_env = tmp_path / "operator-venv" / "bin" / "env"  # first on the template's PATH
+        old_env.write_text("#!/bin/sh\necho \"env: unrecognized option '$3'\" >&2\nexit 125\n")
+        old_env.chmod(0o755)
         server = start_sandbox(str(root), "--kernel-python", python)
         try:
             report = next(line for line in server.log if "kernels: " in line)
@@ -522,8 +545,6 @@ def test_where_no_lifeline_can_run_kernels_boot_and_the_log_says_why(tmp_path):
             assert started(server, "fork") == 0 and started(server, "boot") >= 1
         finally:
             server.stop()
-    finally:
-        subprocess.run(["umount", "--lazy", str(root)], check=True)
 
 
 def test_a_restarted_template_is_tried_again_and_not_used_when_its_kernels_fail(tmp_path):

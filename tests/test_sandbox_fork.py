@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from sandbox_server.testing import descendants
 from tests.conftest import operator_venv, processes_mentioning, start_sandbox, wait_for
 
 LINUX = os.uname().sysname == "Linux"
@@ -210,27 +211,13 @@ def test_a_namespaced_kernels_lifeline_is_our_own_small_program(server):
         if seen[0] == "codeact-kernel":
             break
     assert seen == ["codeact-kernel", "lifeline", "1"], seen  # (bit 16 from the right: signal 17, SIGCHLD)
-    lifelines = [pid for pid in server_descendants(server) if comm(pid) == "lifeline"]
+    lifelines = [process.pid for process in descendants(server.process.pid) if process.name == "lifeline"]
     assert lifelines, "no lifeline among the server's descendants"
     with open(f"/proc/{lifelines[0]}/smaps_rollup") as handle:
         private_kb = sum(int(line.split()[1]) for line in handle if line.startswith(("Private_Clean", "Private_Dirty")))
     assert private_kb < 32, private_kb
     for session in sessions:
         server.close(session)
-
-
-def server_descendants(server) -> list[int]:
-    from sandbox_server.testing import descendants
-
-    return [process.pid for process in descendants(server.process.pid)]
-
-
-def comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as handle:
-            return handle.read().strip()
-    except OSError:
-        return ""
 
 
 def test_two_sessions_draw_different_random_streams(server):

@@ -59,19 +59,20 @@ def burst(sandbox: LocalSandbox, count: int) -> dict:
         ok = reply.status_code == 200 and reply.json()["results"][0]["data"]["text/plain"] == "2"
         return started, time.perf_counter(), ok, session
 
-    cpu = (machine_cpu(), process_cpu(sandbox.process.pid))
+    server = sandbox.process.pid
+    before = (machine_cpu(), process_cpu(server))
     with ThreadPoolExecutor(count) as executor:
         outcomes = list(executor.map(one, range(count)))
-    machine, server = (1000 * (after - before) / count
-                       for before, after in zip(cpu, (machine_cpu(), process_cpu(sandbox.process.pid)), strict=True))
+    after = (machine_cpu(), process_cpu(server))
+    machine_ms, server_ms = (1000 * (end - start) / count for start, end in zip(before, after, strict=True))
     first = min(outcome[0] for outcome in outcomes)
     close_all(sandbox, [outcome[3] for outcome in outcomes if outcome[3]])
     return {
         "all": max(outcome[1] for outcome in outcomes) - first,
         "latency": [outcome[1] - outcome[0] for outcome in outcomes],
         "errors": sum(not outcome[2] for outcome in outcomes),
-        "machine_ms": machine,  # CPU of the whole machine per session, this benchmark's clients included
-        "server_ms": server,
+        "machine_ms": machine_ms,  # CPU of the whole machine per session, this benchmark's clients included
+        "server_ms": server_ms,
     }
 
 

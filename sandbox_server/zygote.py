@@ -10,7 +10,7 @@ same at every fork, and nothing of one session's request is in the next kernel. 
 
     template (root, host namespaces; makes a new pid namespace for each kernel, then enters its own again)
       lifeline  reads a pipe whose other end only the server holds, spawned (vfork and exec): our own 65
-                bytes of code (lifeline.py, ~10 KB), or `cat` where that cannot run (~0.1 MB);
+                bytes of code (lifeline.py, 7 KB), or `cat` where that cannot run (~0.1 MB);
                 when namespaced, PID 1 of the kernel's pid namespace, ignoring SIGCHLD so orphans are reaped
                 at once; else a shell that kills the kernel's process group. The end of the pipe (the
                 server gave the kernel up, or died) ends it, and so the kernel and everything it started.
@@ -368,7 +368,7 @@ def lifeline_command(namespaced: bool, directory: str) -> tuple[list[str], str |
 
 
 def spawn_lifeline(argv: list[str], pipe: int) -> int:
-    """posix_spawn: vfork and exec, so no copy of the template's page tables, and a process of ~10 KB (`cat`:
+    """posix_spawn: vfork and exec, so no copy of the template's page tables, and a process of 7 KB (`cat`:
     ~0.1 MB)."""
     return os.posix_spawn(argv[0], argv, {}, file_actions=[
         (os.POSIX_SPAWN_DUP2, pipe, 0),

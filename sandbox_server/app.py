@@ -88,7 +88,7 @@ class Server:
             log.warning("no token set (--token / CODEACT_SANDBOX_TOKEN): serving %s without auth",
                         self.config.host)
         self.backend = backend
-        self.pool = KernelPool(self.backend, self.config.pool_size)
+        self.pool = KernelPool(self.backend, self.config.pool_size, busy=lambda: self.manager.creating > 0)
         self.manager = SessionManager(self.config, self.backend, self.pool, self.metrics)
         self.pool.start()
         self.manager.start()

@@ -378,6 +378,23 @@ def test_a_hundred_session_burst_has_no_errors_and_leaves_nothing(server):
     assert server.request("GET", "/health").json()["sessions"] <= 10
 
 
+def test_the_pool_refills_once_no_session_is_being_created(tmp_path):
+    """A refill beside sessions being created takes its share of the CPU from them: in a burst of 100 the pool's
+    kernels were started among the burst's. It waits until no creation is under way."""
+    server = start_sandbox(str(tmp_path), pool_size=1)
+    try:
+        before = started(server, "fork")
+        creating = threading.Thread(target=server.create, kwargs={"setup": "import time\ntime.sleep(2.5)"})
+        creating.start()  # takes the pool's kernel, then runs its setup for 2.5 s
+        time.sleep(1.5)  # a refill starts 0.3 s after the kernel is taken, and forks in ~0.1 s
+        refilled_meanwhile = started(server, "fork") > before
+        creating.join(30)
+        assert not refilled_meanwhile, "the pool refilled while a session was being created"
+        wait_for(lambda: started(server, "fork") > before, 10, "the pool to refill once the creation ended")
+    finally:
+        server.stop()
+
+
 def test_a_dead_kernel_is_replaced_by_a_fork_with_its_exit_reported(server):
     session = server.create()
     forked = started(server, "fork")

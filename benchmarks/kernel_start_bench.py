@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,7 +21,7 @@ import requests
 from codeact_sdk.local_sandbox import LocalSandbox
 from sandbox_server.testing import descendants
 
-from .burst_ab import machine_cpu, process_cpu
+from .burst_ab import machine_cpu, process_cpu, sessions_at_once
 from .measure import percentile, summary, table
 
 BURSTS = (10, 50, 100)
@@ -42,35 +41,18 @@ def wait_until_quiet(sandbox: LocalSandbox, timeout: float = 120.0) -> None:
 
 
 def burst(sandbox: LocalSandbox, count: int) -> dict:
-    """`count` clients, released together, each creating a session and running `1+1`."""
-    headers = {"Authorization": f"Bearer {sandbox.token}"}
-    barrier = threading.Barrier(count)
-
-    def one(_: int) -> tuple[float, float, bool, str | None]:
-        http = requests.Session()
-        http.headers.update(headers)
-        barrier.wait()
-        started = time.perf_counter()
-        created = http.post(sandbox.url + "/v1/sessions", json={}, timeout=300)
-        if created.status_code != 201:
-            return started, time.perf_counter(), False, None
-        session = created.json()["id"]
-        reply = http.post(f"{sandbox.url}/v1/sessions/{session}/execute", json={"code": "1+1"}, timeout=300)
-        ok = reply.status_code == 200 and reply.json()["results"][0]["data"]["text/plain"] == "2"
-        return started, time.perf_counter(), ok, session
-
+    """`count` clients, released together, each creating a session and running `1+1` (burst_ab.sessions_at_once)."""
     server = sandbox.process.pid
     before = (machine_cpu(), process_cpu(server))
-    with ThreadPoolExecutor(count) as executor:
-        outcomes = list(executor.map(one, range(count)))
+    outcomes = sessions_at_once(sandbox.url, sandbox.token, count)
     after = (machine_cpu(), process_cpu(server))
     machine_ms, server_ms = (1000 * (end - start) / count for start, end in zip(before, after, strict=True))
     first = min(outcome[0] for outcome in outcomes)
-    close_all(sandbox, [outcome[3] for outcome in outcomes if outcome[3]])
+    close_all(sandbox, [outcome[2] for outcome in outcomes if outcome[2]])
     return {
         "all": max(outcome[1] for outcome in outcomes) - first,
         "latency": [outcome[1] - outcome[0] for outcome in outcomes],
-        "errors": sum(not outcome[2] for outcome in outcomes),
+        "errors": sum(not outcome[3] for outcome in outcomes),
         "machine_ms": machine_ms,  # CPU of the whole machine per session, this benchmark's clients included
         "server_ms": server_ms,
     }

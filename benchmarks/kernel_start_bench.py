@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import os
+import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -136,8 +138,56 @@ def measure(way: str) -> dict:
     return results
 
 
+def filesystem_type(path: str) -> str:
+    """The type of the file system `path` is on (the longest mount point above it in /proc/mounts)."""
+    best, kind = "", "?"
+    with open("/proc/mounts") as handle:
+        for line in handle:
+            point, fstype = line.split()[1:3]
+            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                best, kind = point, fstype
+    return kind
+
+
+def mkdir_cost_us(parent: str, count: int = 2500) -> float:
+    """CPU per mkdir once as many directories were just removed, as between bursts (microseconds)."""
+    with tempfile.TemporaryDirectory(dir=parent) as directory:
+        for round_ in range(2):
+            started = time.process_time()
+            for index in range(count):
+                os.mkdir(os.path.join(directory, f"{round_}-{index}"))
+            cost = (time.process_time() - started) / count * 1e6
+            for index in range(count):
+                os.rmdir(os.path.join(directory, f"{round_}-{index}"))
+    return cost
+
+
+def root_filesystems(bursts: int = 3) -> list[tuple[str, str, dict]]:
+    """Bursts of 100 forked sessions with the server's root (--root-dir) on the default temporary directory and
+    on /dev/shm where that is a tmpfs: every session makes ~26 files and directories there and removes them."""
+    roots = [tempfile.gettempdir()]
+    if filesystem_type("/dev/shm") == "tmpfs" and tempfile.gettempdir() != "/dev/shm":
+        roots.append("/dev/shm")
+    results = []
+    for base in roots:
+        with tempfile.TemporaryDirectory(prefix="codeact-bench-", dir=base) as root, \
+                LocalSandbox("--max-sessions", "150", pool_size=4, root_dir=root) as sandbox:
+            wait_until_quiet(sandbox)
+            burst(sandbox, 100)  # warm-up: the removals of a burst before, as in a service
+            runs = []
+            for _ in range(bursts):
+                wait_until_quiet(sandbox)
+                runs.append(burst(sandbox, 100))
+        figures = {name: statistics.median(run[name] for run in runs) for name in ("all", "machine_ms", "server_ms")}
+        figures["errors"] = sum(run["errors"] for run in runs)
+        figures["mkdir_us"] = mkdir_cost_us(base)
+        results.append((base, filesystem_type(base), figures))
+    return results
+
+
 def main() -> str:
     forked, booted = measure("fork"), measure("boot")
+    filesystems = root_filesystems()
     rows = []
     for count in BURSTS:
         for way, results in (("forked", forked), ("booted", booted)):
@@ -167,6 +217,12 @@ def main() -> str:
     restart_ratio = (percentile(booted["replacement"]["restart"], 0.5)
                      / percentile(forked["replacement"]["restart"], 0.5))
     report += f"\nRestart median: forked {restart_ratio:.1f}x faster than booted.\n"
+    report += "\n### 100 forked sessions at once, by where the server's root is (medians of 3 bursts)\n\n"
+    report += ("| --root-dir | file system | all answered s | machine CPU ms per session | server CPU ms per session "
+               "| errors | one mkdir after 2,500 removals, us of CPU |\n|---|---|---:|---:|---:|---:|---:|\n")
+    for base, kind, figures in filesystems:
+        report += (f"| {base} | {kind} | {figures['all']:.2f} | {figures['machine_ms']:.1f} "
+                   f"| {figures['server_ms']:.1f} | {figures['errors']} | {figures['mkdir_us']:.1f} |\n")
     return report
 
 

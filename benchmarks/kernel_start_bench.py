@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 
 from codeact_sdk.local_sandbox import LocalSandbox
+from sandbox_server.confine import beneath, mounts
 from sandbox_server.testing import descendants
 
 from .burst_ab import machine_cpu, process_cpu, sessions_at_once
@@ -142,20 +143,18 @@ def measure(way: str) -> dict:
 
 
 def filesystem_type(path: str) -> str:
-    """The type of the file system `path` is on (the longest mount point above it in /proc/mounts)."""
-    best, kind = "", "?"
-    with open("/proc/mounts") as handle:
-        for line in handle:
-            point, fstype = line.split()[1:3]
-            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
-                best, kind = point, fstype
+    """The type of the file system `path` is on: the deepest mount point above it, the last mounted there."""
+    kind, depth = "?", -1
+    for point, fstype, _flags in mounts():
+        if (path == point or beneath(path, [point])) and len(point) >= depth:
+            kind, depth = fstype, len(point)
     return kind
 
 
 def mkdir_cost_us(parent: str, count: int = 2500) -> float:
     """CPU per mkdir once as many directories were just removed, as between bursts (microseconds)."""
     with tempfile.TemporaryDirectory(dir=parent) as directory:
-        for round_ in range(2):
+        for round_ in range(2):  # the second round's figure: it follows the first's removals
             started = time.process_time()
             for index in range(count):
                 os.mkdir(os.path.join(directory, f"{round_}-{index}"))

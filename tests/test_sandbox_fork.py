@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -376,6 +377,19 @@ def test_a_hundred_session_burst_has_no_errors_and_leaves_nothing(server):
     with ThreadPoolExecutor(8) as executor:
         list(executor.map(server.close, sessions))
     assert server.request("GET", "/health").json()["sessions"] <= 10
+
+
+def test_sessions_are_spread_over_the_file_system_from_the_servers_root(server):
+    """Each session makes and removes ~26 inodes under the server's root; where ext4 has no journal, a new inode
+    costs a look at every one its block group freed in the last hours, so sessions are not all put in one
+    group: the root is marked the top of directory hierarchies (`chattr +T`), as /home is."""
+    [root] = [entry.path for entry in os.scandir(server.root_dir) if entry.name.startswith("codeact-")]
+    if shutil.which("lsattr") is None:
+        pytest.skip("no lsattr (e2fsprogs) to read inode flags with")
+    listed = subprocess.run(["lsattr", "-d", root], capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip(f"no inode flags where the tests' temporary directory is: {listed.stderr.strip()}")
+    assert "T" in listed.stdout.split()[0], listed.stdout
 
 
 def test_the_pool_refills_once_no_session_is_being_created(tmp_path):

@@ -10,13 +10,18 @@
    seen, a new kernel started, the answer back);
 4. 100 forked sessions at once with the server's root (`--root-dir`) on the system's temporary directory and on
    /dev/shm where that is a tmpfs, and what one `mkdir` costs on each after many removals (each session makes
-   and removes ~26 files and directories there: on an ext4 without a journal that is milliseconds a session).
+   and removes ~26 files and directories there: on an ext4 without a journal that is milliseconds a session);
+5. with `--kernel-python PYTHON` (repeatable): 100 forked sessions at once and idle memory with kernels on the
+   server's interpreter and on each one given, to compare Python versions.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -164,7 +169,20 @@ def mkdir_cost_us(parent: str, count: int = 2500) -> float:
     return cost
 
 
-def root_filesystems(bursts: int = 3) -> list[tuple[str, str, dict]]:
+def bursts_of_100(sandbox: LocalSandbox, bursts: int = 3) -> dict:
+    """Medians of `bursts` bursts of 100, after a warm-up burst (the removals of a burst before, as in a service)."""
+    wait_until_quiet(sandbox)
+    burst(sandbox, 100)
+    runs = []
+    for _ in range(bursts):
+        wait_until_quiet(sandbox)
+        runs.append(burst(sandbox, 100))
+    figures = {name: statistics.median(run[name] for run in runs) for name in ("all", "machine_ms", "server_ms")}
+    figures["errors"] = sum(run["errors"] for run in runs)
+    return figures
+
+
+def root_filesystems() -> list[tuple[str, str, dict]]:
     """Bursts of 100 forked sessions with the server's root (--root-dir) on the default temporary directory and
     on /dev/shm where that is a tmpfs: every session makes ~26 files and directories there and removes them."""
     roots = [tempfile.gettempdir()]
@@ -174,20 +192,32 @@ def root_filesystems(bursts: int = 3) -> list[tuple[str, str, dict]]:
     for base in roots:
         with tempfile.TemporaryDirectory(prefix="codeact-bench-", dir=base) as root, \
                 LocalSandbox("--max-sessions", "150", pool_size=4, root_dir=root) as sandbox:
-            wait_until_quiet(sandbox)
-            burst(sandbox, 100)  # warm-up: the removals of a burst before, as in a service
-            runs = []
-            for _ in range(bursts):
-                wait_until_quiet(sandbox)
-                runs.append(burst(sandbox, 100))
-        figures = {name: statistics.median(run[name] for run in runs) for name in ("all", "machine_ms", "server_ms")}
-        figures["errors"] = sum(run["errors"] for run in runs)
+            figures = bursts_of_100(sandbox)
         figures["mkdir_us"] = mkdir_cost_us(base)
         results.append((base, filesystem_type(base), figures))
     return results
 
 
-def main() -> str:
+def by_interpreter(pythons: list[str]) -> list[tuple[str, dict, dict]]:
+    """Forked kernels on the server's own interpreter and on each of `pythons` (--kernel-python: a venv holding
+    codeact[kernel]), a server each: (interpreter and version, bursts of 100, idle memory over 100 sessions).
+    CPython 3.12 made most of what every kernel touches immortal (PEP 683): no reference counts written, so fewer
+    of the template's pages copied into each kernel."""
+    results = []
+    for python in [sys.executable, *pythons]:
+        version = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
+                                 capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+        with tempfile.TemporaryDirectory(prefix="codeact-bench-") as root, \
+                LocalSandbox("--max-sessions", "150", "--kernel-python", python, pool_size=4,
+                             root_dir=root) as sandbox:
+            figures = bursts_of_100(sandbox)
+            wait_until_quiet(sandbox)
+            memory = idle_memory(sandbox)
+        results.append((f"{python} (Python {version})", figures, memory))
+    return results
+
+
+def main(kernel_pythons: list[str] = ()) -> str:
     forked, booted = measure("fork"), measure("boot")
     filesystems = root_filesystems()
     rows = []
@@ -225,8 +255,18 @@ def main() -> str:
     for base, kind, figures in filesystems:
         report += (f"| {base} | {kind} | {figures['all']:.2f} | {figures['machine_ms']:.1f} "
                    f"| {figures['server_ms']:.1f} | {figures['errors']} | {figures['mkdir_us']:.1f} |\n")
+    if kernel_pythons:
+        report += "\n### Forked kernels by the kernels' interpreter (--kernel-python)\n\n"
+        report += ("| kernels run | 100 at once: all answered s (median of 3) | machine CPU ms per session | errors "
+                   "| idle session USS MB (PSS), over 100 |\n|---|---:|---:|---:|---:|\n")
+        for python, figures, memory in by_interpreter(list(kernel_pythons)):
+            report += (f"| {python} | {figures['all']:.2f} | {figures['machine_ms']:.1f} | {figures['errors']} "
+                       f"| {memory['uss_mb']:.2f} ({memory['pss_mb']:.2f}) |\n")
     return report
 
 
 if __name__ == "__main__":
-    print(main())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kernel-python", action="append", default=[], metavar="PYTHON",
+                        help="also measure forked kernels on this interpreter (a venv with codeact[kernel])")
+    print(main(parser.parse_args().kernel_python))

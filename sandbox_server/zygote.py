@@ -65,6 +65,7 @@ CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0
 MS_PRIVATE = 1 << 18
 PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE, PR_SET_NAME = 36, 4, 15
 REQUEST_MAX = 1 << 20  # bytes of one request: a spec is a few KB
+READY_FD = 3  # in a kernel, the server's ready pipe until its event loop runs; the only descriptor past stderr
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -421,26 +422,27 @@ def drain(fd: int) -> None:
 
 def kernel(control: socket.socket, taken: int, report: int, lifeline: int, problem: str | None,
            prepared: dict) -> None:
-    spec, log = take_request(control, taken, report, lifeline, problem, prepared)
-    become_kernel(spec, log, prepared)
+    spec, log, ready = take_request(control, taken, report, lifeline, problem, prepared)
+    become_kernel(spec, log, ready, prepared)
 
 
 def take_request(control: socket.socket, taken: int, report: int, lifeline: int, problem: str | None,
-                 prepared: dict) -> tuple[dict, int]:
-    """The next request (spec and log), in the kernel's new namespaces. The server hears the kernel's pid (as
-    it sees it), a pidfd, the read end of its report pipe and the write end of its lifeline; or why not."""
+                 prepared: dict) -> tuple[dict, int, int]:
+    """The next request (spec, log and the write end of the server's ready pipe), in the kernel's new namespaces.
+    The server hears the kernel's pid (as it sees it), a pidfd, the read end of its report pipe and the write end
+    of its lifeline; or why not."""
     request_id = None
     try:
         if prepared["pid_namespace"] is not None:
             os.close(prepared["pid_namespace"])
-        message, fds, flags, _address = socket.recv_fds(control, REQUEST_MAX, 1)
+        message, fds, flags, _address = socket.recv_fds(control, REQUEST_MAX, 2)
         os.write(taken, b".")
         os.close(taken)
         request = json.loads(message)
         request_id = request["id"]
         if problem is not None:
             raise OSError(problem)
-        if flags & socket.MSG_TRUNC or len(fds) != 1:
+        if flags & socket.MSG_TRUNC or len(fds) != 2:
             raise ValueError("malformed request")
         spec = request["spec"]
         # /proc is still the host's here: its `self` is this process's pid as the server sees it.
@@ -460,7 +462,7 @@ def take_request(control: socket.socket, taken: int, report: int, lifeline: int,
         socket.send_fds(control, [json.dumps({"id": request_id, "pid": pid}).encode()], [pidfd, report, lifeline])
         for fd in (pidfd, report, lifeline, control.detach()):
             os.close(fd)
-        return spec, fds[0]
+        return spec, fds[0], fds[1]
     except BaseException as error:  # (every failure is the server's to hear about)
         with_id = {"id": request_id, "error": f"{type(error).__name__}: {error}"}
         try:
@@ -478,7 +480,7 @@ def inherited_address_space(rlimits: dict[str, int]) -> dict[str, int]:
     return {**rlimits, "RLIMIT_AS": rlimits["RLIMIT_AS"] + size} if "RLIMIT_AS" in rlimits else rlimits
 
 
-def become_kernel(spec: dict, log: int, prepared: dict) -> None:
+def become_kernel(spec: dict, log: int, ready: int, prepared: dict) -> None:
     try:
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
@@ -506,7 +508,8 @@ def become_kernel(spec: dict, log: int, prepared: dict) -> None:
         for number, handler in ((signal.SIGCHLD, signal.SIG_DFL), (signal.SIGTERM, signal.SIG_DFL),
                                 (signal.SIGINT, signal.default_int_handler)):
             signal.signal(number, handler)
-        os.closerange(3, prepared["open_max"])  # nothing of the template's or another kernel's
+        os.dup2(ready, READY_FD, inheritable=False)
+        os.closerange(READY_FD + 1, prepared["open_max"])  # nothing of the template's or another kernel's
         env = dict(spec["env"])
         if spec["uid"] is not None:
             env["USER"] = "codeact"
@@ -520,7 +523,7 @@ def become_kernel(spec: dict, log: int, prepared: dict) -> None:
             sys.modules.pop(name, None)
         reseed(prepared["random_states"])
         LIBC.prctl(PR_SET_NAME, b"codeact-kernel", 0, 0, 0)  # what ps and top show
-        run_kernel(spec["connection_file"], spec["hook_limits"], prepared)
+        run_kernel(spec["connection_file"], spec["hook_limits"], prepared, READY_FD)
         code = 0
     except SystemExit as exit:
         code = exit.code if isinstance(exit.code, int) else 1
@@ -599,7 +602,7 @@ def without_shell_channel_thread() -> None:
     ipykernel.kernelbase.Kernel._supports_kernel_subshells = property(lambda self: bool(self.shell_channel_thread))
 
 
-def run_kernel(connection_file: str, hook_limits: dict[str, int], prepared: dict) -> None:
+def run_kernel(connection_file: str, hook_limits: dict[str, int], prepared: dict, ready: int | None = None) -> None:
     """Set up and run an ipykernel as `python -m ipykernel_launcher -f CONNECTION_FILE` would, with the
     template's application and shell (`prepare_kernel`), each pointed at this session: its IPython profile
     and directory, environment, history session and kernel. Two steps are left out that copy much of the
@@ -607,14 +610,16 @@ def run_kernel(connection_file: str, hook_limits: dict[str, int], prepared: dict
     debugger reads (every module object and file name touched: 4 MB), and IPython's set of module names,
     made in the template instead. It has no heartbeat channel, which the server does not use, and no shell-channel
     thread (`without_shell_channel_thread`, set once in the template). Then the output
-    and message caps (kernel_hooks.py), which a booted kernel gets from a first execute. The kernel is otherwise
-    ipykernel's own, unchanged."""
+    and message caps (kernel_hooks.py), which a booted kernel gets from a first execute. Once its event loop
+    runs, it writes to `ready` (the server's pipe) and closes it: the server needs no kernel_info to know it
+    will take messages. The kernel is otherwise ipykernel's own, unchanged."""
     from ipykernel.kernelapp import IPKernelApp
     from ipykernel.zmqshell import ZMQInteractiveShell
     from IPython.core.application import BaseIPythonApplication
     from IPython.core.profiledir import ProfileDir
     from IPython.paths import get_ipython_dir
     from IPython.utils.path import get_home_dir
+    from tornado.ioloop import IOLoop
 
     sys.argv = [os.path.join(os.path.dirname(os.path.dirname(sys.modules["ipykernel"].__file__)),
                              "ipykernel_launcher.py"), "-f", connection_file]
@@ -676,7 +681,16 @@ def run_kernel(connection_file: str, hook_limits: dict[str, int], prepared: dict
     namespace.pop("install_output_cap")(hook_limits["output_cap"])
     namespace.pop("install_message_cap")(hook_limits["message_cap"])
     namespace.pop("install_interrupt_wakeup")()
+    if ready is not None:
+        IOLoop.current().add_callback(tell_ready, ready)  # run once app.start() has set the kernel's handlers
     app.start()
+
+
+def tell_ready(ready: int) -> None:
+    try:
+        os.write(ready, b"r")
+    finally:
+        os.close(ready)
 
 
 def session_ipython_dir() -> str | None:
@@ -721,6 +735,9 @@ def main(argv: list[str]) -> None:
     # It holds the write end of each live kernel's report pipe.
     prepared["open_max"] = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (prepared["open_max"],) * 2)
+    # ipykernel's iopub is an XPUB socket that greets each new subscriber with an iopub_welcome (JEP 65) since
+    # late 2025: the server then knows its subscription is in place without a kernel_info.
+    iopub_welcome = hasattr(sys.modules["ipykernel.iostream"].IOPubThread, "_send_welcome_message")
     threads = len(os.listdir("/proc/self/task"))
     gc.collect()
     gc.freeze()  # what the template holds stays out of every kernel's collections: its pages stay shared
@@ -733,7 +750,7 @@ def main(argv: list[str]) -> None:
                              "modules": len(sys.modules), "preloaded": imported, "failed": failed,
                              "threads": threads, "random_states": len(prepared["random_states"]),
                              "packed": len(prepared["old_code"]) if learned is not None else None,
-                             "lifeline_error": lifeline_error}).encode())
+                             "lifeline_error": lifeline_error, "iopub_welcome": iopub_welcome}).encode())
     serve(control, wake_read, prepared)
 
 

@@ -200,6 +200,25 @@ print(json.dumps([open('/proc/self/comm').read().strip(), status['Name'].strip()
 """
 
 
+RECEIVED = """
+import json
+from ipykernel.kernelapp import IPKernelApp
+print(json.dumps(len(IPKernelApp.instance().session.digest_history)))  # every signed message it has taken
+"""
+
+
+def test_a_forked_kernel_is_ready_without_a_kernel_info(server):
+    """A forked kernel tells the server through a pipe once its event loop runs, and ipykernel greets the server's
+    iopub subscription (iopub_welcome): the session's first execute is the first message the kernel gets."""
+    from ipykernel.iostream import IOPubThread  # (the kernels' environment is this one)
+
+    if not hasattr(IOPubThread, "_send_welcome_message"):
+        pytest.skip("this ipykernel greets no subscriber: its kernels answer a kernel_info first")
+    session = server.create()
+    assert probe(server, session, RECEIVED) == 1
+    server.close(session)
+
+
 def test_a_namespaced_kernels_lifeline_is_our_own_small_program(server):
     """PID 1 of a forked kernel's pid namespace is lifeline.py's program (x86-64): it ignores SIGCHLD (the orphans
     test of test_sandbox_attacks.py shows them reaped) and holds a few pages, where `env` + `cat` held ~100 KB."""

@@ -167,8 +167,9 @@ class LocalKernel:
         loop.add_reader(ready, set_once, readable)
         try:
             await asyncio.wait_for(readable, max(deadline - time.monotonic(), 0.0))
-        except asyncio.TimeoutError:
-            self._check_starting(deadline, timeout, "start its event loop")
+        except asyncio.TimeoutError:  # (a kernel that died has closed the pipe: readable)
+            raise KernelStartError(f"kernel {self.name} did not start its event loop within {timeout:g} s "
+                                   "(--kernel-start-timeout)") from None
         finally:
             loop.remove_reader(ready)
         if os.read(ready, 1) != b"r":

@@ -4,7 +4,8 @@ and forks kernels on request, so a new kernel costs a fork and an ipykernel set-
 Run by the server (template.py) as `<kernel python> -s -E .../zygote.py FD PRELOAD TMPDIR KERNEL_CONFIG WAY`, as
 root when the server is; WAY is `namespaced`, or `plain` where kernels get no namespaces. FD is its end of a
 SOCK_SEQPACKET socket pair: each request is one message (the confine spec isolation.py builds, as JSON) with
-one file descriptor, the kernel's log file. The template itself never reads a request: it sees the socket
+two file descriptors: the kernel's log file, and the write end of a pipe on which the kernel tells the server
+that its event loop runs (then it closes it). The template itself never reads a request: it sees the socket
 readable, forks a kernel, and goes on once the kernel has taken the message. So the template's memory is the
 same at every fork, and nothing of one session's request is in the next kernel. Per kernel, two processes:
 
@@ -20,7 +21,8 @@ same at every fork, and nothing of one session's request is in the next kernel. 
                 seccomp, closes every inherited descriptor, takes the session's environment, reseeds every
                 random generator the template imported, and becomes a normal ipykernel, with the application
                 and IPython shell the template made (pointed at its own session first) and the output hooks
-                installed before it answers. The template is its parent, and writes its exit status on its
+                installed before it answers; once its event loop runs it writes to the server's ready
+                pipe. The template is its parent, and writes its exit status on its
                 report pipe when it reaps it; a kernel outlives the template.
 
 The template has no threads (BLAS libraries are held to one thread), no ZMQ context and no open session:

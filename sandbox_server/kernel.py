@@ -194,10 +194,11 @@ class LocalKernel:
         client.load_connection_info(self.connection)
         client.start_channels(**{name: name in CHANNELS for name in ("shell", "iopub", "stdin", "hb", "control")})
         self.client = client
-        # The greeting comes within a few ms, even in a burst of 100; in 1-4% of starts it comes ~0.2 s late or
-        # never (ipykernel's iopub thread hears subscriptions through a ZMQStream while it also sends on that
-        # socket directly, which can leave the stream unwoken). So past WELCOME_WAIT, a kernel_info, as for
-        # other kernels: a restart stays under 100 ms either way.
+        # The greeting comes within a few ms, even in a burst of 100. ipykernel as it is missed it in 1-4% of
+        # starts (its iopub thread hears subscriptions through a ZMQStream but sends on that socket directly,
+        # which can leave the stream unwoken); forked kernels read waiting subscriptions after each send
+        # (zygote.subscriptions_heard_after_sends). Should one still not come, after WELCOME_WAIT a kernel_info,
+        # as for other kernels.
         if greeted and await self._receive(client.iopub_channel, "iopub_welcome", WELCOME_WAIT):
             return
         shell_ready = iopub_ready = False

@@ -553,6 +553,7 @@ def prepare_kernel(config: dict) -> dict:
     from traitlets.config import Config
 
     without_shell_channel_thread()
+    subscriptions_heard_after_sends()
     app = IPKernelApp.instance(config=Config(config))
     # The configuration is given as it is: traitlets' command-line parser walks every configurable class to
     # build itself (3.4 MB of touched pages in each kernel that ran it).
@@ -602,6 +603,33 @@ def without_shell_channel_thread() -> None:
 
     ipykernel.kernelapp.ShellChannelThread = lambda *args, **kwargs: NoShellChannelThread()
     ipykernel.kernelbase.Kernel._supports_kernel_subshells = property(lambda self: bool(self.shell_channel_thread))
+
+
+def subscriptions_heard_after_sends() -> None:
+    """ipykernel's iopub thread hears new subscriptions (to greet each subscriber with an iopub_welcome) through a
+    ZMQStream on its XPUB socket, and sends on that same socket directly. A send also takes in whatever the socket's
+    peers sent, and with it the wake-up the stream waits for: in 1-4% of kernel starts the greeting came ~0.2 s late
+    (the stream's next wake-up) or never. After each send, in that thread, the kernel now reads what is waiting
+    itself. Nothing to do where ipykernel greets no one (its iopub a PUB socket)."""
+    import ipykernel.iostream
+    import zmq
+
+    thread_class = ipykernel.iostream.IOPubThread
+    if not hasattr(thread_class, "_handle_subscription"):
+        return
+    really_send = thread_class._really_send
+
+    def send_then_hear(self: ipykernel.iostream.IOPubThread, *args: object, **kwargs: object) -> None:
+        really_send(self, *args, **kwargs)
+        if threading.current_thread() is not self.thread or self.socket is None:
+            return  # (a multiprocessing child pipes to its parent, or the thread is gone: not its socket's to read)
+        try:
+            while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._handle_subscription(self.socket.recv_multipart(zmq.NOBLOCK))
+        except zmq.ZMQError:
+            pass
+
+    thread_class._really_send = send_then_hear
 
 
 def run_kernel(connection_file: str, hook_limits: dict[str, int], prepared: dict, ready: int | None = None) -> None:

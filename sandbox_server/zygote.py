@@ -553,7 +553,7 @@ def prepare_kernel(config: dict) -> dict:
     from traitlets.config import Config
 
     without_shell_channel_thread()
-    subscriptions_heard_after_sends()
+    greets_subscribers = subscriptions_heard_after_sends()
     app = IPKernelApp.instance(config=Config(config))
     # The configuration is given as it is: traitlets' command-line parser walks every configurable class to
     # build itself (3.4 MB of touched pages in each kernel that ran it).
@@ -576,7 +576,7 @@ def prepare_kernel(config: dict) -> dict:
         hooks = compile(handle.read(), "<codeact kernel setup>", "exec")
     # What IPython records at the end of its start-up (the modules `%reset -f` keeps): made here, because a
     # set of 1,100 module names made in the kernel touches every name's page (2 MB).
-    return {"hooks": hooks, "module_names": frozenset(sys.modules)}
+    return {"hooks": hooks, "module_names": frozenset(sys.modules), "iopub_welcome": greets_subscribers}
 
 
 def without_shell_channel_thread() -> None:
@@ -605,18 +605,19 @@ def without_shell_channel_thread() -> None:
     ipykernel.kernelbase.Kernel._supports_kernel_subshells = property(lambda self: bool(self.shell_channel_thread))
 
 
-def subscriptions_heard_after_sends() -> None:
+def subscriptions_heard_after_sends() -> bool:
     """ipykernel's iopub thread hears new subscriptions (to greet each subscriber with an iopub_welcome) through a
     ZMQStream on its XPUB socket, and sends on that same socket directly. A send also takes in whatever the socket's
     peers sent, and with it the wake-up the stream waits for: in 1-4% of kernel starts the greeting came ~0.2 s late
     (the stream's next wake-up) or never. After each send, in that thread, the kernel now reads what is waiting
-    itself. Nothing to do where ipykernel greets no one (its iopub a PUB socket)."""
+    itself. Whether ipykernel greets subscribers (iopub_welcome, JEP 65; its iopub an XPUB socket, since late
+    2025): where it does not, nothing to do, and the server asks each kernel a kernel_info instead."""
     import ipykernel.iostream
     import zmq
 
     thread_class = ipykernel.iostream.IOPubThread
     if not hasattr(thread_class, "_handle_subscription"):
-        return
+        return False
     really_send = thread_class._really_send
 
     def send_then_hear(self: ipykernel.iostream.IOPubThread, *args: object, **kwargs: object) -> None:
@@ -630,6 +631,7 @@ def subscriptions_heard_after_sends() -> None:
             pass
 
     thread_class._really_send = send_then_hear
+    return True
 
 
 def run_kernel(connection_file: str, hook_limits: dict[str, int], prepared: dict, ready: int | None = None) -> None:
@@ -765,9 +767,6 @@ def main(argv: list[str]) -> None:
     # It holds the write end of each live kernel's report pipe.
     prepared["open_max"] = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (prepared["open_max"],) * 2)
-    # ipykernel's iopub is an XPUB socket that greets each new subscriber with an iopub_welcome (JEP 65) since
-    # late 2025: the server then knows its subscription is in place without a kernel_info.
-    iopub_welcome = hasattr(sys.modules["ipykernel.iostream"].IOPubThread, "_send_welcome_message")
     threads = len(os.listdir("/proc/self/task"))
     gc.collect()
     gc.freeze()  # what the template holds stays out of every kernel's collections: its pages stay shared
@@ -780,7 +779,7 @@ def main(argv: list[str]) -> None:
                              "modules": len(sys.modules), "preloaded": imported, "failed": failed,
                              "threads": threads, "random_states": len(prepared["random_states"]),
                              "packed": len(prepared["old_code"]) if learned is not None else None,
-                             "lifeline_error": lifeline_error, "iopub_welcome": iopub_welcome}).encode())
+                             "lifeline_error": lifeline_error, "iopub_welcome": prepared["iopub_welcome"]}).encode())
     serve(control, wake_read, prepared)
 
 

@@ -174,8 +174,11 @@ class KernelTemplate:
         preloaded = ", ".join(details["preloaded"]) or "nothing beyond ipykernel"
         packed = (f"the code of {details['packed']} functions kernels call packed together"
                   if details.get("packed") is not None else "a rehearsal kernel did not answer: code not packed")
+        warm_up = details.get("warm_up")
+        warmed = (f"warmed up by a kernel of its own in {warm_up:g} s" if isinstance(warm_up, (int, float))
+                  else f"its warm-up kernel failed ({warm_up}): kernels copy more of its memory")
         text = (f"forked from a template (pid {self.process.pid}, ready in {details['seconds']:g} s, "
-                f"{details['modules']} modules; preloaded {preloaded}; {packed}; BLAS single-threaded)")
+                f"{details['modules']} modules; preloaded {preloaded}; {packed}; {warmed}; BLAS single-threaded)")
         if details["failed"]:
             text += f"; not preloaded: {'; '.join(details['failed'])}"
         return text
@@ -245,15 +248,15 @@ class KernelTemplate:
             raise RuntimeError(f"not ready within {READY_TIMEOUT:g} s") from None
         if not message:
             self._kill()
-            raise RuntimeError(f"it exited while starting: {self.log_tail()}")
+            raise RuntimeError(f"it exited while starting (status {self.process.returncode}): {self.log_tail()}")
         details = json.loads(message)
         if details["lifeline_error"]:
             self._kill()
             raise TemplateRefused(f"its kernels' lifeline cannot run: {details['lifeline_error']}")
         if details["threads"] != 1:
             self._kill()
-            raise TemplateRefused(f"it has {details['threads']} threads after preloading (a fork keeps only one): "
-                               "leave the module that starts them out of --kernel-preload")
+            raise TemplateRefused(f"it has {details['threads']} threads after preloading and its warm-up (a fork "
+                                  "keeps only one): leave the module that starts them out of --kernel-preload")
         self.details = details
         loop.add_reader(ours.fileno(), self._on_readable)
         self.ready = True

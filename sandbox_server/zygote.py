@@ -42,6 +42,7 @@ import ctypes
 import gc
 import importlib
 import json
+import logging
 import os
 import re
 import resource
@@ -67,6 +68,10 @@ CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0
 MS_PRIVATE = 1 << 18
 PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE, PR_SET_NAME = 36, 4, 15
 REQUEST_MAX = 1 << 20  # bytes of one request: a spec is a few KB
+# What the rehearsals run: a value, a print, an error (the code every session soon runs: display, streams,
+# IPython's tracebacks).
+REHEARSED_CELLS = ("1+1", "print('rehearsal')", "1/0")
+REHEARSED_STATUSES = ["ok", "ok", "error"]
 READY_FD = 3  # in a kernel, the server's ready pipe until its event loop runs; the only descriptor past stderr
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -97,13 +102,7 @@ def in_throwaway_child(tmpdir: str, run: Callable[[str, Callable[[bytes], None]]
             for target in (0, 1, 2):
                 os.dup2(null, target)
             os.chdir(directory)
-            os.environ["IPYTHONDIR"] = os.path.join(directory, "ipython")
-            os.mkdir(os.environ["IPYTHONDIR"])
-            connection = os.path.join(directory, "connection.json")
-            with open(connection, "w") as handle:
-                json.dump({"transport": "ipc", "ip": os.path.join(directory, "k"), "shell_port": 1, "iopub_port": 2,
-                           "stdin_port": 3, "control_port": 4, "hb_port": 5, "key": os.urandom(16).hex(),
-                           "signature_scheme": "hmac-sha256", "kernel_name": "python3"}, handle)
+            connection = kernel_files(directory)
 
             def report(data: bytes) -> None:
                 while data:
@@ -133,6 +132,34 @@ def in_throwaway_child(tmpdir: str, run: Callable[[str, Callable[[bytes], None]]
         os.waitpid(pid, 0)
         shutil.rmtree(directory, ignore_errors=True)
     return data
+
+
+def kernel_files(directory: str) -> str:
+    """A kernel's connection file (IPC sockets in `directory`) and IPython directory (IPYTHONDIR) there."""
+    os.environ["IPYTHONDIR"] = os.path.join(directory, "ipython")
+    os.mkdir(os.environ["IPYTHONDIR"])
+    connection = os.path.join(directory, "connection.json")
+    with open(connection, "w") as handle:
+        json.dump({"transport": "ipc", "ip": os.path.join(directory, "k"), "shell_port": 1, "iopub_port": 2,
+                   "stdin_port": 3, "control_port": 4, "hb_port": 5, "key": os.urandom(16).hex(),
+                   "signature_scheme": "hmac-sha256", "kernel_name": "python3"}, handle)
+    return connection
+
+
+def run_cells(connection: str, timeout: float) -> list[str]:
+    """Run REHEARSED_CELLS in the kernel at `connection`, as its client; the status of each reply."""
+    from jupyter_client.blocking import BlockingKernelClient  # (the client's modules are not the kernel's)
+
+    client = BlockingKernelClient(connection_file=connection)
+    client.load_connection_file()
+    client.start_channels(hb=False)
+    try:
+        client.wait_for_ready(timeout=timeout)
+        return [client.execute_interactive(cell, timeout=timeout, output_hook=lambda message: None)["content"]["status"]
+                for cell in REHEARSED_CELLS]
+    finally:
+        client.stop_channels()
+        client.context.term()
 
 
 def rehearse(tmpdir: str) -> list[str]:
@@ -175,12 +202,12 @@ def import_quietly(names: list[str]) -> None:
 def rehearse_kernel(tmpdir: str, prepared: dict, timeout: float = 30.0) -> dict | None:
     """What a forked kernel does that the template has not done, found by running one: a throwaway child of the
     prepared template becomes a kernel as a forked kernel does (`run_kernel`, in a directory of its own, without
-    the confinement) and answers a client in the same process (a kernel_info, then `1+1`). It reports the
+    the confinement) and answers a client in the same process (a kernel_info, then REHEARSED_CELLS). It reports the
     functions the kernel's threads called (by their code: file, first line, name), the modules it imported and
     the regular expressions it compiled. None if it did not answer within `timeout`."""
 
     def answer(connection: str, report: Callable[[bytes], None]) -> None:
-        from jupyter_client.blocking import BlockingKernelClient  # (the client's modules are not the kernel's)
+        import jupyter_client.blocking  # noqa: F401  (the client's modules are not the kernel's)
 
         before = set(sys.modules)
         compiled_before = set(re._cache)
@@ -193,13 +220,9 @@ def rehearse_kernel(tmpdir: str, prepared: dict, timeout: float = 30.0) -> dict 
 
         def client() -> None:
             try:
-                kernel = BlockingKernelClient(connection_file=connection)
-                kernel.load_connection_file()
-                kernel.start_channels(hb=False)
-                kernel.wait_for_ready(timeout=timeout)
-                reply = kernel.execute_interactive("1+1", timeout=timeout, output_hook=lambda message: None)
+                statuses = run_cells(connection, timeout)
                 recording[0] = False
-                if reply["content"]["status"] == "ok":
+                if statuses == REHEARSED_STATUSES:
                     patterns = [(pattern.decode("latin-1") if isinstance(pattern, bytes) else pattern,
                                  isinstance(pattern, bytes), flags)
                                 for _kind, pattern, flags in set(re._cache) - compiled_before]
@@ -220,6 +243,135 @@ def rehearse_kernel(tmpdir: str, prepared: dict, timeout: float = 30.0) -> dict 
     return {"called": {tuple(key) for key in learned["called"]}, "modules": learned["modules"],
             "patterns": [(pattern.encode("latin-1") if is_bytes else pattern, flags)
                          for pattern, is_bytes, flags in learned["patterns"]]}
+
+
+def warm_up(tmpdir: str, config: dict, prepared: dict, timeout: float = 30.0) -> str | None:
+    """Run one kernel in the template itself, as a forked kernel runs (`run_kernel`, with an application and a
+    shell of its own), until it has answered REHEARSED_CELLS; then take it down and put back all it changed
+    (`remember_state`). What stays is what a kernel's first run warms once for the whole process, which each
+    kernel did again, on pages it then had to copy: IPython's and the libraries' caches (abc's subclass checks,
+    types' attribute caches, traitlets' per-class tables), lazily made state of C libraries (OpenSSL's HMAC,
+    sqlite's, libzmq's), the code objects' first-call counters: an idle kernel's private memory, 11.0 -> 10.6 MB.
+    Why it failed, or None; the template has no thread left either way, or the server does not use it."""
+    from tornado.ioloop import IOLoop
+    from traitlets.config import SingletonConfigurable
+
+    descriptors = open_descriptors()
+    restore = remember_state()
+    directory = tempfile.mkdtemp(prefix="w", dir=tmpdir)
+    problems: list[str] = []
+    try:
+        connection = kernel_files(directory)
+        for cls in subclasses(SingletonConfigurable):  # its own application, shell and kernel, not the template's
+            cls._instance = None
+        app, _shell = make_application(config)
+        loop = IOLoop.current()  # the loop app.start() runs
+
+        def client() -> None:
+            try:
+                statuses = run_cells(connection, timeout)
+                if statuses != REHEARSED_STATUSES:
+                    problems.append(f"its cells answered {statuses}")
+            except Exception as error:
+                problems.append(f"its client: {type(error).__name__}: {error}")
+            finally:
+                loop.add_callback(loop.stop)  # (thread-safe; also stops a loop that has yet to start)
+
+        thread = threading.Thread(target=client, name="codeact warm-up client")
+        thread.start()
+        try:
+            run_kernel(connection, {"output_cap": 1 << 20, "message_cap": 1 << 20}, prepared)
+        except BaseException as error:  # (its client then fails to connect, and ends)
+            problems.append(f"the kernel: {type(error).__name__}: {error}")
+        thread.join()
+        for stream in (sys.stdout, sys.stderr):  # ipykernel's, each with a thread that reads its descriptor
+            if stream is not sys.__stdout__ and stream is not sys.__stderr__ and hasattr(stream, "close"):
+                stream.close()
+        app.close()  # its sockets, its iopub and control threads, its zmq context
+        loop.close(all_fds=False)
+    finally:
+        restore()
+        shutil.rmtree(directory, ignore_errors=True)
+    gc.collect()  # what the kernel made, gone, closes what it opened; but ipykernel's output streams each leave
+    # a pipe that nothing closes (raw descriptors, held by no object that would close them again)
+    left = {fd: target for fd, target in open_descriptors().items() if fd not in descriptors}
+    for fd in [fd for fd, target in left.items() if target.startswith("pipe:")]:
+        os.close(fd)
+        del left[fd]
+    if left:
+        problems.append(f"descriptors left open: {sorted(left.values())}")
+    threads = [thread.name for thread in threading.enumerate() if thread is not threading.main_thread()]
+    if threads:
+        problems.append(f"threads left: {threads}")
+    return "; ".join(problems) or None
+
+
+def open_descriptors() -> dict[int, str]:
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # (the listing's own, closed by now)
+            found[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+    return found
+
+
+def remember_state() -> Callable[[], None]:
+    """What running a kernel in this process changes, saved; the function returned puts it back, so the kernel
+    leaves no trace a forked kernel could see: every module's globals (what `sys` holds: streams, hooks, argv;
+    lazily made module state such as ipykernel's comm manager; builtins), the contents of sys.path and
+    os.environ, signal handlers, the loggers' handlers (ipykernel adds one to tornado's in each kernel), and
+    traitlets' singletons (IPKernelApp.instance(), the kernel's, the shell's). What changes inside other objects
+    stays: the caches the run warmed. A module the run imported stays too, and so does a module bound as
+    another's attribute (`package.sub`). Not undone: exit handlers (a forked kernel ends by os._exit, and runs
+    none)."""
+    from traitlets.config import SingletonConfigurable
+
+    modules = [(module, dict(vars(module))) for module in list(sys.modules.values())
+               if isinstance(module, types.ModuleType)]
+    singletons = {cls: cls.__dict__.get("_instance") for cls in subclasses(SingletonConfigurable)}
+    path, environ = list(sys.path), dict(os.environ)
+    handlers = {number: signal.getsignal(number) for number in signal.valid_signals()
+                if signal.getsignal(number) is not None}
+    loggers = {logger: (list(logger.handlers), logger.level, logger.propagate, logger.disabled)
+               for logger in all_loggers()}
+
+    def restore() -> None:
+        for module, saved in modules:
+            namespace = vars(module)
+            for name in [name for name in namespace if name not in saved]:
+                if not isinstance(namespace[name], types.ModuleType):
+                    del namespace[name]
+            for name, value in saved.items():
+                if namespace.get(name, value) is not value or name not in namespace:
+                    namespace[name] = value
+        for cls in subclasses(SingletonConfigurable):
+            cls._instance = singletons.get(cls)
+        sys.path[:] = path
+        os.environ.clear()
+        os.environ.update(environ)
+        for number, handler in handlers.items():
+            if signal.getsignal(number) is not handler:
+                signal.signal(number, handler)
+        for logger in all_loggers():  # (one made since had no handlers before: ipykernel makes tornado's)
+            logger_handlers, level, propagate, disabled = loggers.get(logger, ([], logger.level, logger.propagate,
+                                                                               logger.disabled))
+            logger.handlers[:] = logger_handlers
+            logger.setLevel(level)
+            logger.propagate, logger.disabled = propagate, disabled
+
+    return restore
+
+
+def all_loggers() -> list[logging.Logger]:
+    return [logging.getLogger(), *(logger for logger in list(logging.Logger.manager.loggerDict.values())
+                                   if isinstance(logger, logging.Logger))]
+
+
+def subclasses(cls: type) -> list[type]:
+    found, todo = [], [cls]
+    while todo:
+        found.append(todo.pop())
+        todo.extend(found[-1].__subclasses__())
+    return found
 
 
 def code_key(code: types.CodeType) -> tuple[str, int, str]:
@@ -545,6 +697,19 @@ def prepare_kernel(config: dict) -> dict:
     needs a socket, a thread or anything of a session, and made in each kernel it cost ~15 ms of CPU and
     ~7 MB of copied pages. IPKernelApp.instance() and the shell's instance() return these in every kernel,
     which `run_kernel` points at its own session first. Also the hooks' code, compiled once."""
+    without_shell_channel_thread()
+    greets_subscribers = subscriptions_heard_after_sends()
+    make_application(config)
+    with open(os.path.join(HERE, "kernel_hooks.py")) as handle:
+        hooks = compile(handle.read(), "<codeact kernel setup>", "exec")
+    # What IPython records at the end of its start-up (the modules `%reset -f` keeps): made here, because a
+    # set of 1,100 module names made in the kernel touches every name's page (2 MB).
+    return {"hooks": hooks, "module_names": frozenset(sys.modules), "iopub_welcome": greets_subscribers}
+
+
+def make_application(config: dict) -> tuple:
+    """ipykernel's application (IPKernelApp.instance()) and IPython's shell (ZMQInteractiveShell.instance()), as a
+    kernel's set-up makes them up to its sockets."""
     from ipykernel.compiler import XCachingCompiler
     from ipykernel.kernelapp import IPKernelApp
     from ipykernel.zmqshell import ZMQInteractiveShell
@@ -552,8 +717,6 @@ def prepare_kernel(config: dict) -> dict:
     from IPython.core.extensions import BUILTINS_EXTS
     from traitlets.config import Config
 
-    without_shell_channel_thread()
-    greets_subscribers = subscriptions_heard_after_sends()
     app = IPKernelApp.instance(config=Config(config))
     # The configuration is given as it is: traitlets' command-line parser walks every configurable class to
     # build itself (3.4 MB of touched pages in each kernel that ran it).
@@ -572,11 +735,7 @@ def prepare_kernel(config: dict) -> dict:
                               for name in app.default_extensions]
     BUILTINS_EXTS.update({name: True for name in BUILTINS_EXTS if f"IPython.extensions.{name}"
                           in app.default_extensions})
-    with open(os.path.join(HERE, "kernel_hooks.py")) as handle:
-        hooks = compile(handle.read(), "<codeact kernel setup>", "exec")
-    # What IPython records at the end of its start-up (the modules `%reset -f` keeps): made here, because a
-    # set of 1,100 module names made in the kernel touches every name's page (2 MB).
-    return {"hooks": hooks, "module_names": frozenset(sys.modules), "iopub_welcome": greets_subscribers}
+    return app, shell
 
 
 def without_shell_channel_thread() -> None:
@@ -760,6 +919,10 @@ def main(argv: list[str]) -> None:
                 re.compile(pattern, flags)
         prepared["module_names"] = frozenset(sys.modules)
         prepared["old_code"] = pack_called_code(learned["called"])
+    warm_up_started = time.monotonic()
+    print("kernel template: warming up, with a kernel of its own", file=sys.stderr, flush=True)  # (if it dies there)
+    warm_up_error = warm_up(argv[3], json.loads(argv[4]), prepared)
+    warm_up_seconds = time.monotonic() - warm_up_started
     prepared["random_states"] = random_states()
     prepared["pid_namespace"] = own_pid_namespace(argv[5] == "namespaced")
     prepared["seccomp"] = seccomp.compiled() if seccomp.supported() else None
@@ -779,7 +942,8 @@ def main(argv: list[str]) -> None:
                              "modules": len(sys.modules), "preloaded": imported, "failed": failed,
                              "threads": threads, "random_states": len(prepared["random_states"]),
                              "packed": len(prepared["old_code"]) if learned is not None else None,
-                             "lifeline_error": lifeline_error, "iopub_welcome": prepared["iopub_welcome"]}).encode())
+                             "lifeline_error": lifeline_error, "iopub_welcome": prepared["iopub_welcome"],
+                             "warm_up": warm_up_error or round(warm_up_seconds, 3)}).encode())
     serve(control, wake_read, prepared)
 
 

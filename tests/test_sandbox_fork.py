@@ -399,6 +399,25 @@ def test_a_forked_kernels_ipython_is_its_own_sessions(server):
     assert not [entry for entry in seen["path"] if ".ipython" in entry or entry.startswith(template_home)]
 
 
+WARM_UP_TRACES = """
+import json, logging, sys
+print(json.dumps({"tornado_handlers": len(logging.getLogger("tornado").handlers),
+                  "last_error": hasattr(sys, "last_type"), "cells": len(In) - 1, "out": list(Out),
+                  "process": open('/proc/self/comm').read().strip()}))
+"""
+
+
+def test_the_template_warms_up_with_a_kernel_of_its_own_which_leaves_no_trace(server):
+    """Before it forks any kernel the template runs one in its own process, through a value, a print and an
+    error (what that first run warms up, every kernel then shares), and puts back all that kernel changed. A
+    forked kernel sees none of it: not its cells, its outputs or its error (`sys.last_type`), not the handler
+    ipykernel gives tornado's logger in each kernel (two would print each of its lines twice)."""
+    report = next(line for line in server.log if "kernels: forked from a template" in line)
+    assert re.search(r"; warmed up by a kernel of its own in [\d.]+ s;", report), report
+    seen = probe(server, server.create(), WARM_UP_TRACES)
+    assert seen == {"tornado_handlers": 1, "last_error": False, "cells": 1, "out": [], "process": "codeact-kernel"}
+
+
 def test_the_template_has_no_threads_and_only_its_own_descriptors(server):
     pid = template_pid(server)
     with open(f"/proc/{pid}/status") as handle:
@@ -571,10 +590,18 @@ TEMPLATE_BREAKERS = {
     # A template must hold no threads (a fork keeps only the one that forks): it refuses to serve.
     "starts_a_thread": "import threading, time\n"
                        "threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\n",
-    # Imported only by the template: its kernels exit at start, booted ones (which never import it) do not.
+    # Imported only by the template: the kernels it forks exit at start (not the one it warms up with, in its own
+    # process), booted ones (which never import it) do not.
     "breaks_forked_kernels": "import os\nfrom ipykernel.kernelapp import IPKernelApp\n"
-                             "IPKernelApp.start = lambda self: os._exit(3)\n",
+                             "template, start = os.getpid(), IPKernelApp.start\n"
+                             "IPKernelApp.start = lambda self: start(self) if os.getpid() == template "
+                             "else os._exit(3)\n",
+    # Every kernel exits at start: the template's own warm-up kernel first, which ends the template.
+    "breaks_every_kernel": "import os\nfrom ipykernel.kernelapp import IPKernelApp\n"
+                           "IPKernelApp.start = lambda self: os._exit(3)\n",
 }
+REFUSALS = {"starts_a_thread": "threads after preloading", "breaks_forked_kernels": "did not start",
+            "breaks_every_kernel": "exited while starting (status 3): kernel template: warming up"}
 
 
 @pytest.mark.parametrize("module", sorted(TEMPLATE_BREAKERS))
@@ -585,7 +612,7 @@ def test_a_template_that_cannot_serve_is_reported_and_kernels_boot(tmp_path, mod
     try:
         report = next(line for line in server.log if "kernels: " in line)
         assert "kernels: booted (" in report, report
-        assert ("threads after preloading" if module == "starts_a_thread" else "did not start") in report, report
+        assert REFUSALS[module] in report, report
         assert server.execute(server.create(), "1+1")["results"][0]["data"]["text/plain"] == "2"
         assert started(server, "fork") == 0 and started(server, "boot") >= 1
     finally:
@@ -650,7 +677,8 @@ def test_a_restarted_template_is_tried_again_and_not_used_when_its_kernels_fail(
     python, site = operator_venv(tmp_path / "operator-venv")
     (site / "breaks_later.py").write_text(
         f"import os\nif os.path.exists({str(marker)!r}):\n    from ipykernel.kernelapp import IPKernelApp\n"
-        "    IPKernelApp.start = lambda self: os._exit(3)\n")
+        "    template, start = os.getpid(), IPKernelApp.start\n"
+        "    IPKernelApp.start = lambda self: start(self) if os.getpid() == template else os._exit(3)\n")
     server = start_sandbox(str(tmp_path / "root"), "--kernel-python", python, "--kernel-preload", "breaks_later")
     try:
         assert any("kernels: forked from a template" in line for line in server.log)

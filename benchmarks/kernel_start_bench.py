@@ -238,7 +238,7 @@ def main(kernel_pythons: list[str] = ()) -> str:
         memory = results["memory"]
         shared = (f"USS {memory['template_uss_mb']:.1f} MB, PSS {memory['template_pss_mb']:.1f} MB"
                   if way == "forked" else "none")
-        report += (f"| {way} | {memory['kernels']} | {memory['uss_mb']:.1f} | {memory['pss_mb']:.1f} | {shared} |\n")
+        report += (f"| {way} | {memory['kernels']} | {memory['uss_mb']:.2f} | {memory['pss_mb']:.2f} | {shared} |\n")
     rows = []
     for what, name in (("restart", "POST /restart (kill, new kernel, ready)"),
                        ("death", "execute `os._exit(1)` (death seen, replaced, answered)")):

@@ -29,10 +29,13 @@ The template has no threads (BLAS libraries are held to one thread), no ZMQ cont
 what it imports is found by a rehearsal, a throwaway child that sets up a whole kernel and lists the
 modules it loaded. Then it makes what of a kernel needs no socket: ipykernel's application, configured,
 and IPython's shell (`prepare_kernel`). A second rehearsal, a throwaway child of the prepared template, runs
-a whole forked kernel until it has answered `1+1` (`rehearse_kernel`): the template imports what that
-kernel still imported, and gives every function it called a new code object, made one after the other
-(`pack_called_code`), so the pages each kernel writes to run them are few. The template itself never runs a
-cell. Standard library only, besides what it preloads.
+a whole forked kernel until it has answered REHEARSED_CELLS (`rehearse_kernel`): the template imports what
+that kernel still imported, and gives every function it called a new code object, made one after the other
+(`pack_called_code`), so the pages each kernel writes to run them are few. Then the template warms up: it
+runs one kernel of its own in its own process through the same cells, takes it down and puts back all it
+changed (`warm_up`), keeping the caches it warmed; and last, it fills its allocators' free space
+(free_space.py), so kernels' new objects do not land in holes over its pages. It never runs a session's
+code. Standard library only, besides what it preloads.
 """
 
 from __future__ import annotations
@@ -286,11 +289,14 @@ def warm_up(tmpdir: str, config: dict, prepared: dict, timeout: float = 30.0) ->
         except BaseException as error:  # (its client then fails to connect, and ends)
             problems.append(f"the kernel: {type(error).__name__}: {error}")
         thread.join()
-        for stream in (sys.stdout, sys.stderr):  # ipykernel's, each with a thread that reads its descriptor
-            if stream is not sys.__stdout__ and stream is not sys.__stderr__ and hasattr(stream, "close"):
-                stream.close()
-        app.close()  # its sockets, its iopub and control threads, its zmq context
-        loop.close(all_fds=False)
+        try:
+            for stream in (sys.stdout, sys.stderr):  # ipykernel's, each with a thread that reads its descriptor
+                if stream is not sys.__stdout__ and stream is not sys.__stderr__ and hasattr(stream, "close"):
+                    stream.close()
+            app.close()  # its sockets, its iopub and control threads, its zmq context
+            loop.close(all_fds=False)
+        except Exception as error:  # (a thread it leaves is found below)
+            problems.append(f"taking it down: {type(error).__name__}: {error}")
     finally:
         restore()
         shutil.rmtree(directory, ignore_errors=True)

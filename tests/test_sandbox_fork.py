@@ -445,6 +445,37 @@ def test_an_idle_forked_kernel_copies_little_of_the_template(tmp_path):
     assert uss_mb < 10.4, f"{uss_mb:.2f} MB per idle session"
 
 
+FILLING = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import free_space
+import numpy, pandas  # (what a template imports, and the holes that leaves)
+libc = free_space.glibc()
+before = free_space.free_blocks(), free_space.free_chunks(libc)
+held = free_space.fill_free_space()
+print(json.dumps({"before": before, "after": (free_space.free_blocks(), free_space.free_chunks(libc))}))
+"""
+
+
+def test_the_template_finds_its_allocators_free_space_and_fills_it():
+    """free_space reads what is free from the allocators' own reports (CPython's `sys._debugmallocstats`, glibc's
+    `malloc_info`): were either format to change, the filling would quietly do nothing and kernels copy more. In
+    a fresh interpreter that imported the data stack: both reports are read, and after filling, what is free in
+    pymalloc's used pools is only in pools the filling opened itself, and little in malloc's main arena."""
+    directory = os.path.dirname(sandbox_server.__file__)
+    result = subprocess.run([sys.executable, "-c", FILLING, directory], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    (blocks, chunks), (blocks_after, chunks_after) = seen["before"], seen["after"]
+    assert len(blocks) == 32 and sum(int(size) * count for size, count in blocks.items()) > 100_000, blocks
+    assert sum(size * count for size, count in chunks) > 100_000, chunks
+    # (a pool is 16 KiB: one the filling opened itself is all free but a block or two; the filling's own loop
+    # frees a few integers)
+    assert all(int(size) * count <= 1024 or count >= (16384 - 48) // int(size) - 2  # (less its 48-byte header)
+               for size, count in blocks_after.items()), blocks_after
+    assert sum(size * count for size, count in chunks_after) <= 16384, chunks_after
+
+
 def test_the_template_has_no_threads_and_only_its_own_descriptors(server):
     pid = template_pid(server)
     with open(f"/proc/{pid}/status") as handle:

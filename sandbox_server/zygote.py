@@ -262,6 +262,9 @@ def warm_up(tmpdir: str, config: dict, prepared: dict, timeout: float = 30.0) ->
     from traitlets.config import SingletonConfigurable
 
     descriptors = open_descriptors()
+    # Its standard streams, which ipykernel's output streams put back from copies, by then pointed at /dev/null
+    # by our output hook (kernel_hooks.py): what the template says would go nowhere.
+    standard = [os.dup(fd) for fd in (0, 1, 2)]
     restore = remember_state()
     directory = tempfile.mkdtemp(prefix="w", dir=tmpdir)
     problems: list[str] = []
@@ -300,6 +303,9 @@ def warm_up(tmpdir: str, config: dict, prepared: dict, timeout: float = 30.0) ->
     finally:
         restore()
         shutil.rmtree(directory, ignore_errors=True)
+        for fd, copy in enumerate(standard):
+            os.dup2(copy, fd)
+            os.close(copy)
     gc.collect()  # what the kernel made, gone, closes what it opened; but ipykernel's output streams each leave
     # a pipe that nothing closes (raw descriptors, held by no object that would close them again)
     left = {fd: target for fd, target in open_descriptors().items() if fd not in descriptors}

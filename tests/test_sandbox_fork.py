@@ -488,6 +488,9 @@ def test_the_template_has_no_threads_and_only_its_own_descriptors(server):
     assert len([target for target in targets if target.startswith("socket:")]) == 1, targets
     assert {target for target in targets if target.startswith("/")} <= {"/dev/null"} | {
         target for target in targets if target.endswith("/template.log")}, targets
+    # What it says goes to its log, after its warm-up kernel too (whose output hook points ipykernel's saved
+    # copies of them at /dev/null, which ipykernel puts back when its streams close)
+    assert [os.readlink(f"/proc/{pid}/fd/{fd}").endswith("/template.log") for fd in (1, 2)] == [True, True]
 
 
 def create_and_add(server, barrier: threading.Barrier | None = None) -> str:

@@ -102,7 +102,9 @@ def shut(end: socket.socket) -> None:
 
 
 def gateway_sandbox(gateway: KernelGateway | CuttableProxy, tmp_path, *args: str) -> SandboxProcess:
-    options = ["--backend", "gateway", "--gateway-url", gateway.url, "--interrupt-grace", "0.5",
+    # An interrupt goes through the gateway (a request, then its signal): 0.5 s of grace was too little when the
+    # machine was busy, and a kernel that did go idle was replaced ('restarted' for 'timeout').
+    options = ["--backend", "gateway", "--gateway-url", gateway.url, "--interrupt-grace", "2",
                "--max-output", "200000", *args]
     if gateway.token:
         options += ["--gateway-token", gateway.token]

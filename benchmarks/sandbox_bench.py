@@ -20,7 +20,7 @@ import requests
 import websocket
 
 from codeact_sdk.local_sandbox import LocalSandbox
-from sandbox_server.testing import HealthProbe, KernelGateway, descendants, plain_execute
+from sandbox_server.testing import HealthProbe, KernelGateway, descendants, plain_execute, private_kb
 
 from .measure import free_port, rss_kb, sample, summary, table
 
@@ -149,12 +149,6 @@ def kernel_processes(root_dir: str, program: bytes = b"ipykernel_launcher") -> l
                 or name == FORKED_NAMES.get(program)) and any(root_dir.encode() in part for part in argv):
             found.append(int(entry))
     return found
-
-
-def private_kb(pid: int) -> int:
-    """Memory only this process holds (USS): what one more session costs."""
-    with open(f"/proc/{pid}/smaps_rollup") as handle:
-        return sum(int(line.split()[1]) for line in handle if line.startswith(("Private_Clean", "Private_Dirty")))
 
 
 ESCAPE_FLOOD = "print('\\x1b]' * 1_000_000)\nprint('\\x1b[31mA' * 500_000)"

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import sandbox_server
-from sandbox_server.testing import descendants
+from sandbox_server.testing import descendants, private_kb
 from tests.conftest import operator_venv, processes_mentioning, start_sandbox, wait_for
 
 LINUX = os.uname().sysname == "Linux"
@@ -292,9 +292,8 @@ def test_a_namespaced_kernels_lifeline_is_our_own_small_program(server):
     assert seen == ["codeact-kernel", "lifeline", "1"], seen  # (bit 16 from the right: signal 17, SIGCHLD)
     lifelines = [process.pid for process in descendants(server.process.pid) if process.name == "lifeline"]
     assert lifelines, "no lifeline among the server's descendants"
-    with open(f"/proc/{lifelines[0]}/smaps_rollup") as handle:
-        private_kb = sum(int(line.split()[1]) for line in handle if line.startswith(("Private_Clean", "Private_Dirty")))
-    assert private_kb < 32, private_kb
+    lifeline_kb = private_kb(lifelines[0])
+    assert lifeline_kb < 32, lifeline_kb
     for session in sessions:
         server.close(session)
 
@@ -416,11 +415,6 @@ def test_the_template_warms_up_with_a_kernel_of_its_own_which_leaves_no_trace(se
     assert re.search(r"; warmed up by a kernel of its own in [\d.]+ s;", report), report
     seen = probe(server, server.create(), WARM_UP_TRACES)
     assert seen == {"tornado_handlers": 1, "last_error": False, "cells": 1, "out": [], "process": "codeact-kernel"}
-
-
-def private_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/smaps_rollup") as handle:
-        return sum(int(line.split()[1]) for line in handle if line.startswith(("Private_Clean:", "Private_Dirty:")))
 
 
 def test_an_idle_forked_kernel_copies_little_of_the_template(tmp_path):

@@ -262,9 +262,6 @@ def warm_up(tmpdir: str, config: dict, prepared: dict, timeout: float = 30.0) ->
     from traitlets.config import SingletonConfigurable
 
     descriptors = open_descriptors()
-    # Its standard streams, which ipykernel's output streams put back from copies, by then pointed at /dev/null
-    # by our output hook (kernel_hooks.py): what the template says would go nowhere.
-    standard = [os.dup(fd) for fd in (0, 1, 2)]
     restore = remember_state()
     directory = tempfile.mkdtemp(prefix="w", dir=tmpdir)
     problems: list[str] = []
@@ -303,9 +300,6 @@ def warm_up(tmpdir: str, config: dict, prepared: dict, timeout: float = 30.0) ->
     finally:
         restore()
         shutil.rmtree(directory, ignore_errors=True)
-        for fd, copy in enumerate(standard):
-            os.dup2(copy, fd)
-            os.close(copy)
     gc.collect()  # what the kernel made, gone, closes what it opened; but ipykernel's output streams each leave
     # a pipe that nothing closes (raw descriptors, held by no object that would close them again)
     left = {fd: target for fd, target in open_descriptors().items() if fd not in descriptors}
@@ -332,11 +326,11 @@ def remember_state() -> Callable[[], None]:
     """What running a kernel in this process changes, saved; the function returned puts it back, so the kernel
     leaves no trace a forked kernel could see: every module's globals (what `sys` holds: streams, hooks, argv;
     lazily made module state such as ipykernel's comm manager; builtins), the contents of sys.path and
-    os.environ, signal handlers, the loggers' handlers (ipykernel adds one to tornado's in each kernel), and
-    traitlets' singletons (IPKernelApp.instance(), the kernel's, the shell's). What changes inside other objects
-    stays: the caches the run warmed. A module the run imported stays too, and so does a module bound as
-    another's attribute (`package.sub`). Not undone: exit handlers (a forked kernel ends by os._exit, and runs
-    none)."""
+    os.environ, signal handlers, the loggers' handlers (ipykernel adds one to tornado's in each kernel),
+    traitlets' singletons (IPKernelApp.instance(), the kernel's, the shell's), and the standard descriptors.
+    What changes inside other objects stays: the caches the run warmed. A module the run imported stays too, and
+    so does a module bound as another's attribute (`package.sub`). Not undone: exit handlers (a forked kernel
+    ends by os._exit, and runs none)."""
     from traitlets.config import SingletonConfigurable
 
     modules = [(module, dict(vars(module))) for module in list(sys.modules.values())
@@ -347,6 +341,9 @@ def remember_state() -> Callable[[], None]:
                 if signal.getsignal(number) is not None}
     loggers = {logger: (list(logger.handlers), logger.level, logger.propagate, logger.disabled)
                for logger in all_loggers()}
+    # ipykernel's output streams put 1 and 2 back from copies, which our output hook (kernel_hooks.py) has by
+    # then pointed at /dev/null: what the template says afterwards would go nowhere.
+    standard = [os.dup(fd) for fd in (0, 1, 2)]
 
     def restore() -> None:
         for module, saved in modules:
@@ -371,6 +368,9 @@ def remember_state() -> Callable[[], None]:
             logger.handlers[:] = logger_handlers
             logger.setLevel(level)
             logger.propagate, logger.disabled = propagate, disabled
+        for fd, copy in enumerate(standard):
+            os.dup2(copy, fd)
+            os.close(copy)
 
     return restore
 

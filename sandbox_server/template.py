@@ -177,8 +177,12 @@ class KernelTemplate:
         warm_up = details.get("warm_up")
         warmed = (f"warmed up by a kernel of its own in {warm_up:g} s" if isinstance(warm_up, (int, float))
                   else f"its warm-up kernel failed ({warm_up}): kernels copy more of its memory")
+        huge = f"{2 * details['huge_pages']} MB of its memory on huge pages"
+        if details.get("huge_pages_error"):
+            huge += f" ({details['huge_pages_error']})"
         text = (f"forked from a template (pid {self.process.pid}, ready in {details['seconds']:g} s, "
-                f"{details['modules']} modules; preloaded {preloaded}; {packed}; {warmed}; BLAS single-threaded)")
+                f"{details['modules']} modules; preloaded {preloaded}; {packed}; {warmed}; {huge}; "
+                "BLAS single-threaded)")
         if details["failed"]:
             text += f"; not preloaded: {'; '.join(details['failed'])}"
         return text

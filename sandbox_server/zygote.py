@@ -33,8 +33,9 @@ a whole forked kernel until it has answered REHEARSED_CELLS (`rehearse_kernel`):
 that kernel still imported, and gives every function it called a new code object, made one after the other
 (`pack_called_code`), so the pages each kernel writes to run them are few. Then the template warms up: it
 runs one kernel of its own in its own process through the same cells, takes it down and puts back all it
-changed (`warm_up`), keeping the caches it warmed; and last, it fills its allocators' free space
-(free_space.py), so kernels' new objects do not land in holes over its pages. It never runs a session's
+changed (`warm_up`), keeping the caches it warmed; then it fills its allocators' free space
+(free_space.py), so kernels' new objects do not land in holes over its pages, and last puts its populated
+anonymous memory on huge pages where it can (huge_pages.py), so each fork copies fewer page-table entries. It never runs a session's
 code. Standard library only, besides what it preloads.
 """
 
@@ -65,6 +66,7 @@ from collections.abc import Callable
 import confine  # this script's directory is sys.path[0]; all four are standard library only
 import seccomp
 from free_space import fill_free_space
+from huge_pages import collapse_anonymous_memory
 from lifeline import write_lifeline
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x4000000, 0x8000000, 0x20000000, \
@@ -687,7 +689,7 @@ def become_kernel(spec: dict, log: int, ready: int, prepared: dict) -> None:
         # packages), then the environment's own; not this script's directory. IPython adds '' as it does there.
         extra = [entry for entry in env.get("PYTHONPATH", "").split(":") if entry]
         sys.path[:] = [*extra, *(entry for entry in sys.path if entry != HERE)]
-        for name in ("confine", "free_space", "lifeline", "seccomp"):  # the template's own, not the kernel's
+        for name in ("confine", "free_space", "huge_pages", "lifeline", "seccomp"):  # the template's, not the kernel's
             sys.modules.pop(name, None)
         reseed(prepared["random_states"])
         LIBC.prctl(PR_SET_NAME, b"codeact-kernel", 0, 0, 0)  # what ps and top show
@@ -948,6 +950,7 @@ def main(argv: list[str]) -> None:
     gc.collect()
     prepared["fillers"] = fill_free_space()  # last: what the template allocates after it makes holes again
     gc.freeze()  # what the template holds stays out of every kernel's collections: its pages stay shared
+    huge_pages, huge_pages_error = collapse_anonymous_memory()  # fewer page-table entries for each fork to copy
     if LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
     wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -958,7 +961,8 @@ def main(argv: list[str]) -> None:
                              "threads": threads, "random_states": len(prepared["random_states"]),
                              "packed": len(prepared["old_code"]) if learned is not None else None,
                              "lifeline_error": lifeline_error, "iopub_welcome": prepared["iopub_welcome"],
-                             "warm_up": warm_up_error or round(warm_up_seconds, 3)}).encode())
+                             "warm_up": warm_up_error or round(warm_up_seconds, 3),
+                             "huge_pages": huge_pages, "huge_pages_error": huge_pages_error}).encode())
     serve(control, wake_read, prepared)
 
 

@@ -22,6 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from jupyter_client import BlockingKernelClient
 
 import sandbox_server
 from sandbox_server.testing import descendants, private_kb
@@ -174,17 +175,30 @@ print(json.dumps([open('/proc/self/comm').read().strip(), sorted(t.name for t in
 """
 
 
-def test_forked_kernels_take_shell_messages_on_their_main_thread(server):
+def test_forked_kernels_take_shell_and_control_messages_on_their_main_thread(server):
     """No shell-channel thread (ipykernel 7's subshells, which nothing of ours asks for): a thread, an event loop
     and two thread hops per message less. Cells with top-level `await` still run (ipykernel reads that thread's
-    parent thread for them), and the kernel tells clients it has no subshells."""
+    parent thread for them), and the kernel tells clients it has no subshells. No control thread either (the
+    server opens no control channel): a client that connects to control anyway gets its answer."""
     session = server.create()
     process, threads = probe(server, session, ASYNC_CELL)
-    features = probe(server, session, "import json\nfrom ipykernel.kernelapp import IPKernelApp\n"
-                     "print(json.dumps(IPKernelApp.instance().kernel.kernel_info['supported_features']))")
-    server.close(session)
-    assert process == "codeact-kernel" and "Shell channel" not in threads and {"Control", "IOPub"} <= set(threads)
+    features, connection_file = probe(server, session, "import json\nfrom ipykernel.kernelapp import IPKernelApp\n"
+                                      "app = IPKernelApp.instance()\nprint(json.dumps("
+                                      "[app.kernel.kernel_info['supported_features'], app.connection_file]))")
+    client = BlockingKernelClient(connection_file=connection_file)
+    client.load_connection_file()
+    client.start_channels(shell=False, iopub=False, stdin=False, hb=False, control=True)
+    try:
+        request = client.session.msg("kernel_info_request")
+        client.control_channel.send(request)
+        reply = client.control_channel.get_msg(timeout=10)
+    finally:
+        client.stop_channels()
+        server.close(session)
+    assert process == "codeact-kernel" and "IOPub" in threads, threads
+    assert "Shell channel" not in threads and "Control" not in threads, threads
     assert "kernel subshells" not in features, features
+    assert reply["parent_header"]["msg_id"] == request["header"]["msg_id"] and reply["content"]["status"] == "ok"
 
 
 RANDOMS = """

@@ -908,6 +908,9 @@ def run_kernel(connection_file: str, hook_limits: dict[str, int], prepared: dict
     # No heartbeat: the server never pings (it sees a kernel's death by its pidfd and report pipe), and a heartbeat
     # is a zmq context of its own, with three threads, in every kernel.
     app.init_heartbeat = lambda: None
+    # The server wrote the connection file with the paths this kernel binds (IPC sockets, no port to choose):
+    # ipykernel would only read it back to find nothing to change (0.3 ms).
+    app.write_connection_file = lambda: None
     if all(hasattr(app, name) for name in ("_run_startup_files", "_run_exec_lines", "_run_exec_files",
                                            "_run_cmd_line_code", "_run_module")):
         app.init_code = init_code
@@ -917,7 +920,7 @@ def run_kernel(connection_file: str, hook_limits: dict[str, int], prepared: dict
         app.initialize([])
     finally:
         BaseIPythonApplication.initialize = initialize
-        for name in ("init_kernel", "init_code", "init_heartbeat", "parse_command_line"):
+        for name in ("init_kernel", "init_code", "init_heartbeat", "write_connection_file", "parse_command_line"):
             app.__dict__.pop(name, None)
     namespace = shell.user_ns
     exec(prepared["hooks"], namespace)

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 TICKS = os.sysconf("SC_CLK_TCK")
-FIGURES = ("all_s", "machine_ms", "server_ms", "template_ms", "kernels_ms")
+FIGURES = ("all_s", "p50_s", "machine_ms", "server_ms", "template_ms", "kernels_ms")
 
 
 def process_cpu(pid: int) -> float:
@@ -122,6 +122,7 @@ def measure(count: int, bursts: int) -> None:
                               [outcome[2] for outcome in outcomes if outcome[2]]))
         per_session = [1000 * (end - start) / count for start, end in zip(cpu, after, strict=True)]
         return {"all_s": max(outcome[1] for outcome in outcomes) - min(outcome[0] for outcome in outcomes),
+                "p50_s": statistics.median(outcome[1] - outcome[0] for outcome in outcomes),
                 "machine_ms": per_session[0], "server_ms": per_session[1], "template_ms": per_session[2],
                 "kernels_ms": 1000 * kernels / count, "errors": sum(not outcome[3] for outcome in outcomes)}
 

@@ -16,7 +16,7 @@ the system cannot (an older kernel, THP turned off entirely, a range marked for 
 at the moment), the memory stays as it is: kernels work the same, each fork a little slower. Nothing is asked of
 the system's THP settings: khugepaged is not pointed at these ranges (no MADV_HUGEPAGE), in the template or its
 kernels. What the template itself writes after a fork is split back to 4 KB pages there (its first forks take
-~34 MB on huge pages down to ~16).
+36-48 MB on huge pages down to 16-26).
 
 Standard library only: the template runs it in the kernel's interpreter.
 """

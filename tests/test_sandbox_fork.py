@@ -447,7 +447,7 @@ def test_the_template_puts_its_memory_on_huge_pages(server):
     """Each fork copies a page-table entry per 4 KB page the template has, and one per 2 MB huge page: the
     template collapses its populated anonymous memory onto huge pages where the system can (MADV_COLLAPSE) and
     says how much at start-up. It keeps most of it so (its AnonHugePages): what it writes itself after a fork is
-    split back to 4 KB pages, here the pool's first forks (~34 MB -> ~16). Its kernels stay small: the USS test."""
+    split back to 4 KB pages, here the pool's first forks (36-48 MB -> 16-26). Its kernels stay small: the USS test."""
     report = next(line for line in server.log if "kernels: forked from a template" in line)
     supported = subprocess.run([sys.executable, "-c", COLLAPSE_HERE], capture_output=True, text=True, timeout=60)
     if supported.stdout.strip() != "True":

@@ -2,7 +2,7 @@
 page-table entries.
 
 fork() copies the parent's page table entry for every anonymous page it has mapped (and write-protects it, for
-copy-on-write): for the template, ~85 MB in 4 KB pages, ~21,000 entries, about half of the template's CPU per
+copy-on-write): for the template, ~82 MB in 4 KB pages, ~21,000 entries, about half of the template's CPU per
 kernel (`copy_page_range`, measured with perf in a burst of 100). A 2 MB huge page is one entry, copied as one.
 MADV_COLLAPSE (Linux 6.1) puts the pages of a 2 MB-aligned range onto one huge page, now and whatever the
 system's THP setting; where a forked kernel later writes into such a range, Linux splits its mapping there in
@@ -35,14 +35,14 @@ MADV_COLLAPSE = 25
 MOSTLY_PRESENT = 480  # of a range's 512 pages: at most 128 KB of zeroes added per range
 
 
-def collapse_anonymous_memory(maps: str = "/proc/self/maps") -> tuple[int, str | None]:
+def collapse_anonymous_memory() -> tuple[int, str | None]:
     """Collapse this process's populated anonymous ranges onto huge pages: (how many it collapsed, why some could
     not be, or None)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     collapsed, errors = 0, collections.Counter()
     with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
-        for address in candidate_ranges(maps):
+        for address in candidate_ranges():
             if present_pages(pagemap, address) < MOSTLY_PRESENT:
                 continue
             if libc.madvise(address, HUGE_PAGE, MADV_COLLAPSE) == 0:
@@ -55,11 +55,11 @@ def collapse_anonymous_memory(maps: str = "/proc/self/maps") -> tuple[int, str |
     return collapsed, "MADV_COLLAPSE: " + ", ".join(f"{name} for {count}" for name, count in sorted(errors.items()))
 
 
-def candidate_ranges(maps: str = "/proc/self/maps") -> list[int]:
+def candidate_ranges() -> list[int]:
     """The start of each 2 MB-aligned range inside a private, writable, anonymous mapping (the heap among them;
     not the stack)."""
     starts = []
-    with open(maps) as handle:
+    with open("/proc/self/maps") as handle:
         for line in handle:
             fields = line.split()
             if fields[1] != "rw-p" or (len(fields) > 5 and fields[5] != "[heap]"):

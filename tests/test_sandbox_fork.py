@@ -412,6 +412,25 @@ def test_a_forked_kernels_ipython_is_its_own_sessions(server):
     assert not [entry for entry in seen["path"] if ".ipython" in entry or entry.startswith(template_home)]
 
 
+UNREAD_DEFAULTS = """
+import json
+shell = get_ipython()
+display = shell.display_formatter
+print(json.dumps([f"{type(configurable).__name__}.{name}"
+                  for configurable in (display, *display.formatters.values(), shell.displayhook, shell.display_pub)
+                  for name in configurable.trait_names() if name not in configurable._trait_values]))
+"""
+
+
+def test_a_forked_kernels_first_output_finds_its_formatters_made(server):
+    """traitlets makes a trait's default on its first read: what IPython reads to show a value (its formatters,
+    two of them made then, and their printers) was made in each kernel on its first output. The template reads
+    them once. Before its first output, a forked kernel's have all been read already."""
+    session = server.create()
+    assert probe(server, session, UNREAD_DEFAULTS) == []
+    server.close(session)
+
+
 WARM_UP_TRACES = """
 import json, logging, sys
 print(json.dumps({"tornado_handlers": len(logging.getLogger("tornado").handlers),

@@ -756,6 +756,13 @@ def make_application(config: dict) -> tuple:
                               for name in app.default_extensions]
     BUILTINS_EXTS.update({name: True for name in BUILTINS_EXTS if f"IPython.extensions.{name}"
                           in app.default_extensions})
+    # IPython's own extensions hold nothing of a session's (storemagic: its magics, registered on the shell; its
+    # store is the profile's, opened on first use, once a kernel has pointed the shell at its own profile), so
+    # they are loaded here, once; ipykernel then finds them loaded in each kernel. Where one fails, each kernel
+    # tries it again and says why, as IPython does. An operator's own extensions load in each kernel.
+    for name in app.default_extensions:
+        with contextlib.suppress(Exception):
+            shell.extension_manager.load_extension(name)
     return app, shell
 
 
@@ -897,6 +904,7 @@ def run_kernel(connection_file: str, hook_limits: dict[str, int], prepared: dict
         self.ipython_dir = shell.ipython_dir = session_ipython_dir() or get_ipython_dir()
         self.profile_dir = shell.profile_dir = ProfileDir.create_profile_dir_by_name(self.ipython_dir, "default",
                                                                                      self.config)
+        shell.db = None  # (its profile's store, opened on first use: nothing the template may have opened)
         shell.home_dir = get_home_dir()
         shell.starting_dir = os.getcwd()
         shell.init_environment()  # ipykernel's TERM, PAGER, ... in this kernel's environment

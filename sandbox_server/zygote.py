@@ -759,7 +759,8 @@ def make_application(config: dict) -> tuple:
     # IPython's own extensions hold nothing of a session's (storemagic: its magics, registered on the shell; its
     # store is the profile's, opened on first use, once a kernel has pointed the shell at its own profile), so
     # they are loaded here, once; ipykernel then finds them loaded in each kernel. Where one fails, each kernel
-    # tries it again and says why, as IPython does. An operator's own extensions load in each kernel.
+    # tries it again and says why, as IPython does. Extensions named in IPython's configuration files load in
+    # each kernel, as before.
     for name in app.default_extensions:
         with contextlib.suppress(Exception):
             shell.extension_manager.load_extension(name)

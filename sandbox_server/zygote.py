@@ -719,6 +719,7 @@ def prepare_kernel(config: dict) -> dict:
     without_shell_channel_thread()
     control_on_main_thread()
     greets_subscribers = subscriptions_heard_after_sends()
+    flushes_only_what_was_written()
     make_application(config)
     with open(os.path.join(HERE, "kernel_hooks.py")) as handle:
         hooks = compile(handle.read(), "<codeact kernel setup>", "exec")
@@ -871,6 +872,33 @@ def subscriptions_heard_after_sends() -> bool:
 
     thread_class._really_send = send_then_hear
     return True
+
+
+def flushes_only_what_was_written() -> None:
+    """ipykernel flushes stdout and stderr around everything that could follow output (a result, an error, an
+    input request, the reply, the idle status): ~10 flushes in each execute. Each one, from the main thread, hands
+    the stream's flush to the iopub thread and waits until that thread has run it: two thread switches, even for
+    a stream nothing was written to since its last flush. A forked kernel's streams now flush only when there is
+    something to send (text waiting, or a flush already due); what was written is sent, in order, as before.
+    Measured, one kernel at a time: a first `1+1` took 1.1 ms less of the kernel's CPU (5.5 -> 4.4 ms). A stream
+    that does not keep what this reads (another ipykernel) flushes as ipykernel does."""
+    import ipykernel.iostream
+
+    stream_class = ipykernel.iostream.OutStream
+    flush = stream_class.flush
+
+    def flush_when_written(self: ipykernel.iostream.OutStream) -> None:
+        try:
+            idle = not self._flush_pending and not self._subprocess_flush_pending and self.echo is None
+            if idle:
+                with self._buffer_lock:
+                    idle = not any(buffer.tell() for buffer in self._buffers.values())
+        except AttributeError:  # (a stream that does not keep these)
+            idle = False
+        if not idle:
+            flush(self)
+
+    stream_class.flush = flush_when_written
 
 
 def run_kernel(connection_file: str, hook_limits: dict[str, int], prepared: dict, ready: int | None = None) -> None:

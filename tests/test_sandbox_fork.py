@@ -431,6 +431,39 @@ def test_a_forked_kernels_first_output_finds_its_formatters_made(server):
     server.close(session)
 
 
+FLUSHES = """
+import json, sys
+import ipykernel.iostream as iostream
+handed = []
+schedule = iostream.IOPubThread.schedule
+iostream.IOPubThread.schedule = lambda self, function: (handed.append(function), schedule(self, function))[1]
+try:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    empty = len(handed)
+    print("written")
+    sys.stdout.flush()
+    written = len(handed) - empty
+finally:
+    iostream.IOPubThread.schedule = schedule
+print(json.dumps({"empty": empty, "written": written}))
+"""
+
+
+def test_a_forked_kernels_streams_flush_only_what_was_written(server):
+    """ipykernel flushes stdout and stderr ~10 times in each execute, each time handing the flush to its iopub
+    thread and waiting for it, written to or not. A forked kernel's streams hand over only what there is to
+    send: nothing for a stream with nothing written, the text for one written to, and in its order."""
+    session = server.create()
+    result = server.execute(session, FLUSHES)
+    assert result["status"] == "ok", result["text"]
+    first, last = result["stdout"].splitlines()
+    assert first == "written"
+    seen = json.loads(last)
+    assert seen["empty"] == 0 and seen["written"] > 0, seen
+    server.close(session)
+
+
 WARM_UP_TRACES = """
 import json, logging, sys
 print(json.dumps({"tornado_handlers": len(logging.getLogger("tornado").handlers),

@@ -746,9 +746,6 @@ def make_application(config: dict) -> tuple:
     # As IPythonKernel.__init__ makes it, less the kernel, which each kernel sets.
     shell = ZMQInteractiveShell.instance(parent=app, profile_dir=app.profile_dir, user_module=None, user_ns=None,
                                          kernel=None, compiler_class=XCachingCompiler)
-    # IPython makes its display formatters (a dozen configured objects) when a cell first shows a value: in each
-    # kernel, a third of its first `1+1`. They hold no session's state; made here, every kernel shares them.
-    shell.display_formatter.formatters  # noqa: B018  (the trait's default, made on first access)
     read_trait_defaults(app, shell)
     # IPython loads its own extensions (storemagic) by first importing the bare name, which fails after a search
     # of every directory on the path (the kernel's own among them); it then loads IPython.extensions.NAME and
@@ -769,10 +766,12 @@ def make_application(config: dict) -> tuple:
 
 
 def read_trait_defaults(app: object, shell: object) -> None:
-    """traitlets makes a trait's default value on its first read, in whichever process reads it first. A kernel's
-    first output read those of its display formatters and made two more formatters, its first cell made IPython's
-    input transformers, its set-up read the application's options: ~40 defaults made in every kernel, 0.5 ms of
-    its CPU (median, one kernel at a time, against 2.1 ms for its first `1+1`'s cell). Read here once, every
+    """traitlets makes a trait's default value on its first read, in whichever process reads it first. IPython
+    makes its display formatters (a dozen configured objects) when a cell first shows a value: in each kernel, a
+    third of its first `1+1`; made here, every kernel shares them. A kernel's first output then also read those
+    formatters' own defaults and made two more formatters, its first cell made IPython's input transformers, its
+    set-up read the application's options: ~40 defaults made in every kernel, 0.5 ms of its CPU (median, one
+    kernel at a time, against 2.1 ms for its first `1+1`'s cell). Read here once, every
     kernel finds them made. Only what holds no session's state: the shell's output, input and history machinery
     (a session's history is its own from `history_manager.reset`) and the application's configuration; not its
     session (a key and an id per kernel) or the directories it derives from the environment."""

@@ -462,6 +462,93 @@ process.join()
 """
 
 
+CGROUPS_OF_EVERY_TASK = """
+import json, os, subprocess, threading
+stop = threading.Event()
+threads = [threading.Thread(target=stop.wait) for _ in range(2)]
+for thread in threads:
+    thread.start()
+child = subprocess.run(['cat', '/proc/self/cgroup'], capture_output=True, text=True).stdout
+tasks = {task: open(f'/proc/self/task/{task}/cgroup').read() for task in os.listdir('/proc/self/task')}
+stop.set()
+print(json.dumps({'tasks': tasks, 'child': child}))
+"""
+
+
+def cgroup_lines(text: str, version: str, roots: list[str]) -> set[str]:
+    """The lines of a /proc/.../cgroup for our hierarchies (v1: by controller; v2: the unified one)."""
+    if version == "v2":
+        return {line for line in text.splitlines() if line.startswith("0::")}
+    names = {os.path.basename(root) for root in roots}
+    return {line for line in text.splitlines() if set(line.split(":")[1].split(",")) & names}
+
+
+def test_every_thread_and_child_of_a_kernel_is_in_its_own_cgroups(server, capabilities):
+    """A kernel is moved into its cgroups while it has one thread (its threads start later), by the cheapest
+    move Linux has for that; what it starts after, threads or processes, is in them too."""
+    if not capabilities.cgroup:
+        pytest.skip("no cgroups here: " + capabilities.report())
+    from sandbox_server.isolation import cgroup_roots
+
+    roots = cgroup_roots(capabilities.cgroup, capabilities.cgroup_cpu)
+    session = server.create()
+    found = json.loads(server.execute(session, CGROUPS_OF_EVERY_TASK)["stdout"])
+    assert len(found["tasks"]) >= 3
+    every = [cgroup_lines(text, capabilities.cgroup, roots) for text in [*found["tasks"].values(), found["child"]]]
+    assert all(lines == every[0] for lines in every), f"a kernel's threads and child in different cgroups: {found}"
+    lines = every[0]
+    assert lines and all(f"/codeact-{server.process.pid}/k" in line for line in lines), lines
+    server.close(session)
+
+
+JOIN_WITH_ONE_THREAD_THEN_TWO = """
+import json, os, sys, threading
+from sandbox_server import confine, isolation
+version, cpu = sys.argv[1], sys.argv[2] == "cpu"
+roots = isolation.cgroup_roots(version, cpu)
+parents = isolation.make_cgroup_parents(version, f"codeact-{os.getpid()}", cpu)
+children = [os.path.join(parent, "k1") for parent in parents]
+for child in children:
+    os.mkdir(child)
+def where():
+    return sorted(open(f"/proc/self/task/{task}/cgroup").read() for task in os.listdir("/proc/self/task"))
+stop = threading.Event()
+seen = []
+try:
+    confine.join_cgroups(children)  # one thread
+    threading.Thread(target=stop.wait).start()
+    seen.append(where())
+    confine.join_cgroups(roots)  # two threads: back out
+    seen.append(where())
+    confine.join_cgroups(children)  # two threads: in again
+    seen.append(where())
+    confine.join_cgroups(roots)
+finally:
+    stop.set()
+    isolation.Isolation.remove_cgroups([*children, *parents])
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.skipif(not ROOT_ONLY, reason="moving a process between cgroups needs root")
+def test_joining_cgroups_moves_every_thread_of_the_process(capabilities):
+    """confine.join_cgroups moves one thread where the process has only that one (cgroup v1's `tasks`), and the
+    whole process where it has more; either way every thread ends in the cgroups, and those started later too."""
+    if not capabilities.cgroup:
+        pytest.skip("no cgroups here: " + capabilities.report())
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", JOIN_WITH_ONE_THREAD_THEN_TWO, capabilities.cgroup,
+                             "cpu" if capabilities.cgroup_cpu else "-"], capture_output=True, text=True, timeout=60,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr
+    inside, outside, inside_again = json.loads(result.stdout)
+    for seen, expected in ((inside, True), (outside, False), (inside_again, True)):
+        assert len(seen) == 2 and seen[0] == seen[1], seen  # both threads, in the same cgroups
+        assert ("/k1\n" in seen[0]) is expected, seen[0]
+
+
 def test_kernels_run_with_no_new_privs_and_the_seccomp_filter(server, capabilities):
     if not capabilities.seccomp:
         pytest.skip("no seccomp here: " + capabilities.report())

@@ -3,7 +3,7 @@
 Run as `python -E -s -S .../sandbox_server/confine.py SPEC_JSON`, as root inside the kernel's namespaces
 when the server has them. A script, not `-m`: the package's `__init__` would import tornado and zmq into
 every launch. In order:
-1. join the kernel's cgroups;
+1. join the kernel's cgroups; in a network namespace of its own, bring its loopback interface up;
 2. shape the mount namespace (when it has one): the interpreter and the server's pip hook and the session's
    wheels reachable, the whole host read-only, a
    private /tmp and /dev/shm (tmpfs, sized, charged to the kernel's memory cgroup, gone with the kernel),
@@ -18,11 +18,14 @@ Imports only the standard library, and little of it.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import json
 import os
 import resource
 import signal
+import socket
+import struct
 import sys
 
 try:
@@ -35,6 +38,7 @@ MS_REMOUNT, MS_BIND, MS_REC = 32, 4096, 16384
 MOUNT_OPTIONS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC}
 LEFT_WRITABLE = {"proc", "devpts", "mqueue"}  # kernel interfaces, not storage (writes to /dev nodes work anyway)
 PR_SET_PDEATHSIG = 1
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 # How /proc/self/mountinfo writes these four in a path; the backslash last, so "\134040" stays "\040".
 MOUNTINFO_ESCAPES = (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\"))
 
@@ -76,6 +80,19 @@ def has_one_thread() -> bool:
         return len(os.listdir("/proc/self/task")) == 1
     except OSError:  # (no /proc: assume not)
         return False
+
+
+def bring_loopback_up() -> None:
+    """Bring up the loopback interface of the kernel's own network namespace, which a new namespace has down. The
+    session's processes then reach one another on 127.0.0.1 (a local server and its client; ipykernel forwards
+    what a forked child process prints through a TCP socket there, lost without it), and still nothing outside
+    the namespace. Where it cannot, the kernel runs without, and its log says why."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as handle:
+            flags = struct.unpack_from("16sH", fcntl.ioctl(handle, SIOCGIFFLAGS, struct.pack("16sH22x", b"lo", 0)))[1]
+            fcntl.ioctl(handle, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
+    except OSError as error:
+        print(f"loopback left down in the kernel's network namespace: {error}", file=sys.stderr, flush=True)
 
 
 def open_closed_directories(closed: dict[str, list[str]]) -> None:
@@ -173,6 +190,8 @@ def be_init(kernel: int) -> None:
 def main(argv: list[str]) -> None:
     spec = json.loads(argv[1])
     join_cgroups(spec["cgroups"])
+    if spec["own_network"]:
+        bring_loopback_up()
     if spec["namespaced"]:
         shape_mounts(spec["writable"], spec["private"], spec["closed"], spec["readable"])
     os.chdir(spec["workdir"])

@@ -157,6 +157,7 @@ class Isolation:
             "workdir": workdir,
             "uid": uid,
             "namespaced": caps.namespaces,
+            "own_network": caps.namespaces and not network,  # a network namespace of its own, loopback only
             # What the kernel may write: its directory, its home and its runtime directory (sockets, IPython
             # profile), and its own /tmp and /dev/shm, each at most the memory it may use (tmpfs pages are
             # charged to its memory cgroup too). The rest of the host is read-only to it.

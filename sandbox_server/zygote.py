@@ -662,6 +662,8 @@ def become_kernel(spec: dict, log: int, ready: int, prepared: dict) -> None:
         os.dup2(log, 2)
         os.close(log)
         confine.join_cgroups(spec["cgroups"])
+        if spec["own_network"]:
+            confine.bring_loopback_up()
         if spec["namespaced"]:
             # What `unshare --mount-proc` does: our mounts stop propagating to the host, then a /proc of the
             # new pid namespace.

@@ -607,6 +607,29 @@ def test_the_server_port_is_closed_to_kernels_without_the_network(server, capabi
     server.close(session)
 
 
+OWN_LOOPBACK = """
+import multiprocessing, socket, threading
+def child():
+    print('from a forked child', flush=True)
+process = multiprocessing.get_context('fork').Process(target=child)
+process.start()
+process.join()
+listener = socket.create_server(('127.0.0.1', 0))
+threading.Thread(target=lambda: listener.accept()[0].sendall(b'hello'), daemon=True).start()
+print(socket.create_connection(listener.getsockname(), timeout=5).recv(5).decode())
+"""
+
+
+def test_a_sessions_processes_reach_one_another_on_its_own_loopback(server):
+    """Without the network a kernel has a network namespace of its own, its loopback up: what a forked child
+    prints comes back (ipykernel forwards it over 127.0.0.1) and a server the session starts answers its client;
+    the server's own port is still not there (test_the_server_port_is_closed_to_kernels_without_the_network)."""
+    session = server.create()
+    result = server.execute(session, OWN_LOOPBACK, timeout=30)
+    assert result["stdout"] == "from a forked child\nhello\n", result
+    server.close(session)
+
+
 def test_a_killed_servers_leftovers_are_removed_by_the_next_server(tmp_path):
     base = tmp_path / "base"
     base.mkdir()

@@ -39,6 +39,7 @@ MOUNT_OPTIONS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC}
 LEFT_WRITABLE = {"proc", "devpts", "mqueue"}  # kernel interfaces, not storage (writes to /dev nodes work anyway)
 PR_SET_PDEATHSIG = 1
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+IFREQ = "16sH22x"  # struct ifreq as these two read it: the interface's name, its flags, the rest of the union
 # How /proc/self/mountinfo writes these four in a path; the backslash last, so "\134040" stays "\040".
 MOUNTINFO_ESCAPES = (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\"))
 
@@ -89,8 +90,8 @@ def bring_loopback_up() -> None:
     the namespace. Where it cannot, the kernel runs without, and its log says why."""
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as handle:
-            flags = struct.unpack_from("16sH", fcntl.ioctl(handle, SIOCGIFFLAGS, struct.pack("16sH22x", b"lo", 0)))[1]
-            fcntl.ioctl(handle, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
+            flags = struct.unpack(IFREQ, fcntl.ioctl(handle, SIOCGIFFLAGS, struct.pack(IFREQ, b"lo", 0)))[1]
+            fcntl.ioctl(handle, SIOCSIFFLAGS, struct.pack(IFREQ, b"lo", flags | IFF_UP))
     except OSError as error:
         print(f"loopback left down in the kernel's network namespace: {error}", file=sys.stderr, flush=True)
 

@@ -140,7 +140,7 @@ class LocalKernel:
             if self.template is not None:
                 try:
                     spec = {**self.launch.spec, "hook_limits": kernel_hook_limits(self.config)}
-                    self.process = await self.template.fork(spec, self.launch.network, log_fd, ready_write)
+                    self.process = await self.template.fork(spec, log_fd, ready_write)
                     self.started_by = "fork"
                 except TemplateUnavailable as error:  # boots instead: slower, never lost
                     log.info("kernel %s boots: %s", self.name, error)

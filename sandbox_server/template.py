@@ -303,7 +303,7 @@ class KernelTemplate:
             if not future.done():
                 future.set_exception(TemplateUnavailable(why))
 
-    async def fork(self, spec: dict, network: bool, log_fd: int, ready_fd: int,
+    async def fork(self, spec: dict, log_fd: int, ready_fd: int,
                    timeout: float = FORK_TIMEOUT) -> ForkedProcess:
         """A new kernel process, confined by `spec` as confine.py would, with `log_fd` as its output and
         `ready_fd` to write to once its event loop runs; TemplateUnavailable if not now."""
@@ -313,7 +313,7 @@ class KernelTemplate:
         future = asyncio.get_running_loop().create_future()
         self.pending[request_id] = future
         try:
-            await self._send(json.dumps({"id": request_id, "spec": spec, "network": network}).encode(),
+            await self._send(json.dumps({"id": request_id, "spec": spec}).encode(),
                              [log_fd, ready_fd])
             return await asyncio.wait_for(future, timeout)
         except BaseException as error:  # (a kernel forked after all is let go when its answer comes)

@@ -624,7 +624,7 @@ def take_request(control: socket.socket, taken: int, report: int, lifeline: int,
             if os.getpid() != 2:  # (1 is its lifeline)
                 raise OSError("the template could not make a pid namespace")
             namespaces = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
-            if not request["network"]:
+            if spec["own_network"]:
                 namespaces |= CLONE_NEWNET
             if LIBC.unshare(namespaces) != 0:
                 number = ctypes.get_errno()

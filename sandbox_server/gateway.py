@@ -43,6 +43,7 @@ from .protocol import NOT_RUN, ExecuteState, Pacer, clean
 log = logging.getLogger("sandbox_server.gateway")
 
 POLL_INTERVAL = 0.25
+RECONNECT_DELAY = 0.1  # before opening a kernel's websocket again, after it failed as the kernel started
 DELETE_RETRIES = 8  # Kernel Gateway answers 500 to a DELETE while it restarts the kernel (after os._exit)
 DELETE_BACKOFF_MAX = 4.0  # seconds between retries, at most: the eight span about 20 s
 CLOSE_WAIT = 2.0  # at shutdown, for deletes in flight (the server's stop has 4.5 s in all)
@@ -132,12 +133,44 @@ class GatewayKernel:
                 request, max_message_size=self.backend.config.max_message)
         except (OSError, httpclient.HTTPClientError, websocket.WebSocketError) as error:
             raise GatewayUnavailable(f"cannot open the websocket of kernel {self.kernel_id}: {error}")
-        raw = self.connection.stream.socket
+        raw = self.connection.stream.socket if self.connection.stream is not None else None
+        if raw is None:  # closed as soon as it opened (a proxy, a blip): the caller may open another
+            self.connection = None
+            raise GatewayUnavailable(f"the websocket of kernel {self.kernel_id} closed as it opened")
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     async def start(self, timeout: float) -> None:
+        """Open the kernel's websocket, wait until the kernel answers on shell and iopub, then set it up. A
+        websocket that will not open, or that drops before the kernel has answered (a network blip, a proxy, a
+        gateway still starting the kernel), is opened again until the deadline; a start that fails is a
+        KernelStartError (the client's 503), whatever the gateway did."""
         deadline = time.monotonic() + timeout
-        await self.connect()
+        while True:
+            try:
+                await self._answering(deadline, timeout)
+                break
+            except (GatewayUnavailable, ConnectionError, websocket.WebSocketClosedError, asyncio.TimeoutError) as error:
+                problem = str(error) or type(error).__name__
+            if self.connection is not None:
+                self.connection.close()
+                self.connection = None
+            if time.monotonic() + RECONNECT_DELAY > deadline:
+                raise KernelStartError(f"gateway kernel {self.kernel_id} could not be reached within {timeout:g} s "
+                                       f"(--kernel-start-timeout): {problem}")
+            if not await self.backend.kernel_exists(self.kernel_id):
+                raise KernelStartError(f"the gateway lost kernel {self.kernel_id} as it started ({problem})")
+            log.info("kernel %s: its websocket failed as it started (%s); opening another", self.name, problem)
+            await asyncio.sleep(RECONNECT_DELAY)
+        setup = f"{kernel_setup_code(self.backend.config)}\n_codeact_enter_home({self.home.workdir!r})"
+        execution = await self.execute(setup, max(deadline - time.monotonic(), 1.0), silent=True)
+        if execution.status != OK:
+            raise KernelStartError(f"gateway kernel {self.kernel_id} setup failed: {execution.text[-500:]}")
+
+    async def _answering(self, deadline: float, timeout: float) -> None:
+        """Until the kernel has answered a kernel_info on shell and iopub: on a busy gateway a new kernel's iopub
+        can miss the first status, so the request is sent again every half second."""
+        if self.connection is None:
+            await asyncio.wait_for(self.connect(), max(deadline - time.monotonic(), 0.001))
         shell_ready = iopub_ready = False
         while not (shell_ready and iopub_ready):
             if time.monotonic() > deadline:
@@ -156,10 +189,6 @@ class GatewayKernel:
                 iopub_ready = iopub_ready or (message.get("channel") == "iopub" and kind == "status")
                 if shell_ready and iopub_ready:
                     break
-        setup = f"{kernel_setup_code(self.backend.config)}\n_codeact_enter_home({self.home.workdir!r})"
-        execution = await self.execute(setup, max(deadline - time.monotonic(), 1.0), silent=True)
-        if execution.status != OK:
-            raise KernelStartError(f"gateway kernel {self.kernel_id} setup failed: {execution.text[-500:]}")
 
     async def send(self, msg_type: str, content: dict, channel: str) -> str:
         msg_id = uuid.uuid4().hex

@@ -54,13 +54,19 @@ class SandboxProcess:
 
     def create(self, **body) -> str:
         response = self.request("POST", "/v1/sessions", json=body)
-        assert response.status_code == 201, response.text
+        assert response.status_code == 201, self.explain(response)
         return response.json()["id"]
 
     def execute(self, session_id: str, code: str, **body) -> dict:
         response = self.request("POST", f"/v1/sessions/{session_id}/execute", json={"code": code, **body})
-        assert response.status_code == 200, response.text
+        assert response.status_code == 200, self.explain(response)
         return response.json()
+
+    def explain(self, response: requests.Response) -> str:
+        """An unexpected answer, with the end of the server's log: a server error's cause is only there, and the
+        log goes with the test's directory."""
+        lines = [line for line in self.log if "GET /health" not in line]  # (what waiting for the pool logs)
+        return f"{response.status_code} {response.text}\n--- the server's log, its end:\n" + "\n".join(lines[-60:])
 
     def close(self, session_id: str) -> None:
         self.request("DELETE", f"/v1/sessions/{session_id}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import statistics
 import threading
@@ -44,7 +45,7 @@ class CuttableProxy:
     """A TCP proxy in front of the gateway whose open connections the test can cut, as a network blip or a
     load balancer's idle timeout would; new connections go through as before."""
 
-    def __init__(self, gateway: KernelGateway) -> None:
+    def __init__(self, gateway: KernelGateway, cut_first_websockets: bool = False) -> None:
         self.upstream = ("127.0.0.1", gateway.port)
         self.token = gateway.token
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -52,6 +53,10 @@ class CuttableProxy:
         self.pairs: list[tuple[socket.socket, socket.socket]] = []  # (our end, the gateway's end)
         self.unaware: set[socket.socket] = set()  # gateway ends of cut connections, left open on purpose
         self.lock = threading.Lock()
+        # With `cut_first_websockets`, each kernel's first websocket is cut as soon as the gateway has accepted
+        # it: what a server starting that kernel meets when the network blips or a proxy drops new connections.
+        self.cut_first_websockets = cut_first_websockets
+        self.websockets_cut: set[str] = set()  # the kernels whose first websocket was cut
         threading.Thread(target=self.accept, daemon=True).start()
 
     def accept(self) -> None:
@@ -64,13 +69,27 @@ class CuttableProxy:
             theirs.settimeout(None)
             with self.lock:
                 self.pairs.append((ours, theirs))
-            for source, target in ((ours, theirs), (theirs, ours)):
-                threading.Thread(target=self.pump, args=(source, target), daemon=True).start()
+            threading.Thread(target=self.pump, args=(ours, theirs), daemon=True).start()
 
-    def pump(self, source: socket.socket, target: socket.socket) -> None:
+    def pump(self, ours: socket.socket, theirs: socket.socket) -> None:
+        """Our side's first bytes (an HTTP request), then both directions, each in a thread of its own."""
+        cut_after_upgrade = False
+        with contextlib.suppress(OSError):
+            first = ours.recv(65536)
+            kernel = re.match(rb"GET /api/kernels/([0-9a-f-]+)/channels", first)
+            if self.cut_first_websockets and kernel is not None and kernel[1] not in self.websockets_cut:
+                self.websockets_cut.add(kernel[1])
+                cut_after_upgrade = True
+            theirs.sendall(first)
+        threading.Thread(target=self.relay, args=(theirs, ours, cut_after_upgrade), daemon=True).start()
+        self.relay(ours, theirs)
+
+    def relay(self, source: socket.socket, target: socket.socket, cut_after_upgrade: bool = False) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
                 target.sendall(data)
+                if cut_after_upgrade and data.startswith(b"HTTP/1.1 101"):  # accepted: cut it now
+                    break
         for end in (source, target):  # pass the close on, except to a gateway that must not notice it
             if end not in self.unaware:
                 shut(end)
@@ -298,6 +317,23 @@ def test_websocket_cut_mid_execute_keeps_the_kernel_and_the_result(request, kind
         assert (result["status"], result["stdout"], result["new_kernel"]) == ("ok", "before\nafter\n", False), result
         after = server.execute(session, "print(kept, value)")
         assert after["stdout"] == "state 42\n" and not after["new_kernel"], after
+    finally:
+        server.stop()
+        proxy.close()
+
+
+def test_a_websocket_cut_while_its_kernel_starts_is_opened_again(kind, gateway, tmp_path):
+    """Each kernel's first websocket is cut as soon as the gateway accepts it, before the kernel has answered:
+    the server opens another and the kernel starts (the pool's and a session's own), rather than failing the
+    start, or answering a create with a server error."""
+    proxy = CuttableProxy(gateway, cut_first_websockets=True)
+    server = gateway_sandbox(proxy, tmp_path)  # (waits for the pool's first kernel)
+    try:
+        sessions = [server.create() for _ in range(3)]  # more than the pool holds: one starts for its create
+        for session in sessions:
+            assert server.execute(session, "1+1")["results"][0]["data"]["text/plain"] == "2"
+        assert len(proxy.websockets_cut) >= 3
+        assert not [line for line in server.log if "failed to start" in line or "Traceback" in line], server.log
     finally:
         server.stop()
         proxy.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -18,6 +19,12 @@ from codeact_sdk.testing import ScriptedModelServer
 from sandbox_server.testing import descendants, still_running
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+
+# A shell starts a command put in the background (`make test &`, nohup) with SIGINT ignored, every process it
+# starts inherits that, and Python then never raises KeyboardInterrupt: the tests that press Ctrl-C in the CLI
+# would fail for how the suite was started. A handler here is reset to the default in every process started.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @dataclass

@@ -43,7 +43,8 @@ from .protocol import NOT_RUN, ExecuteState, Pacer, clean
 log = logging.getLogger("sandbox_server.gateway")
 
 POLL_INTERVAL = 0.25
-RECONNECT_DELAY = 0.1  # before opening a kernel's websocket again, after it failed as the kernel started
+# Before opening a kernel's websocket again after it failed as the kernel started: doubled each time, up to the max.
+RECONNECT_DELAY, RECONNECT_DELAY_MAX = 0.1, 1.0
 DELETE_RETRIES = 8  # Kernel Gateway answers 500 to a DELETE while it restarts the kernel (after os._exit)
 DELETE_BACKOFF_MAX = 4.0  # seconds between retries, at most: the eight span about 20 s
 CLOSE_WAIT = 2.0  # at shutdown, for deletes in flight (the server's stop has 4.5 s in all)
@@ -145,6 +146,7 @@ class GatewayKernel:
         gateway still starting the kernel), is opened again until the deadline; a start that fails is a
         KernelStartError (the client's 503), whatever the gateway did."""
         deadline = time.monotonic() + timeout
+        delay = RECONNECT_DELAY
         while True:
             try:
                 await self._answering(deadline, timeout)
@@ -154,13 +156,14 @@ class GatewayKernel:
             if self.connection is not None:
                 self.connection.close()
                 self.connection = None
-            if time.monotonic() + RECONNECT_DELAY > deadline:
+            if time.monotonic() + delay > deadline:
                 raise KernelStartError(f"gateway kernel {self.kernel_id} could not be reached within {timeout:g} s "
                                        f"(--kernel-start-timeout): {problem}")
             if not await self.backend.kernel_exists(self.kernel_id):
                 raise KernelStartError(f"the gateway lost kernel {self.kernel_id} as it started ({problem})")
             log.info("kernel %s: its websocket failed as it started (%s); opening another", self.name, problem)
-            await asyncio.sleep(RECONNECT_DELAY)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, RECONNECT_DELAY_MAX)
         setup = f"{kernel_setup_code(self.backend.config)}\n_codeact_enter_home({self.home.workdir!r})"
         execution = await self.execute(setup, max(deadline - time.monotonic(), 1.0), silent=True)
         if execution.status != OK:

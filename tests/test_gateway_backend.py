@@ -4,6 +4,7 @@ does: being down or restarting, culling kernels, binary frames, its users and qu
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -45,7 +46,7 @@ class CuttableProxy:
     """A TCP proxy in front of the gateway whose open connections the test can cut, as a network blip or a
     load balancer's idle timeout would; new connections go through as before."""
 
-    def __init__(self, gateway: KernelGateway, cut_first_websockets: bool = False) -> None:
+    def __init__(self, gateway: KernelGateway, cut_websockets: int = 0) -> None:
         self.upstream = ("127.0.0.1", gateway.port)
         self.token = gateway.token
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -53,10 +54,10 @@ class CuttableProxy:
         self.pairs: list[tuple[socket.socket, socket.socket]] = []  # (our end, the gateway's end)
         self.unaware: set[socket.socket] = set()  # gateway ends of cut connections, left open on purpose
         self.lock = threading.Lock()
-        # With `cut_first_websockets`, each kernel's first websocket is cut as soon as the gateway has accepted
-        # it: what a server starting that kernel meets when the network blips or a proxy drops new connections.
-        self.cut_first_websockets = cut_first_websockets
-        self.websockets_cut: set[str] = set()  # the kernels whose first websocket was cut
+        # Each kernel's first `cut_websockets` websockets are cut as soon as the gateway has accepted them: what a
+        # server starting that kernel meets when the network blips, or a proxy drops new connections.
+        self.cut_websockets = cut_websockets
+        self.websockets_cut: collections.Counter[bytes] = collections.Counter()  # per kernel id
         threading.Thread(target=self.accept, daemon=True).start()
 
     def accept(self) -> None:
@@ -77,8 +78,8 @@ class CuttableProxy:
         with contextlib.suppress(OSError):
             first = ours.recv(65536)
             kernel = re.match(rb"GET /api/kernels/([0-9a-f-]+)/channels", first)
-            if self.cut_first_websockets and kernel is not None and kernel[1] not in self.websockets_cut:
-                self.websockets_cut.add(kernel[1])
+            if kernel is not None and self.websockets_cut[kernel[1]] < self.cut_websockets:
+                self.websockets_cut[kernel[1]] += 1
                 cut_after_upgrade = True
             theirs.sendall(first)
         threading.Thread(target=self.relay, args=(theirs, ours, cut_after_upgrade), daemon=True).start()
@@ -326,7 +327,7 @@ def test_a_websocket_cut_while_its_kernel_starts_is_opened_again(kind, gateway, 
     """Each kernel's first websocket is cut as soon as the gateway accepts it, before the kernel has answered:
     the server opens another and the kernel starts (the pool's and a session's own), rather than failing the
     start, or answering a create with a server error."""
-    proxy = CuttableProxy(gateway, cut_first_websockets=True)
+    proxy = CuttableProxy(gateway, cut_websockets=1)
     server = gateway_sandbox(proxy, tmp_path)  # (waits for the pool's first kernel)
     try:
         sessions = [server.create() for _ in range(3)]  # more than the pool holds: one starts for its create
@@ -334,6 +335,29 @@ def test_a_websocket_cut_while_its_kernel_starts_is_opened_again(kind, gateway, 
             assert server.execute(session, "1+1")["results"][0]["data"]["text/plain"] == "2"
         assert len(proxy.websockets_cut) >= 3
         assert not [line for line in server.log if "failed to start" in line or "Traceback" in line], server.log
+    finally:
+        server.stop()
+        proxy.close()
+
+
+def test_a_kernel_whose_websocket_never_holds_is_a_clear_503_within_the_start_timeout(kind, gateway, tmp_path):
+    """Every websocket of every kernel is cut as the gateway accepts it: the create answers 503 with Retry-After
+    and the reason once --kernel-start-timeout has passed, the server stays up, and the kernel is deleted."""
+    proxy = CuttableProxy(gateway, cut_websockets=1000)
+    server = LocalSandbox("--backend", "gateway", "--gateway-url", proxy.url, "--gateway-token", gateway.token,
+                          "--kernel-start-timeout", "4", token="", pool_size=0, root_dir=str(tmp_path)).start()
+    try:
+        started = time.monotonic()
+        response = requests.post(server.url + "/v1/sessions", json={}, timeout=60)
+        took = time.monotonic() - started
+        assert response.status_code == 503 and "Retry-After" in response.headers, response.text
+        found = re.search(r"gateway kernel ([0-9a-f-]+) could not be reached within 4 s", response.json()["message"])
+        assert found, response.text
+        assert 3.5 < took < 15, took
+        assert requests.get(server.url + "/health", timeout=10).status_code == 200
+        kernel = f"{gateway.url}/api/kernels/{found[1]}"
+        wait_for(lambda: requests.get(kernel, headers={"Authorization": f"token {gateway.token}"},
+                                      timeout=10).status_code == 404, timeout=30, what="the kernel deleted")
     finally:
         server.stop()
         proxy.close()

@@ -7,11 +7,12 @@ drifts by a fifth within an hour, so bursts measured in separate runs do not com
 Each round measures the other checkout, then this one. A measurement starts a server from that checkout's own
 directory (`python -m` puts the working directory first on sys.path, so a server started from here would run
 this code whatever PYTHONPATH says), makes one warm-up burst, then `--bursts` bursts, each on a quiet server
-(the pool refilled, no clean-up running), and reads around each the machine's CPU (/proc/stat, without idle,
-iowait and steal) and the server's, the template's and the new kernels' (/proc/PID/stat).
+(the pool refilled, its spare session directories made, no clean-up running), and reads around each the
+machine's CPU (/proc/stat, without idle, iowait and steal) and the server's, the template's and the new
+kernels' (/proc/PID/stat).
 
 The measurement (`--measure`) runs this file by its path with the other checkout first on the path, so it uses
-only what both have: LocalSandbox and `descendants`.
+only what both have: LocalSandbox, `descendants` and Config (whose `spare_homes` may be missing).
 """
 
 from __future__ import annotations
@@ -95,12 +96,15 @@ def measure(count: int, bursts: int) -> None:
     import requests
 
     from codeact_sdk.local_sandbox import LocalSandbox
+    from sandbox_server.config import Config
     from sandbox_server.testing import descendants
 
     def wait_until_quiet(sandbox: LocalSandbox) -> None:
         sandbox.wait_for_pool(4, timeout=120)
         deadline = time.monotonic() + 120
-        while any(process[1] == "rm" for process in descendants(sandbox.process.pid)):
+        spare_homes = getattr(Config(), "spare_homes", 0)  # (this checkout's: the option is newer than burst_ab)
+        while (any(process[1] == "rm" for process in descendants(sandbox.process.pid))
+               or requests.get(sandbox.url + "/health", timeout=10).json().get("spare_homes", 0) < spare_homes):
             if time.monotonic() > deadline:
                 raise TimeoutError("the server's clean-up did not end")
             time.sleep(0.1)

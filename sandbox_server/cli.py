@@ -34,6 +34,8 @@ HELP = {
     "gateway_poll_interval": "with --backend gateway: seconds between asking the gateway which of our kernels it "
                              "still has (one culled or deleted there is replaced at its session's next execute)",
     "pool_size": "warm kernels kept started, so a new session never waits for a boot",
+    "spare_homes": "sessions' directories (each with its own uid and install socket) kept made ahead, so a burst of "
+                   "sessions starts its kernels at once; local backend",
     "kernel_start": "how local kernels start: fork (from a template process that has imported what a kernel needs; "
                     "milliseconds each, pages shared) or boot (a new interpreter each, as before); fork boots "
                     "whenever the template is unavailable",

@@ -40,6 +40,7 @@ class Config:
 
     # Kernels and sessions.
     pool_size: int = 4  # warm kernels kept ready; creating a session never waits for a boot
+    spare_homes: int = 100  # sessions' directories made ahead (local backend): a burst starts its kernels at once
     # "fork": kernels are forked from a template process that has imported what a kernel needs (template.py),
     # booting only while it is unavailable; "boot": every kernel is a new interpreter. Local backend only.
     kernel_start: str = "fork"
@@ -109,6 +110,8 @@ class Config:
             raise ValueError("--kernel-start must be fork or boot")
         if self.pool_size < 0:
             raise ValueError("--pool-size must be 0 or more")
+        if self.spare_homes < 0:
+            raise ValueError("--spare-homes must be 0 or more")
         if self.max_sessions < 1:
             raise ValueError("--max-sessions must be 1 or more")
         if self.cpu_limit and self.cpu_limit < 0.01:

@@ -310,5 +310,6 @@ class SessionManager:
 
     def counts(self) -> dict[str, int]:
         return {"sessions": len(self.sessions), "pool_ready": len(self.pool.ready),
-                "pool_starting": self.pool.starting}
+                "pool_starting": self.pool.starting,
+                "spare_homes": len(getattr(self.backend, "spare_homes", ()))}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 
 import pytest
@@ -347,3 +348,46 @@ def test_the_next_server_removes_a_killed_servers_cgroups(tmp_path, capabilities
     assert all(os.path.isdir(path) for path in left)
     start_sandbox(str(tmp_path / "next"), pool_size=1).stop()
     assert [path for path in left if os.path.isdir(path)] == []
+
+
+def test_sessions_take_directories_made_ahead_each_its_own_and_none_outlives_the_server(tmp_path):
+    """--spare-homes: sessions' directories (each with its own uid lease and install socket) are made ahead. Each
+    session takes one of its own, a taken one is made again, and at shutdown the spares go with the server's root,
+    their uid leases released."""
+    from codeact_sdk.local_sandbox import LocalSandbox
+    from sandbox_server.uids import REGISTRY
+
+    def spare_count() -> int:
+        return requests.get(server.url + "/health", timeout=10).json()["spare_homes"]
+
+    def session_directories(root: str) -> set[str]:
+        return {entry.name for entry in os.scandir(root) if re.fullmatch(r"s[0-9a-f]{6}", entry.name)}
+
+    with LocalSandbox("--spare-homes", "3", pool_size=0, root_dir=str(tmp_path)) as server:
+        headers = {"Authorization": f"Bearer {server.token}"}
+        wait_for(lambda: spare_count() == 3, timeout=30, what="three spare directories")
+        [root] = [entry.path for entry in os.scandir(tmp_path) if entry.name.startswith("codeact-")]
+        spares = session_directories(root)
+        assert len(spares) == 3
+        seen = []
+        for _ in range(5):
+            session = requests.post(server.url + "/v1/sessions", json={}, headers=headers, timeout=60).json()["id"]
+            reply = requests.post(f"{server.url}/v1/sessions/{session}/execute", headers=headers, timeout=60,
+                                  json={"code": "import os\nprint(os.getcwd(), os.getuid())"}).json()
+            seen.append(tuple(reply["stdout"].split()))
+        directories = [os.path.basename(os.path.dirname(workdir)) for workdir, _uid in seen]
+        assert len(set(directories)) == 5 and len({uid for _workdir, uid in seen}) == 5, seen
+        assert spares <= set(directories), "the sessions did not take the directories made ahead"
+        wait_for(lambda: spare_count() == 3, timeout=30, what="the spares made again")
+        made_again = session_directories(root) - set(directories)
+        assert len(made_again) == 3 and not made_again & spares
+        server_pid = server.process.pid
+    assert not os.path.exists(root)
+    if os.geteuid() == 0 and os.path.isdir(REGISTRY):  # (uids are leased when the server is root)
+        held = []
+        for name in os.listdir(REGISTRY):
+            with open(os.path.join(REGISTRY, name)) as handle:
+                text = handle.read()
+            if name != "cursor" and text and json.loads(text).get("server") == server_pid:
+                held.append(name)
+        assert held == [], f"uid leases of spare directories outlived the server: {held}"

@@ -247,10 +247,11 @@ def test_fifty_concurrent_sessions(sandbox):
 @pytest.mark.parametrize("way", ["fork", "boot"])
 def test_a_session_whose_kernel_cannot_start_leaves_no_directory_or_uid(tmp_path, way):
     """Every kernel start times out here (a forked kernel is ready in ~30 ms): the creation is a 503, and the
-    session's directories and uid lease go with it (they stayed until shutdown)."""
+    session's directories and uid lease go with it (they stayed until shutdown). The sessions take the server's
+    two spare directories first, then make their own; what is left is two spares again."""
     from codeact_sdk.local_sandbox import LocalSandbox
 
-    with LocalSandbox("--kernel-start", way, "--kernel-start-timeout", "0.001", pool_size=0,
+    with LocalSandbox("--kernel-start", way, "--kernel-start-timeout", "0.001", "--spare-homes", "2", pool_size=0,
                       root_dir=str(tmp_path)) as server:
         headers = {"Authorization": f"Bearer {server.token}"}
         for _ in range(3):
@@ -258,7 +259,8 @@ def test_a_session_whose_kernel_cannot_start_leaves_no_directory_or_uid(tmp_path
             assert response.status_code == 503, response.text
         root = next(entry for entry in tmp_path.iterdir() if entry.name.startswith("codeact-"))
         deadline = time.monotonic() + 10
-        while (left := [entry.name for entry in root.iterdir() if re.fullmatch(r"s[0-9a-f]{6}", entry.name)]) \
+        while (len(left := [entry.name for entry in root.iterdir() if re.fullmatch(r"s[0-9a-f]{6}", entry.name)])
+               != 2 or requests.get(server.url + "/health", timeout=10).json()["spare_homes"] != 2) \
                 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert left == [], f"session directories left behind: {left}"
+        assert len(left) == 2, f"session directories left behind besides the two spares: {left}"

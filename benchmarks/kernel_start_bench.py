@@ -12,7 +12,11 @@
    /dev/shm where that is a tmpfs, and what one `mkdir` costs on each after many removals (each session makes
    and removes ~26 files and directories there: on an ext4 without a journal that is milliseconds a session);
 5. with `--kernel-python PYTHON` (repeatable): 100 forked sessions at once and idle memory with kernels on the
-   server's interpreter and on each one given, to compare Python versions.
+   server's interpreter and on each one given, to compare Python versions;
+6. with `--series SERVERS` (alone, ~3 minutes a server): in each of that many fresh servers, bursts of 100 after
+   idle spells of 0 to 60 s (SERIES_GAPS), every burst reported: how the time to all answered spreads. On a
+   virtual machine whose free memory goes back to its host, a burst that meets memory handed back long ago
+   pays a host fault per page its kernels copy (docs/benchmarks.md, "the machine's memory").
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from .burst_ab import machine_cpu, process_cpu, sessions_at_once
 from .measure import percentile, summary, table
 
 BURSTS = (10, 50, 100)
+SERIES_GAPS = (0, 0, 10, 30, 60, 0, 45, 0)  # seconds of quiet before each burst of a series (after its clean-up)
 IDLE_SESSIONS = 100
 REPLACEMENTS = 20
 
@@ -220,6 +225,29 @@ def by_interpreter(pythons: list[str]) -> list[tuple[str, dict, dict]]:
     return results
 
 
+def series(servers: int) -> str:
+    """Bursts of 100 forked sessions after idle spells of SERIES_GAPS seconds, in `servers` fresh servers."""
+    rows, alls = [], []
+    for server in range(servers):
+        with tempfile.TemporaryDirectory(prefix="codeact-bench-") as root, \
+                LocalSandbox("--max-sessions", "150", pool_size=4, root_dir=root) as sandbox:
+            for number, gap in enumerate(SERIES_GAPS, 1):
+                wait_until_quiet(sandbox)
+                time.sleep(0.5 + gap)
+                run = burst(sandbox, 100)
+                alls.append(run["all"])
+                rows.append(f"| {server + 1} | {number} | {gap} | {run['all']:.2f} | "
+                            f"{percentile(run['latency'], 0.5):.2f} / {percentile(run['latency'], 0.99):.2f} | "
+                            f"{run['machine_ms']:.1f} | {run['errors']} |")
+    report = ("### 100 forked sessions at once, burst after burst, after idle spells\n\n| server | burst | quiet "
+              "before, s | all answered s | per-session p50 / p99 s | machine CPU ms per session | errors |\n"
+              "|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n")
+    under = sum(seconds < 2 for seconds in alls)
+    report += (f"\n{len(alls)} bursts: all answered median {statistics.median(alls):.2f} s, p90 "
+               f"{percentile(alls, 0.9):.2f} s, max {max(alls):.2f} s; {under} under 2 s.\n")
+    return report
+
+
 def main(kernel_pythons: list[str] = ()) -> str:
     forked, booted = measure("fork"), measure("boot")
     filesystems = root_filesystems()
@@ -272,4 +300,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernel-python", action="append", default=[], metavar="PYTHON",
                         help="also measure forked kernels on this interpreter (a venv with codeact[kernel])")
-    print(main(parser.parse_args().kernel_python))
+    parser.add_argument("--series", type=int, metavar="SERVERS",
+                        help="only bursts of 100 after idle spells, in this many fresh servers (~3 minutes each)")
+    args = parser.parse_args()
+    print(series(args.series) if args.series else main(args.kernel_python))

@@ -235,6 +235,44 @@ def test_tmp_and_shm_are_private_counted_and_gone_with_the_session(server, capab
     server.close(other)
 
 
+# Each mount the kernel can reach by its path: one that a later mount hides (a closed directory's cover, beneath
+# the private /tmp) is out of reach, and is told apart by the device its path now leads to.
+MOUNTS = """
+import os
+for line in open('/proc/self/mountinfo'):
+    fields = line.split()
+    major, minor = map(int, fields[2].split(':'))
+    try:
+        reached = os.stat(fields[4]).st_dev == os.makedev(major, minor)
+    except OSError:
+        reached = False
+    if reached:
+        print(fields[4], fields[5].split(',')[0], fields[fields.index('-') + 1])
+"""
+
+
+def test_every_mount_a_kernel_sees_is_read_only_but_its_own(server, capabilities):
+    """The host's file systems, all of them, are read-only in a kernel: only its session's directories (under
+    the server's root), its private /tmp and /dev/shm, and the kernel's interfaces (proc, devpts, mqueue) are
+    writable. Where no uid can be dropped a kernel runs as root, and then this is all that keeps the host's files
+    from it."""
+    if not capabilities.namespaces:
+        pytest.skip("no namespaces here: " + capabilities.report())
+    session = server.create()
+    seen = server.execute(session, MOUNTS)
+    assert seen["status"] == "ok", seen
+    mounts = [line.split(" ") for line in seen["stdout"].splitlines()]
+    root = os.path.realpath(server.root_dir)
+    writable = [(point, kind) for point, access, kind in mounts
+                if access == "rw" and kind not in ("proc", "devpts", "mqueue") and point not in ("/tmp", "/dev/shm")
+                and not point.startswith(root + "/")]
+    assert writable == [], f"writable in the kernel: {writable}"
+    access = {point: access for point, access, _kind in mounts}
+    assert access["/"] == "ro" and access[workdir(server, session)] == "rw", access
+    assert len(mounts) > 5, mounts  # (the host's mounts are there, each made read-only)
+    server.close(session)
+
+
 def test_an_interpreter_under_tmp_stays_visible_and_read_only_inside_the_private_tmp(tmp_path, capabilities):
     """A virtual environment under /tmp (a clone in /tmp, as CI makes) must survive the private /tmp."""
     if not capabilities.namespaces:

@@ -331,6 +331,22 @@ def test_kernels_die_with_a_killed_server(tmp_path):
     server.stop()  # its own files only: the process is gone
 
 
+def test_where_this_machine_allows_namespaces_confined_kernels_start_in_them(capabilities):
+    """Where a confined test kernel does not start, the server runs kernels without namespaces (and says so), and
+    every test that needs them skips: a change that broke the confinement would leave the suite green. So where
+    `unshare` makes these namespaces here, ours must work too."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("namespaces need root and util-linux's unshare")
+    made = subprocess.run(["unshare", "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "--mount-proc", "true"],
+                          capture_output=True, timeout=30)
+    if made.returncode != 0:
+        pytest.skip(f"this machine does not allow namespaces: {made.stderr.decode(errors='replace').strip()}")
+    assert capabilities.namespaces, capabilities.report()
+
+
 def test_the_next_server_removes_a_killed_servers_cgroups(tmp_path, capabilities):
     if not capabilities.cgroup:
         pytest.skip("no cgroups here: " + capabilities.report())

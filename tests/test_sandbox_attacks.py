@@ -273,6 +273,47 @@ def test_every_mount_a_kernel_sees_is_read_only_but_its_own(server, capabilities
     server.close(session)
 
 
+SHAPE_MOUNTS = MOUNTS.replace("import os", """import ctypes, os, sys
+from sandbox_server import confine
+ctypes.CDLL(None, use_errno=True).unshare(0x20000)  # CLONE_NEWNS: this process's own mounts
+confine.mount("none", "/", None, 1 << 18 | confine.MS_REC)  # MS_PRIVATE: nothing goes back to the host
+if sys.argv[2] == "remounts":
+    confine.set_read_only = lambda *args, **kwargs: False  # as where Linux has no mount_setattr
+confine.shape_mounts([sys.argv[1]], {"/tmp": 1 << 20, "/dev/shm": 1 << 20}, {}, [])
+for path in ("/", "/tmp", "/dev/shm", sys.argv[1]):
+    try:
+        open(os.path.join(path, "written"), "w").close()
+        print("wrote", path)
+    except OSError as error:
+        print("refused", path, error.strerror.replace(" ", "-"))""", 1)
+
+
+@pytest.mark.skipif(not ROOT_ONLY, reason="a mount namespace of its own needs root")
+@pytest.mark.parametrize("way", ["at-once", "remounts"])
+def test_the_host_is_made_read_only_in_one_call_or_a_remount_each(tmp_path, capabilities, way):
+    """shape_mounts, in a process of its own as root, where nothing but read-only mounts stops a write: with
+    mount_setattr (one call for the whole tree) and, as on Linux before 5.12, with a remount of each mount."""
+    if not capabilities.namespaces:
+        pytest.skip("no namespaces here: " + capabilities.report())
+    import subprocess
+    import sys
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    done = subprocess.run([sys.executable, "-c", SHAPE_MOUNTS, str(mine), way], capture_output=True, text=True,
+                          timeout=30, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr
+    lines = [line.split(" ") for line in done.stdout.splitlines()]
+    writes = {line[1]: " ".join(line[:1] + line[2:]) for line in lines if line[0] in ("wrote", "refused")}
+    assert writes == {"/": "refused Read-only-file-system", "/tmp": "wrote", "/dev/shm": "wrote",
+                      str(mine): "wrote"}, done.stdout
+    assert (mine / "written").exists() and not os.path.exists("/written"), "not the host's files as they should be"
+    mounts = [line for line in lines if line[0] not in ("wrote", "refused")]
+    writable = [(point, kind) for point, access, kind in mounts if access == "rw" and kind not in
+                ("proc", "devpts", "mqueue") and point not in ("/tmp", "/dev/shm", str(mine))]
+    assert writable == [], f"writable: {writable}"
+
+
 def test_an_interpreter_under_tmp_stays_visible_and_read_only_inside_the_private_tmp(tmp_path, capabilities):
     """A virtual environment under /tmp (a clone in /tmp, as CI makes) must survive the private /tmp."""
     if not capabilities.namespaces:

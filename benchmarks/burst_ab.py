@@ -27,7 +27,11 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from codeact_sdk.local_sandbox import LocalSandbox
 
 TICKS = os.sysconf("SC_CLK_TCK")
 FIGURES = ("all_s", "p50_s", "machine_ms", "server_ms", "template_ms", "kernels_ms")
@@ -92,23 +96,30 @@ def sessions_at_once(url: str, token: str, count: int) -> list[tuple[float, floa
     return asyncio.run(burst())
 
 
+def wait_until_quiet(sandbox: LocalSandbox, timeout: float = 120.0) -> None:
+    """The pool refilled, the spare session directories made again, and the last burst's sessions removed: their
+    directories and cgroups go in the background (rm runs), which would otherwise take a share of the CPU of the
+    next burst. Imports what it uses from the checkout being measured, whose Config may have no `spare_homes`."""
+    import requests
+
+    from sandbox_server.config import Config
+    from sandbox_server.testing import descendants
+
+    sandbox.wait_for_pool(4, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    spare_homes = getattr(Config(), "spare_homes", 0)  # (the option is newer than burst_ab)
+    while (any(process[1] == "rm" for process in descendants(sandbox.process.pid))
+           or requests.get(sandbox.url + "/health", timeout=10).json().get("spare_homes", 0) < spare_homes):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the server's clean-up of earlier sessions, or its spare directories, did not end")
+        time.sleep(0.1)
+
+
 def measure(count: int, bursts: int) -> None:
     import requests
 
     from codeact_sdk.local_sandbox import LocalSandbox
-    from sandbox_server.config import Config
     from sandbox_server.testing import descendants
-
-    def wait_until_quiet(sandbox: LocalSandbox) -> None:
-        sandbox.wait_for_pool(4, timeout=120)
-        deadline = time.monotonic() + 120
-        spare_homes = getattr(Config(), "spare_homes", 0)  # (this checkout's: the option is newer than burst_ab)
-        while (any(process[1] == "rm" for process in descendants(sandbox.process.pid))
-               or requests.get(sandbox.url + "/health", timeout=10).json().get("spare_homes", 0) < spare_homes):
-            if time.monotonic() > deadline:
-                raise TimeoutError("the server's clean-up did not end")
-            time.sleep(0.1)
-        time.sleep(0.5)
 
     def burst(sandbox: LocalSandbox) -> dict:
         headers = {"Authorization": f"Bearer {sandbox.token}"}
@@ -134,9 +145,11 @@ def measure(count: int, bursts: int) -> None:
             LocalSandbox("--kernel-start", "fork", "--max-sessions", str(count + 50), pool_size=4,
                          root_dir=root) as sandbox:
         wait_until_quiet(sandbox)
+        time.sleep(0.5)
         burst(sandbox)  # warm-up
         for _ in range(bursts):
             wait_until_quiet(sandbox)
+            time.sleep(0.5)
             print(json.dumps(burst(sandbox)), flush=True)
 
 

@@ -33,30 +33,16 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 
 from codeact_sdk.local_sandbox import LocalSandbox
-from sandbox_server.config import Config
 from sandbox_server.confine import beneath, mounts
 from sandbox_server.testing import descendants
 
-from .burst_ab import machine_cpu, process_cpu, sessions_at_once
+from .burst_ab import machine_cpu, process_cpu, sessions_at_once, wait_until_quiet
 from .measure import percentile, summary, table
 
 BURSTS = (10, 50, 100)
 SERIES_GAPS = (0, 0, 10, 30, 60, 0, 45, 0)  # seconds of quiet before each burst of a series (after its clean-up)
 IDLE_SESSIONS = 100
 REPLACEMENTS = 20
-
-
-def wait_until_quiet(sandbox: LocalSandbox, timeout: float = 120.0) -> None:
-    """The pool refilled, the spare session directories made again, and the last burst's sessions removed: their
-    directories and cgroups go in the background (rm runs), which would otherwise take a share of the CPU of the
-    next burst."""
-    sandbox.wait_for_pool(4, timeout=timeout)
-    deadline = time.monotonic() + timeout
-    while (any(name == "rm" for _pid, name, *_ in descendants(sandbox.process.pid))
-           or requests.get(sandbox.url + "/health", timeout=10).json()["spare_homes"] < Config().spare_homes):
-        if time.monotonic() > deadline:
-            raise TimeoutError("the server's clean-up of earlier sessions, or its spare directories, did not end")
-        time.sleep(0.1)
 
 
 def burst(sandbox: LocalSandbox, count: int) -> dict:

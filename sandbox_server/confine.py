@@ -36,9 +36,10 @@ except ImportError:  # run as a script, as the launch does
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC = 32, 4096, 16384
 MOUNT_OPTIONS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC}
-LEFT_WRITABLE = {"proc", "devpts", "mqueue"}  # kernel interfaces, not storage (writes to /dev nodes work anyway)
-# Where those are, by the magic number statfs gives their file systems.
-INTERFACES = {"/proc": 0x9FA0, "/dev/pts": 0x1CD1, "/dev/mqueue": 0x19800202}
+# The kernel's interfaces, not storage, left writable (writes to /dev nodes work anyway): where they are, and their
+# file systems' names in the mount table and magic numbers from statfs.
+INTERFACES = {"/proc": ("proc", 0x9FA0), "/dev/pts": ("devpts", 0x1CD1), "/dev/mqueue": ("mqueue", 0x19800202)}
+LEFT_WRITABLE = {name for name, _magic in INTERFACES.values()}
 SYS_MOUNT_SETATTR = 442  # Linux 5.12; one number on every architecture (424 and later are shared)
 AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
 PR_SET_PDEATHSIG = 1
@@ -184,7 +185,7 @@ def make_host_read_only(private: list[str]) -> None:
     (their paths, checked by file system type) and the private mounts writable again: 0.14 ms of CPU, where
     reading the mount table (0.2 ms in a new kernel) and a remount per mount took ~0.45-0.55; else that way."""
     if set_read_only("/", True, recursive=True):
-        for point, magic in INTERFACES.items():
+        for point, (_name, magic) in INTERFACES.items():
             if file_system_type(point) == magic:
                 set_read_only(point, False)  # (not a mount of its own: refused, and nothing to do)
         for point in private:
